@@ -1,0 +1,1 @@
+"""Benchmarks for tallstore (not part of the installed package)."""

@@ -1,0 +1,35 @@
+"""tallstore: store many fine-tunes of one base model as one merged vector plus TALL masks.
+
+``pack`` writes an archive; ``open`` returns it as a read-only mapping of tasks, each a lazy
+mapping of tensor names to tensors.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .archive import Archive, TaskView, open
+from .errors import (
+    ArchiveError,
+    BaseMismatchError,
+    CheckpointError,
+    CorruptArchiveError,
+    OutputExistsError,
+    PlanError,
+    TallstoreError,
+)
+from .api import pack
+
+__all__ = [
+    "Archive",
+    "ArchiveError",
+    "BaseMismatchError",
+    "CheckpointError",
+    "CorruptArchiveError",
+    "OutputExistsError",
+    "PlanError",
+    "TallstoreError",
+    "TaskView",
+    "open",
+    "pack",
+]

@@ -1,0 +1,233 @@
+"""Reading archives: ``open`` gives a read-only mapping of tasks, each a lazy tensor mapping.
+
+A task tensor is rebuilt on access as ``θ̂_t = θ₀ + m_t ⊙ τ_MTL``: the base bits, replaced by
+the merged bits where task ``t``'s mask is set. Every rebuilt tensor is checked against the
+CRC-32C recorded at pack time, so corruption or a wrong base never yields silent weights.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from . import dtypes
+from .base import BaseSource, CheckpointBase, EmbeddedBase
+from .checkpoint import TensorInfo, open_checkpoint
+from .checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, save
+from .digests import block_crc, checkpoint_fingerprint, probe
+from .errors import ArchiveError, BaseMismatchError, CorruptArchiveError, TallstoreError
+from .geometry import block_ranges
+from .storage import format as fmt
+from .storage.reading import read_many
+from .storage.stores import is_url, local_path, open_store
+
+
+def open(
+    location: str | os.PathLike[str],
+    base: str | os.PathLike[str] | None = None,
+    *,
+    storage_options: dict[str, Any] | None = None,
+) -> "Archive":
+    """Open the archive at ``location`` (folder or URL) for reading.
+
+    ``base`` is needed only when the base is neither embedded nor at its recorded location.
+    """
+    where = str(location)
+    if not is_url(location) and not local_path(location).is_dir():
+        raise ArchiveError(f"{where}: no such archive")
+    store = open_store(location, read_only=True, storage_options=storage_options)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            root = zarr.open_group(store, mode="r", zarr_format=3)
+        attrs = dict(root.attrs)
+    except (FileNotFoundError, KeyError, ValueError, OSError) as e:
+        raise ArchiveError(f"{where}: not a readable tallstore archive ({type(e).__name__})") from None
+    manifest = fmt.check_manifest(attrs, where)
+    return Archive(where, root, manifest, base)
+
+
+class Archive(Mapping[str, "TaskView"]):
+    """A packed collection: ``arc.tasks``, ``arc[name]``, ``arc.extract(name, out)``."""
+
+    def __init__(self, location: str, root: zarr.Group, manifest: dict[str, Any], base: Any) -> None:
+        self.location = location
+        self.root = root
+        self.manifest = manifest
+        self.entries: dict[str, dict[str, Any]] = {e["key"]: e for e in manifest["tensors"]}
+        self._task_attrs: dict[int, dict[str, Any]] = {}
+        self.base = self._open_base(base)
+
+    @property
+    def tasks(self) -> list[str]:
+        """Task names in pack order."""
+        return list(self.manifest["tasks"])
+
+    def __getitem__(self, task: str) -> "TaskView":
+        try:
+            index = self.manifest["tasks"].index(task)
+        except ValueError:
+            raise KeyError(f"no task {task!r} in {self.location} (tasks: {', '.join(self.tasks)})") from None
+        return TaskView(self, index)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tasks)
+
+    def __len__(self) -> int:
+        return len(self.manifest["tasks"])
+
+    def task_attrs(self, index: int) -> dict[str, Any]:
+        """The recorded attributes of task ``index`` (key listing, files, statistics)."""
+        if index not in self._task_attrs:
+            try:
+                attrs = self.root[fmt.task_group(index)].attrs[fmt.ATTR]
+            except (KeyError, FileNotFoundError) as e:
+                raise CorruptArchiveError(f"{self.location}: task {index} metadata is missing ({e})") from None
+            self._task_attrs[index] = attrs
+        return self._task_attrs[index]
+
+    def extract(
+        self, task: str, out: str | os.PathLike[str], *, overwrite: bool = False,
+        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    ) -> Path:
+        """Write one task to a ``.safetensors`` file or, for a folder path, a sharded HF folder."""
+        return self[task].save(out, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
+
+    def _open_base(self, base: Any) -> BaseSource:
+        b = self.manifest["base"]
+        if base is None and b.get("embedded"):
+            return EmbeddedBase(self.root, self.entries)
+        if base is None:
+            recorded = b.get("location")
+            if not recorded or (not is_url(recorded) and not Path(recorded).exists()):
+                raise ArchiveError(
+                    f"{self.location}: its base is not embedded and not found at {recorded}; pass base="
+                    " (or --base) to say where it is"
+                )
+            base = recorded
+        ckpt = open_checkpoint(base)
+        self._check_base(ckpt, str(base))
+        return CheckpointBase(ckpt)
+
+    def _check_base(self, ckpt: Any, where: str) -> None:
+        b = self.manifest["base"]
+        same_keys = list(ckpt.keys) == list(b["keys"]) or set(ckpt.keys) == set(b["keys"])
+        ok = same_keys and all(
+            ckpt.info(k) == TensorInfo(dtypes.by_name(self.entries[k].get("base_dtype", self.entries[k]["dtype"])), tuple(self.entries[k]["shape"]))
+            for k in b["keys"]
+        )
+        if ok and probe(ckpt) == b["probe"]:
+            return
+        got = checkpoint_fingerprint(ckpt, self.manifest["block_elems"])
+        raise BaseMismatchError(
+            f"{where} is not the base this archive was packed against: "
+            f"archive expects {b['fingerprint']}, this base is {got}"
+        )
+
+
+class TaskView(Mapping[str, torch.Tensor]):
+    """One task of an archive as a lazy ``Mapping[str, Tensor]`` in the original key order."""
+
+    def __init__(self, archive: Archive, index: int) -> None:
+        self.archive = archive
+        self.index = index
+        self.name = archive.manifest["tasks"][index]
+        attrs = archive.task_attrs(index)
+        self._listing = {row[0]: row for row in attrs["tensors"]}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._listing)
+
+    def __len__(self) -> int:
+        return len(self._listing)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._listing
+
+    def info(self, key: str) -> TensorInfo:
+        """Dtype and shape of ``key`` in this task."""
+        row = self._listing[key]
+        return TensorInfo(dtypes.by_name(row[1]), tuple(row[2]))
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._listing:
+            raise KeyError(f"task {self.name!r} has no tensor {key!r}")
+        return self._load([key])[key]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the task, in the original key order, dtypes and shapes."""
+        return self._load(list(self._listing))
+
+    def save(
+        self, out: str | os.PathLike[str], *, overwrite: bool = False,
+        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    ) -> Path:
+        """Stream this task to a safetensors file or HF folder, one tensor at a time."""
+        items = [(k, self.info(k)) for k in self._listing]
+        return save(out, items, self.__getitem__, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
+
+    def _load(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        arc = self.archive
+        reads: list[tuple[zarr.Array, Any]] = []
+        slots: dict[str, list[int]] = {}
+        try:
+            for key in keys:
+                src = self._listing[key][3]
+                node = arc.entries[key]["node"]
+                if src == fmt.SOURCE_MASKED:
+                    e = arc.entries[key]
+                    n = TensorInfo(dtypes.by_name(e["dtype"]), tuple(e["shape"])).numel
+                    lo = e["mask_offset"]
+                    slots[key] = [len(reads), len(reads) + 1]
+                    reads.append((arc.root[fmt.merged_path(node)], slice(None)))
+                    reads.append((arc.root[fmt.mask_path(self.index)], slice(lo, lo + (n + 7) // 8)))
+                elif src == fmt.SOURCE_EXACT:
+                    slots[key] = [len(reads)]
+                    reads.append((arc.root[fmt.exact_path(node, self.index)], slice(None)))
+            data = read_many(reads)
+        except TallstoreError:
+            raise
+        except Exception as e:
+            raise CorruptArchiveError(
+                f"{arc.location}: task {self.name!r}: stored data is unreadable or corrupt ({type(e).__name__}: {e})"
+            ) from None
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            built = list(pool.map(lambda k: self._build(k, [data[i] for i in slots.get(k, [])]), keys))
+        return dict(zip(keys, built))
+
+    def _build(self, key: str, arrays: list[np.ndarray]) -> torch.Tensor:
+        row = self._listing[key]
+        info = TensorInfo(dtypes.by_name(row[1]), tuple(row[2]))
+        src = row[3]
+        if src == fmt.SOURCE_EXACT:
+            out = dtypes.from_storage(arrays[0], info.dtype, info.shape)
+        else:
+            base = self.archive.base.read(key).reshape(-1).to(info.dtype.torch)
+            if src == fmt.SOURCE_BASE:
+                out = base.reshape(info.shape)
+            else:
+                xor, mask_bytes = arrays
+                mask = np.unpackbits(mask_bytes, count=info.numel, bitorder=fmt.BITORDER).view(bool)
+                bb = dtypes.bits(base)
+                merged = bb ^ torch.from_numpy(xor.view(bb.numpy().dtype))
+                out = torch.where(torch.from_numpy(mask), merged, bb).view(info.dtype.torch).reshape(info.shape)
+        self._verify(key, info, out, row[5])
+        return out
+
+    def _verify(self, key: str, info: TensorInfo, t: torch.Tensor, crcs: list[int]) -> None:
+        flat = t.reshape(-1)
+        row = info.row_numel
+        got = [block_crc(flat[a * row : b * row]) for a, b in block_ranges(info, self.archive.manifest["block_elems"])]
+        if got != crcs:
+            raise CorruptArchiveError(
+                f"{self.archive.location}: tensor {key!r} of task {self.name!r} does not match its "
+                "recorded checksum (corrupt or missing data, or a modified base)"
+            )

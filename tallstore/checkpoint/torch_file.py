@@ -1,0 +1,61 @@
+"""PyTorch ``.bin``/``.pt`` state dicts, loaded only with ``weights_only=True`` (no pickled code)."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+
+from .. import dtypes
+from ..errors import CheckpointError
+from .reader import Checkpoint, TensorInfo
+
+
+class TorchCheckpoint(Checkpoint):
+    """A torch state dict file, memory-mapped where its format allows."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+        self._path = path
+        sd = self._load(path)
+        if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+            sd = sd["state_dict"]
+        if not isinstance(sd, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()
+        ):
+            raise CheckpointError(f"{path}: not a state dict of named tensors")
+        self._sd: dict[str, torch.Tensor] = sd
+        self.keys = list(sd)
+        self._infos = {k: TensorInfo(dtypes.of_tensor(v), tuple(v.shape)) for k, v in sd.items()}
+
+    @staticmethod
+    def _load(path: Path) -> object:
+        try:
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe pickle"
+            raise CheckpointError(
+                f"{path}: refused: the pickle holds more than tensors ({first})"
+            ) from None
+        except (OSError, RuntimeError, EOFError, ValueError) as e:
+            raise CheckpointError(f"{path}: cannot load torch state dict ({e})") from None
+
+    def info(self, key: str) -> TensorInfo:
+        return self._infos[key]
+
+    def read(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        t = self._sd[key]
+        return t if t.dim() == 0 else t[start:stop]
+
+    @property
+    def files(self) -> list[Path]:
+        return [self._path]
+
+    def close(self) -> None:
+        self._sd = {}

@@ -1,0 +1,151 @@
+"""Streaming safetensors output: one tensor in memory at a time, published atomically.
+
+``safetensors.torch.save_file`` needs the whole state dict in memory; the header only needs
+dtypes and shapes, so it is written first and the tensors' bytes are streamed after it. Output
+goes to a temporary sibling and is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from .. import dtypes
+from ..errors import OutputExistsError
+from .reader import TensorInfo
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+INDEX = "model.safetensors.index.json"
+
+
+@contextmanager
+def atomic_path(final: Path, overwrite: bool, is_dir: bool = False) -> Iterator[Path]:
+    """A temporary sibling path that replaces ``final`` only if the block completes."""
+    final = Path(final)
+    if final.exists() and not overwrite:
+        raise OutputExistsError(f"{final} exists (use --force / overwrite=True to replace it)")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    target = tmp if is_dir else tmp / final.name
+    try:
+        yield target
+        replace(target, final)
+    finally:
+        _remove(tmp)
+
+
+def replace(src: Path, dst: Path) -> None:
+    """Move ``src`` onto ``dst`` (file or folder), never leaving ``dst`` half-written."""
+    if dst.is_dir() and not dst.is_symlink():
+        trash = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
+        os.replace(dst, trash / dst.name)
+        os.replace(src, dst)
+        _remove(trash)
+    else:
+        os.replace(src, dst)
+
+
+def _remove(p: Path) -> None:
+    import shutil
+
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    elif p.exists():
+        p.unlink()
+
+
+def _header(
+    items: list[tuple[str, TensorInfo]], metadata: dict[str, str] | None
+) -> tuple[bytes, list[int]]:
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    offset = 0
+    sizes = []
+    for key, info in items:
+        size = info.numel * info.dtype.itemsize
+        header[key] = {
+            "dtype": info.dtype.safetensors,
+            "shape": list(info.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+        sizes.append(size)
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw, sizes
+
+
+def write_safetensors(
+    path: Path,
+    items: list[tuple[str, TensorInfo]],
+    get: Callable[[str], torch.Tensor],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write ``items`` (key, info) in order to ``path``, fetching each tensor with ``get``."""
+    head, sizes = _header(items, metadata)
+    with open(path, "wb") as f:
+        f.write(head)
+        for (key, info), size in zip(items, sizes):
+            t = get(key)
+            if tuple(t.shape) != info.shape or dtypes.of_tensor(t) != info.dtype:
+                raise ValueError(f"tensor {key!r} does not match its declared dtype/shape")
+            data = dtypes.to_storage(t)
+            f.write(memoryview(data).cast("B"))
+            assert data.nbytes == size
+
+
+def shard(
+    items: list[tuple[str, TensorInfo]], max_bytes: int
+) -> list[list[tuple[str, TensorInfo]]]:
+    """Split ``items`` in order into groups of at most ``max_bytes`` (a larger tensor stands alone)."""
+    groups: list[list[tuple[str, TensorInfo]]] = [[]]
+    size = 0
+    for key, info in items:
+        n = info.numel * info.dtype.itemsize
+        if groups[-1] and size + n > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append((key, info))
+        size += n
+    return groups
+
+
+def save(
+    out: str | os.PathLike[str],
+    items: Iterable[tuple[str, TensorInfo]],
+    get: Callable[[str], torch.Tensor],
+    *,
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Save to a ``.safetensors`` file, or to a HF-style folder when ``out`` has no suffix."""
+    out = Path(out)
+    items = list(items)
+    meta = {"format": "pt", **(metadata or {})}
+    if out.suffix == ".safetensors":
+        with atomic_path(out, overwrite) as tmp:
+            write_safetensors(tmp, items, get, meta)
+        return out
+    groups = shard(items, max_shard_bytes)
+    with atomic_path(out, overwrite, is_dir=True) as tmp:
+        weight_map: dict[str, str] = {}
+        total = 0
+        for i, group in enumerate(groups, 1):
+            name = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+            if len(groups) == 1:
+                name = "model.safetensors"
+            write_safetensors(tmp / name, group, get, meta)
+            for key, info in group:
+                weight_map[key] = name
+                total += info.numel * info.dtype.itemsize
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (tmp / INDEX).write_text(json.dumps(index, indent=2, ensure_ascii=False))
+    return out

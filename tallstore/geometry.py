@@ -1,0 +1,40 @@
+"""Row-block geometry: how a tensor is cut into blocks for streaming, chunking and hashing.
+
+A block is a whole number of dim-0 rows holding about ``block_elems`` elements, rounded so
+its element count is a multiple of 8 (mask bytes never straddle two blocks).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+from .checkpoint import TensorInfo
+
+DEFAULT_BLOCK_ELEMS = 1 << 22
+
+
+def block_rows(info: TensorInfo, block_elems: int) -> int:
+    """Rows per block for a tensor of this shape."""
+    rows = info.rows
+    row = max(info.row_numel, 1)
+    per = max(1, block_elems // row)
+    step = 8 // math.gcd(row, 8)
+    per = max(step, per - per % step)
+    return max(1, min(per, rows))
+
+
+def block_ranges(info: TensorInfo, block_elems: int) -> Iterator[tuple[int, int]]:
+    """``(start_row, stop_row)`` of each block, in order (one block for a scalar or empty tensor)."""
+    rows = info.rows
+    per = block_rows(info, block_elems)
+    if rows == 0:
+        yield (0, 0)
+        return
+    for a in range(0, rows, per):
+        yield (a, min(a + per, rows))
+
+
+def chunk_elems(info: TensorInfo, block_elems: int) -> int:
+    """Elements per chunk of the flat arrays of this tensor (one block), at least 1."""
+    return max(1, block_rows(info, block_elems) * info.row_numel)

@@ -1,0 +1,1 @@
+"""Pure tensor math of TALL-masks: task vectors, merge rules, masks, rebuilds. No I/O here."""

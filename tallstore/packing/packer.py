@@ -1,0 +1,339 @@
+"""The streaming packer: plan, run the units on a pool, write the manifest last, publish.
+
+Memory holds at most one row block per input per worker; the archive is built in a temporary
+sibling folder (or, on object stores, in place with the completeness marker written last) so a
+failed pack never leaves something that opens as a complete archive.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from .. import __version__
+from ..checkpoint import Checkpoint, open_checkpoint
+from ..digests import combine, fingerprint, probe
+from ..errors import OutputExistsError, PlanError, TallstoreError
+from ..geometry import DEFAULT_BLOCK_ELEMS, chunk_elems
+from ..ops import merges
+from ..storage import format as fmt
+from ..storage.arrays import create_masks, create_weights
+from ..storage.codecs import Codecs
+from ..storage.stores import is_url, local_path, open_store
+from .mask_writer import MaskWriter
+from .plan import KeyPlan, Plan, check_task_names, make_plan
+from .units import MaskedBlock, PackContext, SeparateTensor, file_sha256, masked_block, separate_tensor
+
+DEFAULT_LAM = 0.4
+MASK_CHUNK_BYTES = 1 << 20
+
+Progress = Callable[[int], None]
+
+
+def resolve_lams(names: list[str], lam: float | Mapping[str, float], default: float = DEFAULT_LAM) -> list[float]:
+    """One λ per task from a single value or a per-task mapping (others get ``default``)."""
+    if isinstance(lam, Mapping):
+        unknown = set(lam) - set(names)
+        if unknown:
+            raise PlanError(f"λ given for unknown task {sorted(unknown)[0]!r}")
+        values = [float(lam.get(n, default)) for n in names]
+    else:
+        values = [float(lam)] * len(names)
+    for n, v in zip(names, values):
+        if not math.isfinite(v) or v < 0:
+            raise PlanError(f"λ for task {n!r} must be a finite number ≥ 0, got {v}")
+    return values
+
+
+def pack(
+    out: str | os.PathLike[str],
+    base: str | os.PathLike[str],
+    tasks: Mapping[str, str | os.PathLike[str]],
+    *,
+    lam: float | Mapping[str, float] = DEFAULT_LAM,
+    merge: str = "ta",
+    embed_base: bool = False,
+    exact: Iterable[str] = (),
+    overwrite: bool = False,
+    allow_nonfinite: bool = False,
+    block_elems: int = DEFAULT_BLOCK_ELEMS,
+    workers: int = 2,
+    codecs: Codecs = Codecs(),
+    storage_options: dict[str, Any] | None = None,
+    progress: Progress | None = None,
+    on_start: Callable[[int], None] | None = None,
+) -> str:
+    """Pack fine-tunes of one base into a TALL-mask archive at ``out``; returns its location.
+
+    ``progress`` is called with input bytes processed; ``on_start`` first with the total.
+    """
+    names = list(tasks)
+    check_task_names(names)
+    lams = resolve_lams(names, lam)
+    if merge not in merges.RULES:
+        raise PlanError(f"unknown merge rule {merge!r}; choose one of {sorted(merges.RULES)}")
+    with ExitStack() as stack:
+        base_ck = stack.enter_context(open_checkpoint(base))
+        task_cks = [stack.enter_context(open_checkpoint(tasks[n])) for n in names]
+        plan = make_plan(base_ck, task_cks, names, block_elems, tuple(exact))
+        params = prepare_merge(merge, plan, base_ck, task_cks)
+        target = Target(out, overwrite, storage_options)
+        with target as store:
+            root = zarr.open_group(store, mode="w", zarr_format=3)
+            manifest = _manifest(plan, names, lams, merge, params, base, embed_base, block_elems)
+            root.attrs[fmt.ATTR] = manifest
+            ctx = PackContext(
+                base=base_ck, tasks=task_cks, names=names,
+                lam=torch.tensor(lams, dtype=torch.float32), rule=merge, params=params,
+                root=root, codecs=codecs, embed_base=embed_base,
+                allow_nonfinite=allow_nonfinite, block_elems=block_elems,
+            )
+            summary = _run(ctx, plan, workers, progress, on_start)
+            _finish(root, ctx, plan, manifest, summary, base_ck, task_cks)
+    return str(out)
+
+
+def prepare_merge(rule: str, plan: Plan, base: Checkpoint, tasks: list[Checkpoint]) -> dict[str, Any]:
+    """The parameters a merge rule needs from a pass over the inputs (none for ``ta``)."""
+    return {}
+
+
+class Target:
+    """Where the archive is built: a temporary local sibling renamed at the end, or a URL."""
+
+    def __init__(self, out: str | os.PathLike[str], overwrite: bool, storage_options: dict[str, Any] | None) -> None:
+        self.out = out
+        self.overwrite = overwrite
+        self.storage_options = storage_options
+        self.tmp: Path | None = None
+
+    def __enter__(self) -> Any:
+        if is_url(self.out):
+            store = open_store(self.out, read_only=False, storage_options=self.storage_options)
+            if _store_has_root(store) and not self.overwrite:
+                raise OutputExistsError(f"{self.out} exists (use --force / overwrite=True to replace it)")
+            return store
+        final = local_path(self.out)
+        if final.exists() and not self.overwrite:
+            raise OutputExistsError(f"{final} exists (use --force / overwrite=True to replace it)")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".packing", dir=final.parent))
+        return open_store(self.tmp, read_only=False)
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if self.tmp is None:
+            return
+        if exc_type is None:
+            from ..checkpoint.writer import replace
+
+            replace(self.tmp, local_path(self.out))
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _store_has_root(store: Any) -> bool:
+    from zarr.core.sync import sync
+
+    return bool(sync(store.exists("zarr.json")))
+
+
+def _manifest(
+    plan: Plan, names: list[str], lams: list[float], merge: str, params: dict[str, Any],
+    base: str | os.PathLike[str], embed_base: bool, block_elems: int,
+) -> dict[str, Any]:
+    location = str(base) if is_url(base) else str(Path(base).resolve())
+    return {
+        "format": fmt.FORMAT,
+        "version": fmt.VERSION,
+        "complete": False,
+        "writer": f"tallstore {__version__}",
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "tasks": names,
+        "lam": lams,
+        "merge": {"rule": merge, "params": params},
+        "block_elems": block_elems,
+        "mask": {"bitorder": fmt.BITORDER, "nbytes": plan.mask_nbytes, "chunk_bytes": MASK_CHUNK_BYTES},
+        "base": {"location": location, "embedded": embed_base, "keys": [], "fingerprint": None, "probe": None},
+        "tensors": [],
+    }
+
+
+class _Summary:
+    """What the driver accumulates from the units."""
+
+    def __init__(self, plan: Plan, n_tasks: int) -> None:
+        self.base_blocks: dict[str, list[bytes]] = {}
+        self.base_crcs: dict[str, list[int]] = {}
+        self.task_blocks: dict[str, list[list[bytes]]] = {}
+        self.task_crcs: dict[str, list[list[int]]] = {}
+        self.base_digest: dict[str, str] = {}
+        self.nonzero: set[str] = set()
+        self.separate: dict[str, SeparateTensor] = {}
+        self.ones = np.zeros(n_tasks, np.int64)
+        self.sq_err = np.zeros(n_tasks)
+        self.tau_sq = np.zeros(n_tasks)
+        self.file_hashes: dict[Path, str] = {}
+        for kp in plan.masked():
+            self.base_blocks[kp.key] = [b""] * len(kp.blocks)
+            self.base_crcs[kp.key] = [0] * len(kp.blocks)
+            self.task_blocks[kp.key] = [[b""] * len(kp.blocks) for _ in range(n_tasks)]
+            self.task_crcs[kp.key] = [[0] * len(kp.blocks) for _ in range(n_tasks)]
+
+    def add_block(self, r: MaskedBlock) -> None:
+        self.base_blocks[r.key][r.index] = r.base_digest
+        self.base_crcs[r.key][r.index] = r.base_crc
+        for t, (d, c) in enumerate(zip(r.task_digests, r.task_crcs)):
+            self.task_blocks[r.key][t][r.index] = d
+            self.task_crcs[r.key][t][r.index] = c
+        self.ones += r.ones
+        self.sq_err += r.sq_err
+        self.tau_sq += r.tau_sq
+        if r.nonzero:
+            self.nonzero.add(r.key)
+
+
+def _run(ctx: PackContext, plan: Plan, workers: int, progress: Progress | None, on_start: Callable[[int], None] | None) -> _Summary:
+    """Create the shared arrays, then run every unit on a thread pool, feeding the mask writer."""
+    root = ctx.root
+    n_tasks = len(ctx.tasks)
+    for g in ("tensors", "tasks", "masks"):
+        root.create_group(g)
+    for kp in plan.masked():
+        chunk = chunk_elems(kp.info, plan.block_elems)
+        create_weights(root, fmt.merged_path(kp.node), kp.info.numel, kp.info.dtype.storage, chunk, ctx.codecs)
+        if ctx.embed_base:
+            bi = kp.base_info
+            assert bi is not None
+            create_weights(root, fmt.base_path(kp.node), bi.numel, bi.dtype.storage, chunk, ctx.codecs)
+    mask_arrays = [
+        create_masks(root, fmt.mask_path(t), plan.mask_nbytes, MASK_CHUNK_BYTES, ctx.codecs)
+        for t in range(n_tasks)
+    ] if plan.mask_nbytes else []
+    writer = MaskWriter(mask_arrays, plan.mask_nbytes, MASK_CHUNK_BYTES)
+    summary = _Summary(plan, n_tasks)
+    files = sorted({f for ck in ctx.tasks for f in ck.files} | set(ctx.base.files))
+
+    def weight(kp: KeyPlan) -> int:
+        per = (kp.base_info.numel * kp.base_info.dtype.itemsize) if kp.base_info else 0
+        return per + sum(ctx.tasks[t].info(kp.key).numel * ctx.tasks[t].info(kp.key).dtype.itemsize for t in kp.tasks_with)
+
+    if on_start:
+        on_start(sum(weight(kp) for kp in plan.keys))
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        futures: dict[Future[Any], tuple[str, Any, int]] = {}
+        for kp in plan.keys:
+            w = weight(kp)
+            if kp.kind == fmt.KIND_MASKED:
+                for i in range(len(kp.blocks)):
+                    f = pool.submit(masked_block, ctx, kp, i)
+                    futures[f] = ("block", kp, w // len(kp.blocks))
+            else:
+                futures[pool.submit(separate_tensor, ctx, kp)] = ("separate", kp, w)
+        for path in files:
+            futures[pool.submit(file_sha256, path)] = ("file", path, 0)
+        try:
+            for f in as_completed(futures):
+                what, item, w = futures[f]
+                result = f.result()
+                if what == "block":
+                    writer.put(item.mask_offset + _mask_start(item, result.index), result.mask_bytes)
+                    summary.add_block(result)
+                elif what == "separate":
+                    summary.separate[item.key] = result
+                else:
+                    summary.file_hashes[item] = result
+                if progress and w:
+                    progress(w)
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+    writer.close()
+    return summary
+
+
+def _mask_start(kp: KeyPlan, index: int) -> int:
+    return kp.blocks[index][0] * kp.info.row_numel // 8
+
+
+def _finish(
+    root: zarr.Group, ctx: PackContext, plan: Plan, manifest: dict[str, Any],
+    s: _Summary, base_ck: Checkpoint, task_cks: list[Checkpoint],
+) -> None:
+    """Write per-task attributes and tensor index, then the completeness marker, last."""
+    names = ctx.names
+    base_digests: dict[str, str] = {}
+    tensors = []
+    for kp in plan.keys:
+        entry: dict[str, Any] = {"key": kp.key, "node": kp.node, "dtype": kp.info.dtype.name, "shape": list(kp.info.shape)}
+        if kp.kind == fmt.KIND_MASKED:
+            base_digests[kp.key] = combine(s.base_blocks[kp.key])
+            kind = fmt.KIND_MASKED if kp.key in s.nonzero else fmt.KIND_BASE
+            if kind == fmt.KIND_BASE:
+                del root[fmt.merged_path(kp.node)]
+            entry.update(kind=kind, mask_offset=kp.mask_offset)
+        else:
+            sep = s.separate[kp.key]
+            if sep.base_digest is not None:
+                base_digests[kp.key] = sep.base_digest
+            entry.update(kind=fmt.KIND_SEPARATE)
+        if kp.base_info is not None:
+            entry["base_dtype"] = kp.base_info.dtype.name
+        tensors.append(entry)
+    base_infos = {k: base_ck.info(k) for k in base_ck.keys}
+    manifest["base"].update(
+        keys=list(base_ck.keys),
+        fingerprint=fingerprint(base_digests, base_infos),
+        probe=probe(base_ck),
+        files=[{"name": f.name, "size": f.stat().st_size, "sha256": s.file_hashes[f]} for f in base_ck.files],
+    )
+    manifest["tensors"] = tensors
+    total_masked = sum(kp.info.numel for kp in plan.masked())
+    for t, (name, ck) in enumerate(zip(names, task_cks)):
+        listing = []
+        exact_bytes = 0
+        for key in ck.keys:
+            info = ck.info(key)
+            if key in s.separate:
+                src, digest, crcs = s.separate[key].sources[t]
+                exact_bytes += s.separate[key].exact_bytes.get(t, 0)
+            elif key in s.nonzero:
+                src, digest, crcs = fmt.SOURCE_MASKED, combine(s.task_blocks[key][t]), s.task_crcs[key][t]
+            else:
+                src, digest, crcs = fmt.SOURCE_BASE, combine(s.task_blocks[key][t]), s.base_crcs[key]
+            listing.append([key, info.dtype.name, list(info.shape), src, digest, crcs])
+        tau_norm = math.sqrt(s.tau_sq[t])
+        attrs = {
+            "name": name,
+            "lam": manifest["lam"][t],
+            "source": str(ck.path),
+            "files": [{"name": f.name, "size": f.stat().st_size, "sha256": s.file_hashes[f]} for f in ck.files],
+            "tensors": listing,
+            "stats": {
+                "masked_params": total_masked,
+                "mask_ones": int(s.ones[t]),
+                "mask_density": float(s.ones[t] / total_masked) if total_masked else 0.0,
+                "exact_bytes": exact_bytes,
+                "rebuild_error": float(math.sqrt(s.sq_err[t]) / tau_norm) if tau_norm else 0.0,
+                "tau_norm": tau_norm,
+            },
+        }
+        root.create_group(fmt.task_group(t), attributes={fmt.ATTR: attrs})
+    manifest["complete"] = True
+    root.attrs[fmt.ATTR] = manifest
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(root.store)

@@ -1,0 +1,135 @@
+"""The pack plan: which tensors are masked, which are stored exactly, and where mask bits go.
+
+A tensor is *masked* when the base and every task hold it as a non-empty float tensor of one
+shape, the tasks agree on its dtype, and no ``exact`` pattern names it. Every other tensor is
+*separate*: each task's copy is stored exactly unless it equals the base's.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+
+from ..checkpoint import Checkpoint, TensorInfo
+from ..errors import PlanError
+from ..geometry import block_ranges
+from ..storage import format as fmt
+from ..storage.names import encode
+
+TASK_NAME = re.compile(r"^[\w][\w.+\-]{0,127}$")
+MIN_SHARED = 0.5
+
+
+@dataclass
+class KeyPlan:
+    """How one tensor name is stored."""
+
+    key: str
+    node: str
+    kind: str
+    info: TensorInfo
+    base_info: TensorInfo | None
+    tasks_with: list[int]
+    mask_offset: int = -1
+    blocks: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def mask_nbytes(self) -> int:
+        return (self.info.numel + 7) // 8
+
+
+@dataclass
+class Plan:
+    """The whole pack plan, in a deterministic order."""
+
+    keys: list[KeyPlan]
+    task_keys: list[list[str]]
+    mask_nbytes: int
+    block_elems: int
+
+    def masked(self) -> list[KeyPlan]:
+        return [k for k in self.keys if k.kind == fmt.KIND_MASKED]
+
+
+def check_task_names(names: list[str]) -> None:
+    """Task names must be non-empty word-like strings, unique (they are shown and typed)."""
+    if not names:
+        raise PlanError("no tasks given: pass at least one --task NAME=PATH")
+    seen: set[str] = set()
+    for n in names:
+        if not isinstance(n, str) or not TASK_NAME.match(n):
+            raise PlanError(
+                f"invalid task name {n!r}: use letters, digits, '_', '.', '+', '-' "
+                "(not leading), at most 128 characters"
+            )
+        if n in seen:
+            raise PlanError(f"duplicate task name {n!r}")
+        seen.add(n)
+
+
+def make_plan(
+    base: Checkpoint,
+    tasks: list[Checkpoint],
+    names: list[str],
+    block_elems: int,
+    exact: tuple[str, ...] = (),
+) -> Plan:
+    """Classify every tensor name of the base and the tasks and lay out the mask bits."""
+    order: list[str] = list(base.keys)
+    seen = set(order)
+    for ck in tasks:
+        for k in ck.keys:
+            if k not in seen:
+                seen.add(k)
+                order.append(k)
+    plans: list[KeyPlan] = []
+    offset = 0
+    for key in order:
+        base_info = base.info(key) if key in base else None
+        with_key = [i for i, ck in enumerate(tasks) if key in ck]
+        infos = [tasks[i].info(key) for i in with_key]
+        masked = (
+            base_info is not None
+            and len(with_key) == len(tasks)
+            and base_info.dtype.is_float
+            and base_info.numel > 0
+            and all(inf == infos[0] for inf in infos)
+            and infos[0].dtype.is_float
+            and infos[0].shape == base_info.shape
+            and not any(fnmatch.fnmatchcase(key, p) for p in exact)
+        )
+        info = infos[0] if masked else (base_info or infos[0])
+        kp = KeyPlan(
+            key=key,
+            node=encode(key),
+            kind=fmt.KIND_MASKED if masked else fmt.KIND_SEPARATE,
+            info=info,
+            base_info=base_info,
+            tasks_with=with_key,
+            blocks=list(block_ranges(info, block_elems)),
+        )
+        if masked:
+            kp.mask_offset = offset
+            offset += kp.mask_nbytes
+        plans.append(kp)
+    _check_related(base, tasks, names)
+    return Plan(plans, [list(ck.keys) for ck in tasks], offset, block_elems)
+
+
+def _check_related(base: Checkpoint, tasks: list[Checkpoint], names: list[str]) -> None:
+    """Refuse a task that shares too little with the base to be one of its fine-tunes."""
+    total = sum(base.info(k).numel for k in base.keys if base.info(k).dtype.is_float)
+    if total == 0:
+        raise PlanError(f"{base.path}: the base holds no floating-point tensors")
+    for name, ck in zip(names, tasks):
+        shared = sum(
+            base.info(k).numel
+            for k in base.keys
+            if base.info(k).dtype.is_float and k in ck and ck.info(k).shape == base.info(k).shape
+        )
+        if shared < MIN_SHARED * total:
+            raise PlanError(
+                f"task {name!r} ({ck.path}) shares only {shared / total:.0%} of the base's "
+                "parameters by name and shape: is it a fine-tune of this base?"
+            )

@@ -1,0 +1,206 @@
+"""The packer's independent units of work, each reading its own inputs and writing its own arrays.
+
+A *masked block* is one row block of one masked tensor across all tasks; a *separate tensor*
+is a tensor stored exactly per task (or found equal to the base). Units return small summaries
+(digests, statistics, packed mask bytes) that the driver combines; nothing else is shared.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from .. import dtypes
+from ..checkpoint import Checkpoint
+from ..digests import block_crc, block_digest, combine
+from ..errors import PlanError
+from ..geometry import block_ranges, chunk_elems
+from ..ops import merges
+from ..ops.masks import merged_weights, tall_masks, task_vectors
+from ..storage import format as fmt
+from ..storage.arrays import create_weights
+from ..storage.codecs import Codecs
+from .plan import KeyPlan
+
+
+@dataclass
+class PackContext:
+    """Everything a unit needs: open inputs, the archive group and the method's settings."""
+
+    base: Checkpoint
+    tasks: list[Checkpoint]
+    names: list[str]
+    lam: torch.Tensor
+    rule: str
+    params: dict[str, Any]
+    root: zarr.Group
+    codecs: Codecs
+    embed_base: bool
+    allow_nonfinite: bool
+    block_elems: int
+    _arrays: dict[str, zarr.Array] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def array(self, path: str) -> zarr.Array:
+        """The archive array at ``path``, opened once."""
+        with self._lock:
+            arr = self._arrays.get(path)
+            if arr is None:
+                arr = self._arrays[path] = self.root[path]
+            return arr
+
+
+@dataclass
+class MaskedBlock:
+    """Summary of one masked block: mask bytes for the mask writer plus digests and sums."""
+
+    key: str
+    index: int
+    mask_bytes: np.ndarray
+    base_digest: bytes
+    base_crc: int
+    task_digests: list[bytes]
+    task_crcs: list[int]
+    ones: np.ndarray
+    sq_err: np.ndarray
+    tau_sq: np.ndarray
+    nonzero: bool
+
+
+@dataclass
+class SeparateTensor:
+    """Summary of one separate tensor: the base digest and each task's source and digest."""
+
+    key: str
+    base_digest: str | None
+    base_crcs: list[int]
+    sources: dict[int, tuple[str, str, list[int]]]
+    exact_bytes: dict[int, int]
+
+
+def _check_finite(ctx: PackContext, t: torch.Tensor, key: str, who: str) -> None:
+    if ctx.allow_nonfinite or not t.dtype.is_floating_point:
+        return
+    if not bool(torch.isfinite(t).all()):
+        raise PlanError(
+            f"tensor {key!r} of {who} contains NaN or Inf (pass --allow-nonfinite to store it)"
+        )
+
+
+def masked_block(ctx: PackContext, kp: KeyPlan, index: int) -> MaskedBlock:
+    """Compute and write one row block of a masked tensor for every task."""
+    a, b = kp.blocks[index]
+    row = kp.info.row_numel
+    base = ctx.base.read(kp.key, a, b).reshape(-1)
+    _check_finite(ctx, base, kp.key, "the base")
+    rows = []
+    for name, ck in zip(ctx.names, ctx.tasks):
+        t = ck.read(kp.key, a, b).reshape(-1)
+        _check_finite(ctx, t, kp.key, f"task {name!r}")
+        rows.append(t)
+    tasks = torch.stack(rows)
+    del rows
+    tau = task_vectors(base, tasks)
+    tau_mtl = merges.apply(ctx.rule, tau, ctx.params)
+    masks = tall_masks(tau, tau_mtl, ctx.lam)
+    merged = merged_weights(base, tasks, tau, tau_mtl)
+    base_t = base.to(tasks.dtype)
+    xor = dtypes.bits(merged) ^ dtypes.bits(base_t)
+    nonzero = bool(xor.any())
+    if nonzero:
+        ctx.array(fmt.merged_path(kp.node))[a * row : b * row] = dtypes.to_storage(xor)
+    if ctx.embed_base:
+        ctx.array(fmt.base_path(kp.node))[a * row : b * row] = dtypes.to_storage(base)
+    T = tasks.shape[0]
+    sq_err = np.zeros(T)
+    digests = []
+    crcs = []
+    for t in range(T):
+        rebuilt = torch.where(masks[t], merged, base_t)
+        diff = rebuilt.to(torch.float64) - tasks[t].to(torch.float64)
+        sq_err[t] = float(diff.square().sum())
+        digests.append(block_digest(rebuilt))
+        crcs.append(block_crc(rebuilt))
+    return MaskedBlock(
+        key=kp.key,
+        index=index,
+        mask_bytes=np.packbits(masks.numpy(), axis=1, bitorder=fmt.BITORDER),
+        base_digest=block_digest(base),
+        base_crc=block_crc(base_t),
+        task_digests=digests,
+        task_crcs=crcs,
+        ones=masks.sum(dim=1).numpy().astype(np.int64),
+        sq_err=sq_err,
+        tau_sq=tau.to(torch.float64).square().sum(dim=1).numpy(),
+        nonzero=nonzero,
+    )
+
+
+def separate_tensor(ctx: PackContext, kp: KeyPlan) -> SeparateTensor:
+    """Store each task's copy of a tensor exactly, unless it equals the base's copy."""
+    base_digest = None
+    base_crcs: list[int] = []
+    if kp.base_info is not None:
+        info = kp.base_info
+        arr = None
+        if ctx.embed_base:
+            arr = create_weights(
+                ctx.root, fmt.base_path(kp.node), info.numel, info.dtype.storage,
+                chunk_elems(info, ctx.block_elems), ctx.codecs,
+            )
+        hashes = []
+        for a, b in kp.blocks:
+            t = ctx.base.read(kp.key, a, b)
+            _check_finite(ctx, t, kp.key, "the base")
+            hashes.append(block_digest(t))
+            base_crcs.append(block_crc(t))
+            if arr is not None and t.numel():
+                arr[a * info.row_numel : b * info.row_numel] = dtypes.to_storage(t)
+        base_digest = combine(hashes)
+    sources: dict[int, tuple[str, str, list[int]]] = {}
+    sizes: dict[int, int] = {}
+    for ti in kp.tasks_with:
+        ck = ctx.tasks[ti]
+        info = ck.info(kp.key)
+        if info == kp.base_info and base_digest is not None and _equal_to_base(ctx, ck, kp):
+            sources[ti] = (fmt.SOURCE_BASE, base_digest, base_crcs)
+            continue
+        arr = create_weights(
+            ctx.root, fmt.exact_path(kp.node, ti), info.numel, info.dtype.storage,
+            chunk_elems(info, ctx.block_elems), ctx.codecs,
+        )
+        hashes = []
+        crcs = []
+        for a, b in block_ranges(info, ctx.block_elems):
+            t = ck.read(kp.key, a, b)
+            _check_finite(ctx, t, kp.key, f"task {ctx.names[ti]!r}")
+            hashes.append(block_digest(t))
+            crcs.append(block_crc(t))
+            if t.numel():
+                arr[a * info.row_numel : b * info.row_numel] = dtypes.to_storage(t)
+        sources[ti] = (fmt.SOURCE_EXACT, combine(hashes), crcs)
+        sizes[ti] = info.numel * info.dtype.itemsize
+    return SeparateTensor(kp.key, base_digest, base_crcs, sources, sizes)
+
+
+def _equal_to_base(ctx: PackContext, ck: Checkpoint, kp: KeyPlan) -> bool:
+    for a, b in kp.blocks:
+        if not torch.equal(ck.read(kp.key, a, b), ctx.base.read(kp.key, a, b)):
+            return False
+    return True
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a whole input file, read in 8 MiB pieces."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while piece := f.read(8 << 20):
+            h.update(piece)
+    return h.hexdigest()
