@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import tempfile
+import uuid
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
@@ -20,13 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import zarr
 
 from .. import __version__
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..digests import combine, fingerprint, probe
-from ..errors import OutputExistsError, PlanError, TallstoreError
+from ..errors import OutputExistsError, PlanError
 from ..geometry import DEFAULT_BLOCK_ELEMS, chunk_elems
 from ..ops import merges
 from ..storage import format as fmt
@@ -35,7 +35,7 @@ from ..storage.codecs import Codecs
 from ..storage.stores import is_url, local_path, open_store
 from .mask_writer import MaskWriter
 from .plan import KeyPlan, Plan, check_task_names, make_plan
-from .units import MaskedBlock, PackContext, SeparateTensor, file_sha256, masked_block, separate_tensor
+from .units import MaskedBlock, PackSpec, SeparateTensor, context, file_sha256, masked_block, release, separate_tensor
 
 DEFAULT_LAM = 0.4
 MASK_CHUNK_BYTES = 1 << 20
@@ -95,14 +95,17 @@ def pack(
             root = zarr.open_group(store, mode="w", zarr_format=3)
             manifest = _manifest(plan, names, lams, merge, params, base, embed_base, block_elems)
             root.attrs[fmt.ATTR] = manifest
-            ctx = PackContext(
-                base=base_ck, tasks=task_cks, names=names,
-                lam=torch.tensor(lams, dtype=torch.float32), rule=merge, params=params,
-                root=root, codecs=codecs, embed_base=embed_base,
+            spec = PackSpec(
+                token=uuid.uuid4().hex, store=target.location, storage_options=storage_options,
+                base=str(base), tasks=tuple(str(tasks[n]) for n in names), names=tuple(names),
+                lams=tuple(lams), rule=merge, params=params, codecs=codecs, embed_base=embed_base,
                 allow_nonfinite=allow_nonfinite, block_elems=block_elems,
             )
-            summary = _run(ctx, plan, workers, progress, on_start)
-            _finish(root, ctx, plan, manifest, summary, base_ck, task_cks)
+            try:
+                summary = _run(spec, root, plan, workers, progress, on_start)
+            finally:
+                release(spec)
+            _finish(root, spec, plan, manifest, summary, base_ck, task_cks)
     return str(out)
 
 
@@ -119,6 +122,11 @@ class Target:
         self.overwrite = overwrite
         self.storage_options = storage_options
         self.tmp: Path | None = None
+
+    @property
+    def location(self) -> str:
+        """Where the archive is being written now."""
+        return str(self.tmp) if self.tmp is not None else str(self.out)
 
     def __enter__(self) -> Any:
         if is_url(self.out):
@@ -205,21 +213,21 @@ class _Summary:
             self.nonzero.add(r.key)
 
 
-def _run(ctx: PackContext, plan: Plan, workers: int, progress: Progress | None, on_start: Callable[[int], None] | None) -> _Summary:
+def _run(spec: PackSpec, root: zarr.Group, plan: Plan, workers: int, progress: Progress | None, on_start: Callable[[int], None] | None) -> _Summary:
     """Create the shared arrays, then run every unit on a thread pool, feeding the mask writer."""
-    root = ctx.root
+    ctx = context(spec)
     n_tasks = len(ctx.tasks)
     for g in ("tensors", "tasks", "masks"):
         root.create_group(g)
     for kp in plan.masked():
         chunk = chunk_elems(kp.info, plan.block_elems)
-        create_weights(root, fmt.merged_path(kp.node), kp.info.numel, kp.info.dtype.storage, chunk, ctx.codecs)
-        if ctx.embed_base:
+        create_weights(root, fmt.merged_path(kp.node), kp.info.numel, kp.info.dtype.storage, chunk, spec.codecs)
+        if spec.embed_base:
             bi = kp.base_info
             assert bi is not None
-            create_weights(root, fmt.base_path(kp.node), bi.numel, bi.dtype.storage, chunk, ctx.codecs)
+            create_weights(root, fmt.base_path(kp.node), bi.numel, bi.dtype.storage, chunk, spec.codecs)
     mask_arrays = [
-        create_masks(root, fmt.mask_path(t), plan.mask_nbytes, MASK_CHUNK_BYTES, ctx.codecs)
+        create_masks(root, fmt.mask_path(t), plan.mask_nbytes, MASK_CHUNK_BYTES, spec.codecs)
         for t in range(n_tasks)
     ] if plan.mask_nbytes else []
     writer = MaskWriter(mask_arrays, plan.mask_nbytes, MASK_CHUNK_BYTES)
@@ -238,10 +246,10 @@ def _run(ctx: PackContext, plan: Plan, workers: int, progress: Progress | None, 
             w = weight(kp)
             if kp.kind == fmt.KIND_MASKED:
                 for i in range(len(kp.blocks)):
-                    f = pool.submit(masked_block, ctx, kp, i)
+                    f = pool.submit(masked_block, spec, kp, i)
                     futures[f] = ("block", kp, w // len(kp.blocks))
             else:
-                futures[pool.submit(separate_tensor, ctx, kp)] = ("separate", kp, w)
+                futures[pool.submit(separate_tensor, spec, kp)] = ("separate", kp, w)
         for path in files:
             futures[pool.submit(file_sha256, path)] = ("file", path, 0)
         try:
@@ -270,11 +278,11 @@ def _mask_start(kp: KeyPlan, index: int) -> int:
 
 
 def _finish(
-    root: zarr.Group, ctx: PackContext, plan: Plan, manifest: dict[str, Any],
+    root: zarr.Group, spec: PackSpec, plan: Plan, manifest: dict[str, Any],
     s: _Summary, base_ck: Checkpoint, task_cks: list[Checkpoint],
 ) -> None:
     """Write per-task attributes and tensor index, then the completeness marker, last."""
-    names = ctx.names
+    names = spec.names
     base_digests: dict[str, str] = {}
     tensors = []
     for kp in plan.keys:

@@ -18,7 +18,7 @@ import torch
 import zarr
 
 from .. import dtypes
-from ..checkpoint import Checkpoint
+from ..checkpoint import Checkpoint, open_checkpoint
 from ..digests import block_crc, block_digest, combine
 from ..errors import PlanError
 from ..geometry import block_ranges, chunk_elems
@@ -27,26 +27,44 @@ from ..ops.masks import merged_weights, tall_masks, task_vectors
 from ..storage import format as fmt
 from ..storage.arrays import create_weights
 from ..storage.codecs import Codecs
+from ..storage.stores import open_store
 from .plan import KeyPlan
+
+
+@dataclass(frozen=True)
+class PackSpec:
+    """A picklable description of a pack, from which any process can open its own context."""
+
+    token: str
+    store: str
+    storage_options: dict[str, Any] | None
+    base: str
+    tasks: tuple[str, ...]
+    names: tuple[str, ...]
+    lams: tuple[float, ...]
+    rule: str
+    params: dict[str, Any]
+    codecs: Codecs
+    embed_base: bool
+    allow_nonfinite: bool
+    block_elems: int
 
 
 @dataclass
 class PackContext:
     """Everything a unit needs: open inputs, the archive group and the method's settings."""
 
+    spec: PackSpec
     base: Checkpoint
     tasks: list[Checkpoint]
-    names: list[str]
-    lam: torch.Tensor
-    rule: str
-    params: dict[str, Any]
     root: zarr.Group
-    codecs: Codecs
-    embed_base: bool
-    allow_nonfinite: bool
-    block_elems: int
+    lam: torch.Tensor
     _arrays: dict[str, zarr.Array] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.spec.names
 
     def array(self, path: str) -> zarr.Array:
         """The archive array at ``path``, opened once."""
@@ -55,6 +73,35 @@ class PackContext:
             if arr is None:
                 arr = self._arrays[path] = self.root[path]
             return arr
+
+
+_CONTEXTS: dict[str, PackContext] = {}
+_CONTEXTS_LOCK = threading.Lock()
+
+
+def context(spec: PackSpec) -> PackContext:
+    """This process's context for ``spec``, opened on first use and then shared by its threads."""
+    with _CONTEXTS_LOCK:
+        ctx = _CONTEXTS.get(spec.token)
+        if ctx is None:
+            store = open_store(spec.store, read_only=False, storage_options=spec.storage_options)
+            ctx = _CONTEXTS[spec.token] = PackContext(
+                spec=spec,
+                base=open_checkpoint(spec.base),
+                tasks=[open_checkpoint(p) for p in spec.tasks],
+                root=zarr.open_group(store, mode="r+", zarr_format=3),
+                lam=torch.tensor(spec.lams, dtype=torch.float32),
+            )
+        return ctx
+
+
+def release(spec: PackSpec) -> None:
+    """Close this process's context for ``spec``, if any."""
+    with _CONTEXTS_LOCK:
+        ctx = _CONTEXTS.pop(spec.token, None)
+    if ctx is not None:
+        for ck in [ctx.base, *ctx.tasks]:
+            ck.close()
 
 
 @dataclass
@@ -86,7 +133,7 @@ class SeparateTensor:
 
 
 def _check_finite(ctx: PackContext, t: torch.Tensor, key: str, who: str) -> None:
-    if ctx.allow_nonfinite or not t.dtype.is_floating_point:
+    if ctx.spec.allow_nonfinite or not t.dtype.is_floating_point:
         return
     if not bool(torch.isfinite(t).all()):
         raise PlanError(
@@ -94,8 +141,9 @@ def _check_finite(ctx: PackContext, t: torch.Tensor, key: str, who: str) -> None
         )
 
 
-def masked_block(ctx: PackContext, kp: KeyPlan, index: int) -> MaskedBlock:
+def masked_block(spec: PackSpec, kp: KeyPlan, index: int) -> MaskedBlock:
     """Compute and write one row block of a masked tensor for every task."""
+    ctx = context(spec)
     a, b = kp.blocks[index]
     row = kp.info.row_numel
     base = ctx.base.read(kp.key, a, b).reshape(-1)
@@ -108,7 +156,7 @@ def masked_block(ctx: PackContext, kp: KeyPlan, index: int) -> MaskedBlock:
     tasks = torch.stack(rows)
     del rows
     tau = task_vectors(base, tasks)
-    tau_mtl = merges.apply(ctx.rule, tau, ctx.params)
+    tau_mtl = merges.apply(spec.rule, tau, spec.params)
     masks = tall_masks(tau, tau_mtl, ctx.lam)
     merged = merged_weights(base, tasks, tau, tau_mtl)
     base_t = base.to(tasks.dtype)
@@ -116,7 +164,7 @@ def masked_block(ctx: PackContext, kp: KeyPlan, index: int) -> MaskedBlock:
     nonzero = bool(xor.any())
     if nonzero:
         ctx.array(fmt.merged_path(kp.node))[a * row : b * row] = dtypes.to_storage(xor)
-    if ctx.embed_base:
+    if spec.embed_base:
         ctx.array(fmt.base_path(kp.node))[a * row : b * row] = dtypes.to_storage(base)
     T = tasks.shape[0]
     sq_err = np.zeros(T)
@@ -143,17 +191,18 @@ def masked_block(ctx: PackContext, kp: KeyPlan, index: int) -> MaskedBlock:
     )
 
 
-def separate_tensor(ctx: PackContext, kp: KeyPlan) -> SeparateTensor:
+def separate_tensor(spec: PackSpec, kp: KeyPlan) -> SeparateTensor:
     """Store each task's copy of a tensor exactly, unless it equals the base's copy."""
+    ctx = context(spec)
     base_digest = None
     base_crcs: list[int] = []
     if kp.base_info is not None:
         info = kp.base_info
         arr = None
-        if ctx.embed_base:
+        if spec.embed_base:
             arr = create_weights(
                 ctx.root, fmt.base_path(kp.node), info.numel, info.dtype.storage,
-                chunk_elems(info, ctx.block_elems), ctx.codecs,
+                chunk_elems(info, spec.block_elems), spec.codecs,
             )
         hashes = []
         for a, b in kp.blocks:
@@ -174,11 +223,11 @@ def separate_tensor(ctx: PackContext, kp: KeyPlan) -> SeparateTensor:
             continue
         arr = create_weights(
             ctx.root, fmt.exact_path(kp.node, ti), info.numel, info.dtype.storage,
-            chunk_elems(info, ctx.block_elems), ctx.codecs,
+            chunk_elems(info, spec.block_elems), spec.codecs,
         )
         hashes = []
         crcs = []
-        for a, b in block_ranges(info, ctx.block_elems):
+        for a, b in block_ranges(info, spec.block_elems):
             t = ck.read(kp.key, a, b)
             _check_finite(ctx, t, kp.key, f"task {ctx.names[ti]!r}")
             hashes.append(block_digest(t))

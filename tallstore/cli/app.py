@@ -1,0 +1,55 @@
+"""The Typer application and the error boundary: user mistakes end in one line, exit 2."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from ..errors import TallstoreError
+
+app = typer.Typer(
+    name="tallstore",
+    help="Store many fine-tunes of one base model as one merged vector plus per-task TALL masks, "
+    "and rebuild any single task lazily.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def fail(message: str) -> "typer.Exit":
+    """Print ``error: message`` on one line to stderr and return the exit to raise."""
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    return typer.Exit(2)
+
+
+def main() -> None:
+    """Console entry point."""
+    from . import extract, info, pack  # noqa: F401  (registers the commands)
+
+    try:
+        app(standalone_mode=False)
+    except TallstoreError as e:
+        raise SystemExit(_one_line(e)) from None
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except OSError as e:
+        raise SystemExit(_one_line(e)) from None
+    except typer.Exit as e:
+        raise SystemExit(e.exit_code) from None
+    except Exception as e:  # click usage errors carry their own formatting
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            raise SystemExit(e.exit_code) from None
+        if isinstance(e, click.exceptions.Abort):
+            raise SystemExit(1) from None
+        raise
+
+
+def _one_line(e: BaseException) -> int:
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 2

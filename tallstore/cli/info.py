@@ -1,0 +1,55 @@
+"""``tallstore info``: what an archive holds and how well it compresses."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..archive import open as open_archive
+from ..summary import describe
+from . import options
+from .app import app
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def render(d: dict[str, Any]) -> None:
+    """Print a summary made by :func:`tallstore.summary.describe` as tables."""
+    c = Console()
+    base = d["base"]
+    c.print(f"[bold]{d['location']}[/bold]  format v{d['format_version']}  merge={d['merge']['rule']}  "
+            f"{d['tensors']} tensors")
+    c.print(f"base: {'embedded' if base['embedded'] else base['location']}  {base['fingerprint']}")
+    t = Table("task", "λ", "mask density", "rebuild error", "exact MB", "raw MB")
+    for task in d["tasks"]:
+        t.add_row(task["name"], f"{task['lam']:.2f}", f"{task['mask_density']:.3f}",
+                  f"{task['rebuild_error']:.4f}", f"{task['exact_bytes'] / 1e6:.2f}", f"{task['raw_bytes'] / 1e6:.1f}")
+    c.print(t)
+    parts = ", ".join(f"{k} {_mb(v)}" for k, v in sorted(d["archive_parts"].items()))
+    c.print(f"archive {_mb(d['archive_bytes'])} ({parts}); raw tasks {_mb(d['raw_task_bytes'])}")
+    line = f"compression: {d['ratio']:.2f}x"
+    if not base["embedded"]:
+        line += f" (archive only), {d['ratio_with_base']:.2f}x counting the external base ({_mb(base['bytes'])})"
+    c.print(line)
+
+
+@app.command()
+def info(
+    archive: Annotated[str, typer.Argument(help="Archive folder or URL.")],
+    base: Annotated[Optional[str], typer.Option("--base", help="Base checkpoint, if not embedded or moved.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    storage_option: Annotated[Optional[list[str]], typer.Option("--storage-option", help="fsspec option key=value.")] = None,
+) -> None:
+    """Show tasks, λ, mask densities, rebuild errors, sizes and the compression ratio."""
+    so = options.storage_options(storage_option)
+    d = describe(open_archive(archive, base=base, storage_options=so), so)
+    if as_json:
+        print(json.dumps(d, indent=2))
+    else:
+        render(d)

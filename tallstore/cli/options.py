@@ -1,0 +1,62 @@
+"""Parsing of repeated ``NAME=VALUE`` options shared by several commands."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import TallstoreError
+
+
+class UsageError(TallstoreError):
+    """A command-line option has the wrong form."""
+
+
+def pairs(values: list[str] | None, what: str) -> dict[str, str]:
+    """``["a=1", "b=2"]`` → ``{"a": "1", "b": "2"}``; duplicates and missing ``=`` are errors."""
+    out: dict[str, str] = {}
+    for v in values or []:
+        name, sep, value = v.partition("=")
+        if not sep or not name:
+            raise UsageError(f"{what} must look like NAME=VALUE, got {v!r}")
+        if name in out:
+            raise UsageError(f"{what} {name!r} given twice")
+        out[name] = value
+    return out
+
+
+def storage_options(values: list[str] | None) -> dict[str, Any] | None:
+    """``--storage-option key=value`` pairs for fsspec (JSON-ish scalars are converted)."""
+    import json
+
+    raw = pairs(values, "--storage-option")
+    if not raw:
+        return None
+    out: dict[str, Any] = {}
+    for k, v in raw.items():
+        try:
+            out[k] = json.loads(v)
+        except ValueError:
+            out[k] = v
+    return out
+
+
+def lams(values: list[str] | None, names: list[str]) -> dict[str, float]:
+    """λ per task from ``--lam 0.3`` (every task) and/or ``--lam NAME=0.5`` (one task)."""
+    from ..packing.packer import DEFAULT_LAM
+
+    plain = [v for v in values or [] if "=" not in v]
+    per = pairs([v for v in values or [] if "=" in v], "--lam")
+    if len(plain) > 1:
+        raise UsageError("give --lam VALUE once, or --lam NAME=VALUE per task")
+    unknown = set(per) - set(names)
+    if unknown:
+        raise UsageError(f"--lam names unknown task {sorted(unknown)[0]!r}")
+    default = _number(plain[0]) if plain else DEFAULT_LAM
+    return {n: _number(per[n]) if n in per else default for n in names}
+
+
+def _number(v: str) -> float:
+    try:
+        return float(v)
+    except ValueError:
+        raise UsageError(f"--lam expects a number, got {v!r}") from None

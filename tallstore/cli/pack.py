@@ -1,0 +1,47 @@
+"""``tallstore pack``: build an archive from a base and its fine-tunes."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from ..packing import packer
+from . import options
+from .app import app
+from .progress import bar
+
+
+@app.command()
+def pack(
+    out: Annotated[str, typer.Argument(help="Archive to create: a folder path or a URL (s3://…).")],
+    base: Annotated[str, typer.Option("--base", help="Base checkpoint: .safetensors, HF folder or .bin.")],
+    task: Annotated[list[str], typer.Option("--task", help="NAME=PATH of a fine-tune; repeat per task.")],
+    lam: Annotated[Optional[list[str]], typer.Option("--lam", help="λ for every task (0.4), or NAME=VALUE for one task.")] = None,
+    merge: Annotated[str, typer.Option("--merge", help="Merge rule for τ_MTL: ta (sum of task vectors).")] = "ta",
+    embed_base: Annotated[bool, typer.Option("--embed-base", help="Store the base inside for a self-contained archive.")] = False,
+    exact: Annotated[Optional[list[str]], typer.Option("--exact", help="Glob of tensor names to store exactly per task (e.g. 'classifier.*').")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Accept NaN/Inf weights instead of refusing.")] = False,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Threads packing tensors in parallel.")] = 2,
+    storage_option: Annotated[Optional[list[str]], typer.Option("--storage-option", help="fsspec option key=value for URLs; repeatable.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
+) -> None:
+    """Pack fine-tunes of one base model into a TALL-mask archive.
+
+    Streams tensor by tensor: memory holds a block of each input at a time, never a model.
+    """
+    tasks = options.pairs(task, "--task")
+    so = options.storage_options(storage_option)
+    with bar("packing", enabled=not quiet) as b:
+        loc = packer.pack(
+            out, base, tasks, lam=options.lams(lam, list(tasks)), merge=merge, embed_base=embed_base,
+            exact=tuple(exact or ()), overwrite=force, allow_nonfinite=allow_nonfinite,
+            workers=workers, storage_options=so, progress=b.advance, on_start=b.start,
+        )
+    if not quiet:
+        from ..archive import open as open_archive
+        from ..summary import describe
+        from .info import render
+
+        render(describe(open_archive(loc, base=base, storage_options=so), so))
