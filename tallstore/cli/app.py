@@ -26,8 +26,7 @@ def fail(message: str) -> "typer.Exit":
 
 def main() -> None:
     """Console entry point."""
-    from . import extract, info, pack  # noqa: F401  (registers the commands)
-
+    _register_commands()
     try:
         app(standalone_mode=False)
     except TallstoreError as e:
@@ -48,6 +47,17 @@ def main() -> None:
         if isinstance(e, click.exceptions.Abort):
             raise SystemExit(1) from None
         raise
+
+
+def _register_commands() -> None:
+    """Import every command module of this package; each registers itself on ``app``."""
+    import importlib
+    import pkgutil
+
+    package = importlib.import_module(__package__ or "tallstore.cli")
+    for m in pkgutil.iter_modules(package.__path__):
+        if m.name not in ("app", "options", "progress"):
+            importlib.import_module(f"{package.__name__}.{m.name}")
 
 
 def _one_line(e: BaseException) -> int:

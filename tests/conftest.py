@@ -1,0 +1,58 @@
+"""Shared fixtures: small checkpoint collections written to a temporary folder."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+
+def make_base(dtype: torch.dtype = torch.float32, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A small model-like state dict: matrices, vectors, a bf16-able embedding and an int buffer."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "embed.weight": torch.randn(50, 16, generator=g).to(dtype),
+        "layer.0.attn.weight": torch.randn(16, 16, generator=g).to(dtype),
+        "layer.0.attn.bias": torch.randn(16, generator=g).to(dtype),
+        "layer.0.mlp.weight": torch.randn(32, 16, generator=g).to(dtype),
+        "norm.weight": torch.ones(16, dtype=dtype),
+        "position_ids": torch.arange(12),
+    }
+
+
+def make_task(base: dict[str, torch.Tensor], seed: int, scale: float = 0.01, head: bool = True) -> dict[str, torch.Tensor]:
+    """A fine-tune of ``base``: small perturbations of float tensors plus its own head."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    sd = {}
+    for k, v in base.items():
+        if v.is_floating_point():
+            sd[k] = (v.float() + scale * torch.randn(v.shape, generator=g)).to(v.dtype)
+        else:
+            sd[k] = v.clone()
+    if head:
+        sd["head.weight"] = torch.randn(3, 16, generator=g).to(next(iter(base.values())).dtype)
+    return sd
+
+
+Collection = tuple[Path, dict[str, Path]]
+
+
+@pytest.fixture
+def collection(tmp_path: Path) -> Callable[..., Collection]:
+    """Factory: ``collection(n_tasks=3, dtype=torch.float32)`` → (base path, {name: path})."""
+
+    def make(n_tasks: int = 3, dtype: torch.dtype = torch.float32, scale: float = 0.01) -> Collection:
+        base = make_base(dtype)
+        base_path = tmp_path / "base.safetensors"
+        save_file(base, base_path)
+        tasks = {}
+        for i in range(n_tasks):
+            p = tmp_path / f"task{i}.safetensors"
+            save_file(make_task(base, i, scale), p)
+            tasks[f"task{i}"] = p
+        return base_path, tasks
+
+    return make
