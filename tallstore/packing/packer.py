@@ -15,7 +15,6 @@ import tempfile
 import uuid
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from ..storage import format as fmt
 from ..storage.arrays import create_masks, create_weights
 from ..storage.codecs import Codecs
 from ..storage.stores import is_url, local_path, open_store
+from .executors import Executor, Job, ThreadExecutor
 from .mask_writer import MaskWriter
 from .plan import KeyPlan, Plan, check_task_names, make_plan
 from .units import MaskedBlock, PackSpec, SeparateTensor, context, file_sha256, masked_block, release, separate_tensor
@@ -75,6 +75,7 @@ def pack(
     storage_options: dict[str, Any] | None = None,
     progress: Progress | None = None,
     on_start: Callable[[int], None] | None = None,
+    executor: Executor | None = None,
 ) -> str:
     """Pack fine-tunes of one base into a TALL-mask archive at ``out``; returns its location.
 
@@ -102,7 +103,7 @@ def pack(
                 allow_nonfinite=allow_nonfinite, block_elems=block_elems,
             )
             try:
-                summary = _run(spec, root, plan, workers, progress, on_start)
+                summary = _run(spec, root, plan, executor or ThreadExecutor(workers), progress, on_start)
             finally:
                 release(spec)
             _finish(root, spec, plan, manifest, summary, base_ck, task_cks)
@@ -213,8 +214,8 @@ class _Summary:
             self.nonzero.add(r.key)
 
 
-def _run(spec: PackSpec, root: zarr.Group, plan: Plan, workers: int, progress: Progress | None, on_start: Callable[[int], None] | None) -> _Summary:
-    """Create the shared arrays, then run every unit on a thread pool, feeding the mask writer."""
+def _run(spec: PackSpec, root: zarr.Group, plan: Plan, executor: Executor, progress: Progress | None, on_start: Callable[[int], None] | None) -> _Summary:
+    """Create the shared arrays, then run every unit on the executor, feeding the mask writer."""
     ctx = context(spec)
     n_tasks = len(ctx.tasks)
     for g in ("tensors", "tasks", "masks"):
@@ -240,35 +241,26 @@ def _run(spec: PackSpec, root: zarr.Group, plan: Plan, workers: int, progress: P
 
     if on_start:
         on_start(sum(weight(kp) for kp in plan.keys))
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures: dict[Future[Any], tuple[str, Any, int]] = {}
-        for kp in plan.keys:
-            w = weight(kp)
-            if kp.kind == fmt.KIND_MASKED:
-                for i in range(len(kp.blocks)):
-                    f = pool.submit(masked_block, spec, kp, i)
-                    futures[f] = ("block", kp, w // len(kp.blocks))
-            else:
-                futures[pool.submit(separate_tensor, spec, kp)] = ("separate", kp, w)
-        for path in files:
-            futures[pool.submit(file_sha256, path)] = ("file", path, 0)
-        try:
-            for f in as_completed(futures):
-                what, item, w = futures[f]
-                result = f.result()
-                if what == "block":
-                    writer.put(item.mask_offset + _mask_start(item, result.index), result.mask_bytes)
-                    summary.add_block(result)
-                elif what == "separate":
-                    summary.separate[item.key] = result
-                else:
-                    summary.file_hashes[item] = result
-                if progress and w:
-                    progress(w)
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
+    jobs: list[Job] = []
+    for kp in plan.keys:
+        w = weight(kp)
+        if kp.kind == fmt.KIND_MASKED:
+            for i in range(len(kp.blocks)):
+                jobs.append((("block", kp, w // len(kp.blocks)), masked_block, (spec, kp, i)))
+        else:
+            jobs.append((("separate", kp, w), separate_tensor, (spec, kp)))
+    for path in files:
+        jobs.append((("file", path, 0), file_sha256, (path,)))
+    for (what, item, w), result in executor.run(jobs):
+        if what == "block":
+            writer.put(item.mask_offset + _mask_start(item, result.index), result.mask_bytes)
+            summary.add_block(result)
+        elif what == "separate":
+            summary.separate[item.key] = result
+        else:
+            summary.file_hashes[item] = result
+        if progress and w:
+            progress(w)
     writer.close()
     return summary
 
