@@ -15,14 +15,17 @@ def pack(
     base: str | os.PathLike[str],
     tasks: Mapping[str, str | os.PathLike[str]],
     *,
-    lam: float | Mapping[str, float] = packer.DEFAULT_LAM,
+    lam: float | Mapping[str, float] | str = packer.DEFAULT_LAM,
     storage_options: dict[str, Any] | None = None,
     **options: Any,
 ) -> Archive:
     """Pack ``tasks`` (name → checkpoint path) fine-tuned from ``base`` into ``out``; open it.
 
-    Options: ``merge``, ``embed_base``, ``exact`` (glob patterns stored exactly), ``overwrite``,
-    ``allow_nonfinite``, ``block_elems``, ``workers``, ``codecs``, ``progress``.
+    ``lam``: one λ, a per-task mapping, ``"auto"`` (weight-space choice from ``lam_grid``) or
+    ``"search"`` (``evaluate(task_name, state_dict) -> score`` picks from ``lam_grid``).
+    Options: ``merge`` (``"ta"``, or ``"ties"`` with ``ties_top``), ``lam_grid``, ``evaluate``,
+    ``embed_base``, ``exact`` (glob patterns stored exactly), ``overwrite``, ``allow_nonfinite``,
+    ``block_elems``, ``workers``, ``codecs``, ``progress``.
     """
     loc = packer.pack(out, base, tasks, lam=lam, storage_options=storage_options, **options)
     return open(loc, base=base, storage_options=storage_options)

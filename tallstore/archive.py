@@ -7,12 +7,13 @@ CRC-32C recorded at pack time, so corruption or a wrong base never yields silent
 
 from __future__ import annotations
 
+import bisect
 import os
 import warnings
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,8 +27,11 @@ from .digests import block_crc, checkpoint_fingerprint, probe
 from .errors import ArchiveError, BaseMismatchError, CorruptArchiveError, TallstoreError
 from .geometry import block_ranges
 from .storage import format as fmt
-from .storage.reading import read_many
-from .storage.stores import is_url, local_path, open_store
+from .storage.reading import coalesce, read_many
+from .storage.stores import is_url, local_path, open_store, read_concurrency
+
+if TYPE_CHECKING:
+    from .merging import MergedView
 
 
 def open(
@@ -35,10 +39,14 @@ def open(
     base: str | os.PathLike[str] | None = None,
     *,
     storage_options: dict[str, Any] | None = None,
+    concurrency: int | None = None,
 ) -> "Archive":
     """Open the archive at ``location`` (folder or URL) for reading.
 
     ``base`` is needed only when the base is neither embedded nor at its recorded location.
+    ``storage_options`` (fsspec) apply to the archive's URL and a base URL. ``concurrency`` caps
+    the reads in flight while loading a task (default: ``$TALLSTORE_CONCURRENCY``, else 64 for
+    URLs and unbounded for folders).
     """
     where = str(location)
     if not is_url(location) and not local_path(location).is_dir():
@@ -52,14 +60,22 @@ def open(
     except (FileNotFoundError, KeyError, ValueError, OSError) as e:
         raise ArchiveError(f"{where}: not a readable tallstore archive ({type(e).__name__})") from None
     manifest = fmt.check_manifest(attrs, where)
-    return Archive(where, root, manifest, base)
+    return Archive(
+        where, root, manifest, base, storage_options=storage_options,
+        concurrency=read_concurrency(location, concurrency),
+    )
 
 
 class Archive(Mapping[str, "TaskView"]):
     """A packed collection: ``arc.tasks``, ``arc[name]``, ``arc.extract(name, out)``."""
 
-    def __init__(self, location: str, root: zarr.Group, manifest: dict[str, Any], base: Any) -> None:
+    def __init__(
+        self, location: str, root: zarr.Group, manifest: dict[str, Any], base: Any, *,
+        storage_options: dict[str, Any] | None = None, concurrency: int | None = None,
+    ) -> None:
         self.location = location
+        self.storage_options = storage_options
+        self.concurrency = concurrency
         self.root = root
         self.manifest = manifest
         self.entries: dict[str, dict[str, Any]] = {e["key"]: e for e in manifest["tensors"]}
@@ -101,6 +117,12 @@ class Archive(Mapping[str, "TaskView"]):
         """Write one task to a ``.safetensors`` file or, for a folder path, a sharded HF folder."""
         return self[task].save(out, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
 
+    def merge(self, method: str = "consensus", *, k: int | None = None, alpha: float = 1.0) -> "MergedView":
+        """A lazy merged model from the archive alone: ``consensus`` (``k``, default 2), ``ta`` or ``ties``."""
+        from .merging import MergedView
+
+        return MergedView(self, method, k=k, alpha=alpha)
+
     def _open_base(self, base: Any) -> BaseSource:
         b = self.manifest["base"]
         if base is None and b.get("embedded"):
@@ -113,7 +135,7 @@ class Archive(Mapping[str, "TaskView"]):
                     " (or --base) to say where it is"
                 )
             base = recorded
-        ckpt = open_checkpoint(base)
+        ckpt = open_checkpoint(base, self.storage_options)
         self._check_base(ckpt, str(base))
         return CheckpointBase(ckpt)
 
@@ -178,6 +200,7 @@ class TaskView(Mapping[str, torch.Tensor]):
         arc = self.archive
         reads: list[tuple[zarr.Array, Any]] = []
         slots: dict[str, list[int]] = {}
+        masks: dict[str, tuple[int, int]] = {}
         try:
             for key in keys:
                 src = self._listing[key][3]
@@ -186,13 +209,13 @@ class TaskView(Mapping[str, torch.Tensor]):
                     e = arc.entries[key]
                     n = TensorInfo(dtypes.by_name(e["dtype"]), tuple(e["shape"])).numel
                     lo = e["mask_offset"]
-                    slots[key] = [len(reads), len(reads) + 1]
+                    slots[key] = [len(reads)]
                     reads.append((arc.root[fmt.merged_path(node)], slice(None)))
-                    reads.append((arc.root[fmt.mask_path(self.index)], slice(lo, lo + (n + 7) // 8)))
+                    masks[key] = (lo, lo + (n + 7) // 8)
                 elif src == fmt.SOURCE_EXACT:
                     slots[key] = [len(reads)]
                     reads.append((arc.root[fmt.exact_path(node, self.index)], slice(None)))
-            data = read_many(reads)
+            data = self._read_with_masks(reads, slots, masks)
         except TallstoreError:
             raise
         except Exception as e:
@@ -202,6 +225,23 @@ class TaskView(Mapping[str, torch.Tensor]):
         with ThreadPoolExecutor(max_workers=2) as pool:
             built = list(pool.map(lambda k: self._build(k, [data[i] for i in slots.get(k, [])]), keys))
         return dict(zip(keys, built))
+
+    def _read_with_masks(
+        self, reads: list[tuple[zarr.Array, Any]], slots: dict[str, list[int]], masks: dict[str, tuple[int, int]],
+    ) -> list[np.ndarray]:
+        """Run ``reads`` plus this task's mask ranges, each mask chunk fetched once; fill ``slots``."""
+        if not masks:
+            return read_many(reads, self.archive.concurrency)
+        arr = self.archive.root[fmt.mask_path(self.index)]
+        runs = coalesce(masks.values(), arr.chunks[0])
+        first = len(reads)
+        data = read_many([*reads, *((arr, slice(a, b)) for a, b in runs)], self.archive.concurrency)
+        starts = [a for a, _ in runs]
+        for key, (lo, hi) in masks.items():
+            r = bisect.bisect_right(starts, lo) - 1
+            slots[key].append(len(data))
+            data.append(data[first + r][lo - starts[r] : hi - starts[r]])
+        return data
 
     def _build(self, key: str, arrays: list[np.ndarray]) -> torch.Tensor:
         row = self._listing[key]
@@ -214,11 +254,7 @@ class TaskView(Mapping[str, torch.Tensor]):
             if src == fmt.SOURCE_BASE:
                 out = base.reshape(info.shape)
             else:
-                xor, mask_bytes = arrays
-                mask = np.unpackbits(mask_bytes, count=info.numel, bitorder=fmt.BITORDER).view(bool)
-                bb = dtypes.bits(base)
-                merged = bb ^ torch.from_numpy(xor.view(bb.numpy().dtype))
-                out = torch.where(torch.from_numpy(mask), merged, bb).view(info.dtype.torch).reshape(info.shape)
+                out = _rebuild(base, *arrays).view(info.dtype.torch).reshape(info.shape)
         self._verify(key, info, out, row[5])
         return out
 
@@ -231,3 +267,18 @@ class TaskView(Mapping[str, torch.Tensor]):
                 f"{self.archive.location}: tensor {key!r} of task {self.name!r} does not match its "
                 "recorded checksum (corrupt or missing data, or a modified base)"
             )
+
+
+def _rebuild(base: torch.Tensor, xor: np.ndarray, mask_bytes: np.ndarray) -> torch.Tensor:
+    """Bits of ``θ̂_t``: ``bits(θ₀) XOR (stored XOR where the mask is set)``, in two in-place passes.
+
+    Unpacking the complemented mask bytes gives "keep the base" directly; the decoded ``merged``
+    buffer is reused as the output, so no full-size temporary is allocated.
+    """
+    bb = dtypes.bits(base)
+    keep_base = np.unpackbits(~mask_bytes, count=bb.numel(), bitorder=fmt.BITORDER).view(bool)
+    if not xor.flags.writeable:
+        xor = xor.copy()
+    delta = torch.from_numpy(xor.view(bb.numpy().dtype))
+    delta.masked_fill_(torch.from_numpy(keep_base), 0)
+    return delta.bitwise_xor_(bb)

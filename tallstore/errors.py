@@ -30,5 +30,9 @@ class BaseMismatchError(TallstoreError):
     """The base model given at open time is not the one the archive was packed against."""
 
 
+class MergeError(TallstoreError):
+    """A merged model was asked for with a method or arguments the archive cannot serve."""
+
+
 class OutputExistsError(TallstoreError):
     """The output path exists and overwriting was not asked for."""

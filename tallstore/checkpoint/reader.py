@@ -6,6 +6,7 @@ import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -77,13 +78,21 @@ class Checkpoint(ABC):
         self.close()
 
 
-def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
-    """Open a ``.safetensors`` file, a Hugging Face folder or a torch ``.bin``/``.pt`` state dict."""
+def open_checkpoint(path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> Checkpoint:
+    """Open a ``.safetensors`` file, a Hugging Face folder or a torch ``.bin``/``.pt`` state dict.
+
+    An fsspec URL (``s3://…``) opens safetensors files or folders remotely with ``storage_options``.
+    """
+    from ..storage.stores import is_url, local_path
     from .hf_folder import open_folder
     from .safetensors_file import SafetensorsCheckpoint
     from .torch_file import TorchCheckpoint
 
-    p = Path(path)
+    if is_url(path):
+        from .remote import open_remote
+
+        return open_remote(str(path), storage_options)
+    p = local_path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or folder")
     if p.is_dir():

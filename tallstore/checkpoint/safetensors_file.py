@@ -26,30 +26,40 @@ def read_header(path: Path) -> dict[str, Any]:
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER or 8 + n > size:
-                raise CheckpointError(f"{path}: safetensors header length {n} exceeds the file")
+            n = header_length(f.read(8), size, str(path))
             raw = f.read(n)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+    return parse_header(raw, size, str(path))
+
+
+def header_length(head: bytes, size: int, where: str) -> int:
+    """The JSON header's length from a file's first 8 bytes, checked against the file size."""
+    if len(head) < 8:
+        raise CheckpointError(f"{where}: not a safetensors file (shorter than 8 bytes)")
+    (n,) = struct.unpack("<Q", head[:8])
+    if n > MAX_HEADER or 8 + n > size:
+        raise CheckpointError(f"{where}: safetensors header length {n} exceeds the file")
+    return int(n)
+
+
+def parse_header(raw: bytes, size: int, where: str) -> dict[str, Any]:
+    """The header JSON ``raw`` of a ``size``-byte file, every tensor entry checked to fit in it."""
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointError(f"{path}: safetensors header is not valid JSON") from None
+        raise CheckpointError(f"{where}: safetensors header is not valid JSON") from None
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: safetensors header is not a JSON object")
-    data_size = size - 8 - n
+        raise CheckpointError(f"{where}: safetensors header is not a JSON object")
+    data_size = size - 8 - len(raw)
     for key, entry in header.items():
         if key == "__metadata__":
             continue
-        _check_entry(path, key, entry, data_size)
+        _check_entry(where, key, entry, data_size)
     return header
 
 
-def _check_entry(path: Path, key: str, entry: Any, data_size: int) -> None:
+def _check_entry(path: str, key: str, entry: Any, data_size: int) -> None:
     ok = (
         isinstance(entry, dict)
         and isinstance(entry.get("dtype"), str)
@@ -61,7 +71,10 @@ def _check_entry(path: Path, key: str, entry: Any, data_size: int) -> None:
     )
     if not ok:
         raise CheckpointError(f"{path}: malformed header entry for tensor {key!r}")
-    d = dtypes.from_safetensors(entry["dtype"])
+    try:
+        d = dtypes.from_safetensors(entry["dtype"])
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: tensor {key!r}: {e}") from None
     begin, end = entry["data_offsets"]
     numel = 1
     for s in entry["shape"]:

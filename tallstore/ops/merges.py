@@ -9,15 +9,24 @@ from typing import Any, Callable
 
 import torch
 
+from .ties import ties
+
 MergeRule = Callable[..., torch.Tensor]
 
 
 def task_arithmetic(tau: torch.Tensor) -> torch.Tensor:
-    """Task arithmetic as TALL uses it: ``τ_MTL = Σ_t τ_t``, unscaled."""
-    return tau.sum(dim=0)
+    """Task arithmetic as TALL uses it: ``τ_MTL = Σ_t τ_t``, unscaled.
+
+    Summed in task order, one row at a time: ``tensor.sum(dim=0)`` associates the tail of a row
+    differently from its body, so τ_MTL (and the archive) would depend on the block size.
+    """
+    out = tau[0].clone()
+    for row in tau[1:]:
+        out += row
+    return out
 
 
-RULES: dict[str, MergeRule] = {"ta": task_arithmetic}
+RULES: dict[str, MergeRule] = {"ta": task_arithmetic, "ties": ties}
 
 
 def apply(rule: str, tau: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:

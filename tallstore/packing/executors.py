@@ -19,12 +19,18 @@ class Executor(Protocol):
     def run(self, jobs: Sequence[Job]) -> Iterator[tuple[Any, Any]]:
         """Yield ``(tag, fn(*args))`` for each job; the first failure propagates."""
 
+    def broadcast(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Call ``fn(*args)`` once in every process that may have run jobs (to drop cached state)."""
+
 
 class ThreadExecutor:
     """Jobs on a local thread pool (numpy, torch, zstd and hashing release the GIL)."""
 
     def __init__(self, workers: int = 2) -> None:
         self.workers = max(1, workers)
+
+    def broadcast(self, fn: Callable[..., Any], *args: Any) -> None:
+        fn(*args)
 
     def run(self, jobs: Sequence[Job]) -> Iterator[tuple[Any, Any]]:
         with ThreadPoolExecutor(max_workers=self.workers) as pool:

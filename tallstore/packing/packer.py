@@ -22,19 +22,22 @@ from typing import Any
 import numpy as np
 import zarr
 
-from .. import __version__
+from .. import __version__, lam_select
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..digests import combine, fingerprint, probe
 from ..errors import OutputExistsError, PlanError
 from ..geometry import DEFAULT_BLOCK_ELEMS, chunk_elems
-from ..ops import merges
+from ..ops import merges, ties
 from ..storage import format as fmt
 from ..storage.arrays import create_masks, create_weights
 from ..storage.codecs import Codecs
 from ..storage.stores import is_url, local_path, open_store
 from .executors import Executor, Job, ThreadExecutor
+from .inputs import InputSpec
+from .inputs import release as release_inputs
 from .mask_writer import MaskWriter
 from .plan import KeyPlan, Plan, check_task_names, make_plan
+from .ties_pass import check_top, ties_params
 from .units import MaskedBlock, PackSpec, SeparateTensor, context, file_sha256, masked_block, release, separate_tensor
 
 DEFAULT_LAM = 0.4
@@ -63,8 +66,11 @@ def pack(
     base: str | os.PathLike[str],
     tasks: Mapping[str, str | os.PathLike[str]],
     *,
-    lam: float | Mapping[str, float] = DEFAULT_LAM,
+    lam: float | Mapping[str, float] | str = DEFAULT_LAM,
     merge: str = "ta",
+    ties_top: float = ties.DEFAULT_TOP,
+    lam_grid: Iterable[float] = lam_select.DEFAULT_GRID,
+    evaluate: lam_select.Evaluate | None = None,
     embed_base: bool = False,
     exact: Iterable[str] = (),
     overwrite: bool = False,
@@ -76,43 +82,94 @@ def pack(
     progress: Progress | None = None,
     on_start: Callable[[int], None] | None = None,
     executor: Executor | None = None,
+    client: Any = None,
 ) -> str:
     """Pack fine-tunes of one base into a TALL-mask archive at ``out``; returns its location.
 
     ``progress`` is called with input bytes processed; ``on_start`` first with the total.
+    ``lam`` is a number, a per-task mapping, ``"auto"`` or ``"search"`` (with ``evaluate``), the
+    last two choosing from ``lam_grid`` (see :mod:`tallstore.lam_select`); ``merge="ties"`` trims
+    each task to its top ``ties_top`` percent.
+    Units run on ``executor``, else on the Dask ``client``'s workers, else on ``workers`` threads.
+    ``storage_options`` apply to every URL: the output's and the inputs'.
     """
     names = list(tasks)
     check_task_names(names)
-    lams = resolve_lams(names, lam)
+    grid = lam_select.check(lam, lam_grid, evaluate)
+    lams = [] if isinstance(lam, str) else resolve_lams(names, lam)
+    selection: dict[str, Any] = {"method": "fixed"}
     if merge not in merges.RULES:
         raise PlanError(f"unknown merge rule {merge!r}; choose one of {sorted(merges.RULES)}")
+    if merge == "ties":
+        check_top(ties_top)
     with ExitStack() as stack:
-        base_ck = stack.enter_context(open_checkpoint(base))
-        task_cks = [stack.enter_context(open_checkpoint(tasks[n])) for n in names]
+        base_ck = stack.enter_context(open_checkpoint(base, storage_options))
+        task_cks = [stack.enter_context(open_checkpoint(tasks[n], storage_options)) for n in names]
+        ex = executor or _executor(client, workers)
         plan = make_plan(base_ck, task_cks, names, block_elems, tuple(exact))
-        params = prepare_merge(merge, plan, base_ck, task_cks)
+        inputs = InputSpec(
+            token=uuid.uuid4().hex, base=_absolute(base), tasks=tuple(_absolute(tasks[n]) for n in names),
+            names=tuple(names), storage_options=storage_options, allow_nonfinite=allow_nonfinite,
+        )
+        try:
+            params = prepare_merge(merge, plan, inputs, ex, ties_top)
+            if isinstance(lam, str):
+                lams, selection = lam_select.select(lam, plan, inputs, merge, params, ex, grid, evaluate, _scratch(out))
+        finally:
+            ex.broadcast(release_inputs, inputs)
         target = Target(out, overwrite, storage_options)
         with target as store:
             root = zarr.open_group(store, mode="w", zarr_format=3)
             manifest = _manifest(plan, names, lams, merge, params, base, embed_base, block_elems)
+            manifest["lam_selection"] = selection
             root.attrs[fmt.ATTR] = manifest
             spec = PackSpec(
                 token=uuid.uuid4().hex, store=target.location, storage_options=storage_options,
-                base=str(base), tasks=tuple(str(tasks[n]) for n in names), names=tuple(names),
+                base=_absolute(base), tasks=tuple(_absolute(tasks[n]) for n in names), names=tuple(names),
                 lams=tuple(lams), rule=merge, params=params, codecs=codecs, embed_base=embed_base,
                 allow_nonfinite=allow_nonfinite, block_elems=block_elems,
             )
             try:
-                summary = _run(spec, root, plan, executor or ThreadExecutor(workers), progress, on_start)
+                summary = _run(spec, root, plan, ex, progress, on_start)
             finally:
-                release(spec)
+                ex.broadcast(release, spec)
             _finish(root, spec, plan, manifest, summary, base_ck, task_cks)
     return str(out)
 
 
-def prepare_merge(rule: str, plan: Plan, base: Checkpoint, tasks: list[Checkpoint]) -> dict[str, Any]:
-    """The parameters a merge rule needs from a pass over the inputs (none for ``ta``)."""
+def _executor(client: Any, workers: int) -> Executor:
+    """Dask workers when a client is given, else a local thread pool."""
+    if client is None:
+        return ThreadExecutor(workers)
+    from .dask_executor import DaskExecutor
+
+    return DaskExecutor(client)
+
+
+def _absolute(location: str | os.PathLike[str]) -> str:
+    """A URL as is, a local path made absolute: workers need not share the driver's cwd."""
+    return str(location) if is_url(location) else str(local_path(location).absolute())
+
+
+def prepare_merge(
+    rule: str, plan: Plan, inputs: InputSpec, executor: Executor, ties_top: float = ties.DEFAULT_TOP,
+) -> dict[str, Any]:
+    """The parameters a merge rule needs from passes over the inputs, run as units on ``executor``.
+
+    None for ``ta``; for ``ties`` the global per-task thresholds and the majority sign.
+    """
+    if rule == "ties":
+        return ties_params(plan, inputs, executor, ties_top)
     return {}
+
+
+def _scratch(out: str | os.PathLike[str]) -> Path | None:
+    """Scratch space for λ search: beside a local output (same disk), else the system temp dir."""
+    if is_url(out):
+        return None
+    parent = local_path(out).absolute().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    return parent
 
 
 class Target:
@@ -139,7 +196,7 @@ class Target:
         if final.exists() and not self.overwrite:
             raise OutputExistsError(f"{final} exists (use --force / overwrite=True to replace it)")
         final.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".packing", dir=final.parent))
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".packing", dir=final.parent)).absolute()
         return open_store(self.tmp, read_only=False)
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
@@ -233,7 +290,7 @@ def _run(spec: PackSpec, root: zarr.Group, plan: Plan, executor: Executor, progr
     ] if plan.mask_nbytes else []
     writer = MaskWriter(mask_arrays, plan.mask_nbytes, MASK_CHUNK_BYTES)
     summary = _Summary(plan, n_tasks)
-    files = sorted({f for ck in ctx.tasks for f in ck.files} | set(ctx.base.files))
+    files = sorted({f for ck in ctx.tasks for f in ck.files} | set(ctx.base.files), key=str)
 
     def weight(kp: KeyPlan) -> int:
         per = (kp.base_info.numel * kp.base_info.dtype.itemsize) if kp.base_info else 0

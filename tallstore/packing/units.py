@@ -87,8 +87,8 @@ def context(spec: PackSpec) -> PackContext:
             store = open_store(spec.store, read_only=False, storage_options=spec.storage_options)
             ctx = _CONTEXTS[spec.token] = PackContext(
                 spec=spec,
-                base=open_checkpoint(spec.base),
-                tasks=[open_checkpoint(p) for p in spec.tasks],
+                base=open_checkpoint(spec.base, spec.storage_options),
+                tasks=[open_checkpoint(p, spec.storage_options) for p in spec.tasks],
                 root=zarr.open_group(store, mode="r+", zarr_format=3),
                 lam=torch.tensor(spec.lams, dtype=torch.float32),
             )
@@ -247,9 +247,9 @@ def _equal_to_base(ctx: PackContext, ck: Checkpoint, kp: KeyPlan) -> bool:
 
 
 def file_sha256(path: Path) -> str:
-    """SHA-256 of a whole input file, read in 8 MiB pieces."""
+    """SHA-256 of a whole input file (a local path or a remote file), read in 8 MiB pieces."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         while piece := f.read(8 << 20):
             h.update(piece)
     return h.hexdigest()

@@ -3,7 +3,7 @@
 Kept verbatim: ASCII lower-case letters, digits, ``_``, ``-`` and ``.`` (not leading). Everything
 else, upper-case letters included (case-insensitive filesystems), becomes ``~`` plus the lower-case
 hex of its UTF-8 bytes. A result longer than :data:`MAX_LEN` becomes a prefix plus ``~h`` and the
-SHA-256 of the name. The empty name is ``~``. No result contains ``/``, is ``.`` or ``..``, starts
+SHA-256 of the name. The empty name is ``~``; ``zarr.json`` is ``~7aarr.json``. No result contains ``/``, is ``.`` or ``..``, starts
 with ``.`` or ``__``, or exceeds a filesystem's name limit, so no name can leave its directory.
 """
 
@@ -23,6 +23,8 @@ def encode(name: str) -> str:
     """The storage node name for tensor ``name`` (deterministic and injective)."""
     if name == "":
         return "~"
+    if name == "zarr.json":  # the group's own metadata document, in the same folder
+        return _escape("z") + name[1:]
     out = []
     for i, ch in enumerate(name):
         leading_special = i == 0 and (ch == "." or (ch == "_" and name.startswith("__")))

@@ -7,7 +7,7 @@ store requests (essential on object stores) and decode chunks on several threads
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -15,10 +15,29 @@ import zarr
 from zarr.core.sync import sync
 
 
-def read_many(arrays: Sequence[tuple[zarr.Array, Any]]) -> list[np.ndarray]:
-    """``[arr[sel] for arr, sel in arrays]``, fetched concurrently; errors propagate."""
+def read_many(arrays: Sequence[tuple[zarr.Array, Any]], limit: int | None = None) -> list[np.ndarray]:
+    """``[arr[sel] for arr, sel in arrays]``, fetched concurrently, at most ``limit`` reads at once."""
 
     async def gather() -> list[Any]:
-        return await asyncio.gather(*(a._async_array.getitem(sel) for a, sel in arrays))
+        gate = asyncio.Semaphore(limit) if limit else None
+
+        async def one(a: zarr.Array, sel: Any) -> Any:
+            if gate is None:
+                return await a._async_array.getitem(sel)
+            async with gate:
+                return await a._async_array.getitem(sel)
+
+        return await asyncio.gather(*(one(a, sel) for a, sel in arrays))
 
     return [np.asarray(x) for x in sync(gather())]
+
+
+def coalesce(ranges: Iterable[tuple[int, int]], chunk: int) -> list[tuple[int, int]]:
+    """Sorted ranges merged wherever they share a chunk, so that no chunk is fetched twice."""
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(ranges):
+        if out and a // chunk <= (out[-1][1] - 1) // chunk:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out

@@ -9,6 +9,8 @@ from typing import Any
 from zarr.abc.store import Store
 from zarr.storage import FsspecStore, LocalStore
 
+from ..errors import TallstoreError
+
 
 def is_url(location: str | os.PathLike[str]) -> bool:
     """Whether ``location`` names a remote (fsspec) location rather than a local path."""
@@ -33,3 +35,24 @@ def open_store(
             str(location), storage_options=storage_options or {}, read_only=read_only
         )
     return LocalStore(local_path(location), read_only=read_only)
+
+
+DEFAULT_REMOTE_CONCURRENCY = 64
+
+
+def read_concurrency(location: str | os.PathLike[str], value: int | None = None) -> int | None:
+    """Reads in flight when loading a task: ``value``, ``$TALLSTORE_CONCURRENCY``, or a default.
+
+    Object stores need many requests in flight to hide their per-request latency; local folders
+    keep zarr's own pacing (``None``: no cap beyond zarr's ``async.concurrency`` per array).
+    """
+    env = os.environ.get("TALLSTORE_CONCURRENCY", "").strip()
+    if value is None and env:
+        if not env.isdigit():
+            raise TallstoreError(f"TALLSTORE_CONCURRENCY must be a whole number, got {env!r}")
+        value = int(env)
+    if value is None:
+        return DEFAULT_REMOTE_CONCURRENCY if is_url(location) else None
+    if value < 1:
+        raise TallstoreError(f"concurrency must be at least 1, got {value}")
+    return value

@@ -1,0 +1,32 @@
+"""``tallstore merge``: write a merged model (Consensus, TA or TIES) from the archive alone."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from ..archive import open as open_archive
+from . import options
+from .app import app
+
+
+@app.command()
+def merge(
+    archive: Annotated[str, typer.Argument(help="Archive folder or URL.")],
+    out: Annotated[str, typer.Option("-o", "--out", help="OUT.safetensors, or a folder for a sharded HF layout.")],
+    method: Annotated[str, typer.Option("--method", help="consensus (Σ_t m_t ≥ k), ta or ties (the archive's own merge).")] = "consensus",
+    k: Annotated[Optional[int], typer.Option("--k", help="Consensus: keep weights selected by at least k tasks (default 2).")] = None,
+    alpha: Annotated[float, typer.Option("--alpha", help="Scale of the merged task vector.")] = 1.0,
+    base: Annotated[Optional[str], typer.Option("--base", help="Base checkpoint, if not embedded or moved.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    max_shard_gb: Annotated[float, typer.Option("--max-shard-gb", help="Shard size for folder output.")] = 5.0,
+    storage_option: Annotated[Optional[list[str]], typer.Option("--storage-option", help="fsspec option key=value.")] = None,
+) -> None:
+    """Write θ₀ + α·(m ⊙ τ_MTL) one tensor at a time; tensors the base lacks (heads) are left out."""
+    arc = open_archive(archive, base=base, storage_options=options.storage_options(storage_option))
+    view = arc.merge(method, k=k, alpha=alpha)
+    path = view.save(out, overwrite=force, max_shard_bytes=int(max_shard_gb * 1e9))
+    print(f"wrote {path} ({view.describe()}, {len(view)} tensors)")
+    if view.omitted:
+        print(f"left out {len(view.omitted)} task-specific tensors the base lacks: {', '.join(view.omitted)}")

@@ -1,0 +1,68 @@
+"""Pack units as Dask tasks: each worker opens its own inputs and writes its own archive regions.
+
+Units are plain functions of a picklable :class:`~tallstore.packing.units.PackSpec`, so they
+run unchanged on ``dask.distributed`` workers. Only their small summaries (digests, sums and
+packed mask bytes) travel back to the driver, which writes the mask chunks, the metadata and
+the completeness marker once every unit has succeeded. A unit that raises is retried by Dask
+(``retries``); a unit lost with its worker is rescheduled by the scheduler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from .executors import Job
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+DEFAULT_RETRIES = 2
+
+
+class DaskExecutor:
+    """Jobs as Dask futures on ``client``'s cluster, yielded as they complete."""
+
+    def __init__(self, client: "Client", retries: int = DEFAULT_RETRIES) -> None:
+        self.client = client
+        self.retries = retries
+
+    def run(self, jobs: Sequence[Job]) -> Iterator[tuple[Any, Any]]:
+        from distributed import as_completed
+
+        futures = {self.client.submit(fn, *args, retries=self.retries, pure=False): tag for tag, fn, args in jobs}
+        try:
+            for future in as_completed(list(futures)):
+                tag = futures.pop(future)
+                result = future.result()
+                future.release()
+                yield tag, result
+        finally:
+            if futures:
+                self.client.cancel(list(futures))
+
+    def broadcast(self, fn: Callable[..., Any], *args: Any) -> None:
+        fn(*args)
+        self.client.run(fn, *args)
+
+
+@contextmanager
+def dask_client(scheduler: str | None = None, n_workers: int | None = None) -> Iterator["Client | None"]:
+    """A client of the cluster at ``scheduler``, or of a new local cluster of ``n_workers`` processes.
+
+    Yields ``None`` when neither is given (pack on local threads).
+    """
+    if scheduler is None and not n_workers:
+        yield None
+        return
+    from distributed import Client, LocalCluster
+
+    if scheduler is not None:
+        with Client(scheduler) as client:
+            yield client
+        return
+    with LocalCluster(
+        n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None,
+    ) as cluster, Client(cluster) as client:
+        yield client

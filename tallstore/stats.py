@@ -1,0 +1,189 @@
+"""Mask statistics (TALL paper §4): how many tasks select each weight, per layer and per pair.
+
+A weight selected by no task is *catastrophic* (the merge changes it, yet no task needs it; a
+weight no task changed counts here too, as in the paper, which defines both from the masks
+alone); one selected by exactly one task is *selfish*. Statistics cover every maskable weight
+(kinds ``masked`` and ``base``) and are computed from the stored masks only, streaming through
+``masks/<t>`` a few chunks at a time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from .checkpoint import TensorInfo
+from .dtypes import by_name
+from .errors import CorruptArchiveError, TallstoreError
+from .storage import format as fmt
+from .storage.reading import read_many
+
+if TYPE_CHECKING:
+    from .archive import Archive
+
+PIECE = 1 << 20
+
+
+def layer_of(key: str) -> str:
+    """The layer a tensor belongs to: its name up to the first numeric part, else its module.
+
+    ``model.layers.3.mlp.up.weight`` → ``model.layers.3``; ``embed.weight`` → ``embed``.
+    """
+    parts = key.split(".")
+    for i, p in enumerate(parts):
+        if p.isdigit():
+            return ".".join(parts[: i + 1])
+    return ".".join(parts[:-1]) if len(parts) > 1 else key
+
+
+class _Counts:
+    """Accumulated counts for one group of weights."""
+
+    def __init__(self, T: int) -> None:
+        self.hist = np.zeros(T + 1, np.int64)
+        self.params = 0
+
+    def summary(self) -> dict[str, Any]:
+        n = self.params
+        return {
+            "params": n,
+            "histogram": self.hist.tolist(),
+            "catastrophic": float(self.hist[0] / n) if n else 0.0,
+            "selfish": float(self.hist[1] / n) if n and len(self.hist) > 1 else 0.0,
+        }
+
+
+def mask_stats(arc: "Archive") -> dict[str, Any]:
+    """Densities, the 0…T selection histogram, catastrophic/selfish fractions overall and per
+    layer, the weights each task holds alone, and the pairwise Jaccard overlap of the masks."""
+    names = arc.tasks
+    T = len(names)
+    entries = sorted(
+        (e for e in arc.manifest["tensors"] if e["kind"] in (fmt.KIND_MASKED, fmt.KIND_BASE)),
+        key=lambda e: e["mask_offset"],
+    )
+    overall = _Counts(T)
+    layers: dict[str, _Counts] = {}
+    inter = torch.zeros((T, T), dtype=torch.float64)
+    alone = np.zeros(T, np.int64)
+    segments = []
+    for e in entries:
+        n = TensorInfo(by_name(e["dtype"]), tuple(e["shape"])).numel
+        segments.append((e["mask_offset"], n, layers.setdefault(layer_of(e["key"]), _Counts(T))))
+    chunk = int(arc.manifest["mask"]["chunk_bytes"])
+    window = chunk * max(1, (4 << 20) // chunk)
+    total_bytes = int(arc.manifest["mask"]["nbytes"])
+    s = 0
+    for w0 in range(0, total_bytes, window):
+        w1 = min(w0 + window, total_bytes)
+        data = _read_window(arc, w0, w1)
+        while s < len(segments) and segments[s][0] < w1:
+            lo, n, counts = segments[s]
+            a, b = max(lo, w0), min(lo + (n + 7) // 8, w1)
+            for p in range(a, b, PIECE // 8):
+                q = min(p + PIECE // 8, b)
+                count = min((q - p) * 8, n - (p - lo) * 8)
+                bits = np.unpackbits(data[:, p - w0 : q - w0], axis=1, count=count, bitorder=fmt.BITORDER)
+                selected = bits.sum(axis=0, dtype=np.int64)
+                h = np.bincount(selected, minlength=T + 1)
+                for c in (overall, counts):
+                    c.hist += h
+                    c.params += count
+                alone += bits[:, selected == 1].sum(axis=1, dtype=np.int64)
+                m = torch.from_numpy(bits).to(torch.float32)
+                inter += (m @ m.T).to(torch.float64)
+            if lo + (n + 7) // 8 > w1:
+                break
+            s += 1
+    total = overall.params
+    ones = inter.diagonal().round().long().tolist()
+    union = torch.tensor(ones, dtype=torch.float64).view(-1, 1) + torch.tensor(ones, dtype=torch.float64).view(1, -1) - inter
+    jaccard = torch.where(union > 0, inter / union.clamp(min=1), torch.ones((), dtype=torch.float64))
+    return {
+        "location": arc.location,
+        "tasks": names,
+        "masked_params": total,
+        "density": {n: ones[t] / total if total else 0.0 for t, n in enumerate(names)},
+        **overall.summary(),
+        "selfish_by_task": {n: float(alone[t] / total) if total else 0.0 for t, n in enumerate(names)},
+        "layers": [{"layer": name, **c.summary()} for name, c in layers.items()],
+        "jaccard": jaccard.tolist(),
+    }
+
+
+def _read_window(arc: "Archive", w0: int, w1: int) -> np.ndarray:
+    """Bytes ``[w0, w1)`` of every task's mask, as a ``(T, w1 − w0)`` uint8 array."""
+    try:
+        parts = read_many([(arc.root[fmt.mask_path(t)], slice(w0, w1)) for t in range(len(arc))], arc.concurrency)
+    except TallstoreError:
+        raise
+    except Exception as e:
+        raise CorruptArchiveError(f"{arc.location}: mask data is unreadable or corrupt ({type(e).__name__}: {e})") from None
+    return np.stack(parts)
+
+
+def plot(stats: dict[str, Any], out: str | Path) -> Path:
+    """A PNG: the selection histogram, the Jaccard overlap and the per-layer breakdown."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise TallstoreError("--plot needs matplotlib (pip install 'tallstore[plot]')") from None
+    names = stats["tasks"]
+    T = len(names)
+    hist = np.array(stats["histogram"], dtype=float)
+    frac = hist / max(hist.sum(), 1)
+    colors = {"catastrophic": "#d62728", "selfish": "#ff7f0e", "shared": "#1f77b4"}
+    fig = plt.figure(figsize=(13, 8.5), layout="constrained")
+    grid = fig.add_gridspec(2, 2, width_ratios=[1.4, 1], height_ratios=[1, 1.1])
+    fig.suptitle(
+        f"TALL mask statistics: {T} tasks, {stats['masked_params']:,} maskable weights — "
+        f"catastrophic {stats['catastrophic']:.1%}, selfish {stats['selfish']:.1%}",
+        fontsize=13,
+    )
+
+    ax = fig.add_subplot(grid[0, 0])
+    bar_colors = [colors["catastrophic"], colors["selfish"]] + [colors["shared"]] * (T - 1)
+    bars = ax.bar(range(T + 1), frac * 100, color=bar_colors[: T + 1])
+    for rect, f in zip(bars, frac):
+        ax.annotate(f"{f:.1%}", (rect.get_x() + rect.get_width() / 2, rect.get_height()),
+                    ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(T + 1))
+    ax.set_xlabel("number of tasks whose mask selects the weight")
+    ax.set_ylabel("% of weights")
+    ax.set_title("How many tasks use each weight (0 = catastrophic, 1 = selfish)")
+
+    ax = fig.add_subplot(grid[0, 1])
+    im = ax.imshow(np.array(stats["jaccard"]), vmin=0, vmax=1, cmap="viridis")
+    labels = [n if len(n) <= 14 else n[:13] + "…" for n in names]
+    ax.set_xticks(range(T), labels, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(T), labels, fontsize=8)
+    ax.set_title("Mask overlap between tasks (Jaccard)")
+    fig.colorbar(im, ax=ax, shrink=0.8)
+
+    ax = fig.add_subplot(grid[1, :])
+    layers = stats["layers"]
+    x = np.arange(len(layers))
+    cat = np.array([layer["catastrophic"] for layer in layers]) * 100
+    sel = np.array([layer["selfish"] for layer in layers]) * 100
+    ax.bar(x, cat, color=colors["catastrophic"], label="catastrophic (0 tasks)")
+    ax.bar(x, sel, bottom=cat, color=colors["selfish"], label="selfish (1 task)")
+    ax.bar(x, 100 - cat - sel, bottom=cat + sel, color=colors["shared"], alpha=0.35, label="shared (2+ tasks)")
+    step = max(1, len(layers) // 40)
+    ax.set_xticks(x[::step], [layers[i]["layer"] for i in range(0, len(layers), step)], rotation=70, ha="right", fontsize=7)
+    ax.set_xlim(-0.6, len(layers) - 0.4)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("% of the layer's weights")
+    ax.set_title("Per layer, in model order")
+    ax.legend(loc="upper right", fontsize=8, ncols=3)
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
