@@ -27,11 +27,13 @@ from .digests import block_crc, checkpoint_fingerprint, probe
 from .errors import ArchiveError, BaseMismatchError, CorruptArchiveError, TallstoreError
 from .geometry import block_ranges
 from .storage import format as fmt
+from .storage import schema
 from .storage.reading import coalesce, read_many
 from .storage.stores import is_url, local_path, open_store, read_concurrency
 
 if TYPE_CHECKING:
     from .merging import MergedView
+    from .verify import VerifyReport
 
 
 def open(
@@ -45,24 +47,29 @@ def open(
 
     ``base`` is needed only when the base is neither embedded nor at its recorded location.
     ``storage_options`` (fsspec) apply to the archive's URL and a base URL. ``concurrency`` caps
-    the reads in flight while loading a task (default: ``$TALLSTORE_CONCURRENCY``, else 64 for
-    URLs and unbounded for folders).
+    the archive reads in flight and sets the threads rebuilding tensors (which read the base):
+    by default ``$TALLSTORE_CONCURRENCY``, else 64 when the archive or the base is a URL; local
+    archives keep zarr's own pacing and two threads.
     """
     where = str(location)
     if not is_url(location) and not local_path(location).is_dir():
         raise ArchiveError(f"{where}: no such archive")
-    store = open_store(location, read_only=True, storage_options=storage_options)
+    store = open_store(
+        location, read_only=True, storage_options=storage_options, limit=read_concurrency(location, concurrency),
+    )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             root = zarr.open_group(store, mode="r", zarr_format=3)
         attrs = dict(root.attrs)
-    except (FileNotFoundError, KeyError, ValueError, OSError) as e:
+    except Exception as e:  # whatever a damaged root zarr.json makes zarr raise
         raise ArchiveError(f"{where}: not a readable tallstore archive ({type(e).__name__})") from None
     manifest = fmt.check_manifest(attrs, where)
+    schema.check_manifest(manifest, where)
+    base_at = base if base is not None or manifest["base"].get("embedded") else manifest["base"].get("location")
     return Archive(
         where, root, manifest, base, storage_options=storage_options,
-        concurrency=read_concurrency(location, concurrency),
+        concurrency=read_concurrency(location, concurrency, base_at),
     )
 
 
@@ -105,9 +112,9 @@ class Archive(Mapping[str, "TaskView"]):
         if index not in self._task_attrs:
             try:
                 attrs = self.root[fmt.task_group(index)].attrs[fmt.ATTR]
-            except (KeyError, FileNotFoundError) as e:
+            except Exception as e:
                 raise CorruptArchiveError(f"{self.location}: task {index} metadata is missing ({e})") from None
-            self._task_attrs[index] = attrs
+            self._task_attrs[index] = schema.check_task_attrs(attrs, self.manifest, self.entries, index, self.location)
         return self._task_attrs[index]
 
     def extract(
@@ -122,6 +129,14 @@ class Archive(Mapping[str, "TaskView"]):
         from .merging import MergedView
 
         return MergedView(self, method, k=k, alpha=alpha)
+
+    def verify(
+        self, *, deep: bool = False, against: Mapping[str, str | os.PathLike[str]] | None = None,
+    ) -> "VerifyReport":
+        """Check every stored chunk; ``deep``: every task's digests; ``against``: rebuild errors."""
+        from .verify import verify
+
+        return verify(self, deep=deep, against=against)
 
     def _open_base(self, base: Any) -> BaseSource:
         b = self.manifest["base"]
@@ -201,28 +216,31 @@ class TaskView(Mapping[str, torch.Tensor]):
         reads: list[tuple[zarr.Array, Any]] = []
         slots: dict[str, list[int]] = {}
         masks: dict[str, tuple[int, int]] = {}
+        key: str | None = None
         try:
             for key in keys:
                 src = self._listing[key][3]
                 node = arc.entries[key]["node"]
                 if src == fmt.SOURCE_MASKED:
                     e = arc.entries[key]
-                    n = TensorInfo(dtypes.by_name(e["dtype"]), tuple(e["shape"])).numel
+                    d = dtypes.by_name(e["dtype"])
+                    n = TensorInfo(d, tuple(e["shape"])).numel
                     lo = e["mask_offset"]
                     slots[key] = [len(reads)]
-                    reads.append((arc.root[fmt.merged_path(node)], slice(None)))
+                    reads.append((schema.open_array(arc.root, fmt.merged_path(node), d.storage, n), slice(None)))
                     masks[key] = (lo, lo + (n + 7) // 8)
                 elif src == fmt.SOURCE_EXACT:
+                    info = self.info(key)
                     slots[key] = [len(reads)]
-                    reads.append((arc.root[fmt.exact_path(node, self.index)], slice(None)))
+                    path = fmt.exact_path(node, self.index)
+                    reads.append((schema.open_array(arc.root, path, info.dtype.storage, info.numel), slice(None)))
+            key = None
             data = self._read_with_masks(reads, slots, masks)
-        except TallstoreError:
-            raise
         except Exception as e:
-            raise CorruptArchiveError(
-                f"{arc.location}: task {self.name!r}: stored data is unreadable or corrupt ({type(e).__name__}: {e})"
-            ) from None
-        with ThreadPoolExecutor(max_workers=2) as pool:
+            if isinstance(e, TallstoreError) and not isinstance(e, CorruptArchiveError):
+                raise
+            raise self._corrupt(key if key is not None else self._failing_key(keys, reads, slots, masks), e) from None
+        with ThreadPoolExecutor(max_workers=arc.concurrency or 2) as pool:
             built = list(pool.map(lambda k: self._build(k, [data[i] for i in slots.get(k, [])]), keys))
         return dict(zip(keys, built))
 
@@ -231,11 +249,11 @@ class TaskView(Mapping[str, torch.Tensor]):
     ) -> list[np.ndarray]:
         """Run ``reads`` plus this task's mask ranges, each mask chunk fetched once; fill ``slots``."""
         if not masks:
-            return read_many(reads, self.archive.concurrency)
-        arr = self.archive.root[fmt.mask_path(self.index)]
+            return read_many(reads)
+        arr = self._mask_array()
         runs = coalesce(masks.values(), arr.chunks[0])
         first = len(reads)
-        data = read_many([*reads, *((arr, slice(a, b)) for a, b in runs)], self.archive.concurrency)
+        data = read_many([*reads, *((arr, slice(a, b)) for a, b in runs)])
         starts = [a for a, _ in runs]
         for key, (lo, hi) in masks.items():
             r = bisect.bisect_right(starts, lo) - 1
@@ -243,18 +261,48 @@ class TaskView(Mapping[str, torch.Tensor]):
             data.append(data[first + r][lo - starts[r] : hi - starts[r]])
         return data
 
+    def _mask_array(self) -> zarr.Array:
+        return schema.open_array(
+            self.archive.root, fmt.mask_path(self.index), np.dtype(np.uint8), self.archive.manifest["mask"]["nbytes"]
+        )
+
+    def _failing_key(
+        self, keys: list[str], reads: list[tuple[zarr.Array, Any]], slots: dict[str, list[int]],
+        masks: dict[str, tuple[int, int]],
+    ) -> str | None:
+        """The first of ``keys`` whose stored data cannot be read, tried one tensor at a time."""
+        for k in keys:
+            try:
+                read_many([reads[i] for i in slots.get(k, [])[:1]])
+                if k in masks:
+                    self._mask_array()[slice(*masks[k])]
+            except Exception:
+                return k
+        return None
+
+    def _corrupt(self, key: str | None, e: BaseException) -> CorruptArchiveError:
+        """A one-line error naming the archive, the task and, when known, the tensor."""
+        what = f"tensor {key!r} of task {self.name!r}" if key is not None else f"task {self.name!r}"
+        detail = str(e) if isinstance(e, TallstoreError) else f"{type(e).__name__}: {e}"
+        return CorruptArchiveError(f"{self.archive.location}: {what}: stored data is unreadable or corrupt ({detail})")
+
     def _build(self, key: str, arrays: list[np.ndarray]) -> torch.Tensor:
         row = self._listing[key]
         info = TensorInfo(dtypes.by_name(row[1]), tuple(row[2]))
         src = row[3]
-        if src == fmt.SOURCE_EXACT:
-            out = dtypes.from_storage(arrays[0], info.dtype, info.shape)
-        else:
-            base = self.archive.base.read(key).reshape(-1).to(info.dtype.torch)
-            if src == fmt.SOURCE_BASE:
-                out = base.reshape(info.shape)
+        try:
+            if src == fmt.SOURCE_EXACT:
+                out = dtypes.from_storage(arrays[0], info.dtype, info.shape)
             else:
-                out = _rebuild(base, *arrays).view(info.dtype.torch).reshape(info.shape)
+                base = self.archive.base.read(key).reshape(-1).to(info.dtype.torch)
+                if src == fmt.SOURCE_BASE:
+                    out = base.reshape(info.shape)
+                else:
+                    out = _rebuild(base, *arrays).view(info.dtype.torch).reshape(info.shape)
+        except Exception as e:
+            if isinstance(e, TallstoreError) and not isinstance(e, CorruptArchiveError):
+                raise
+            raise self._corrupt(key, e) from None
         self._verify(key, info, out, row[5])
         return out
 

@@ -10,6 +10,7 @@ import zarr
 from . import dtypes
 from .checkpoint import Checkpoint, TensorInfo
 from .storage import format as fmt
+from .storage import schema
 
 
 class BaseSource(Protocol):
@@ -43,4 +44,5 @@ class EmbeddedBase:
         info = TensorInfo(d, shape)
         if info.numel == 0:
             return torch.empty(shape, dtype=d.torch)
-        return dtypes.from_storage(self.root[fmt.base_path(e["node"])][...], d, shape)
+        arr = schema.open_array(self.root, fmt.base_path(e["node"]), d.storage, info.numel)
+        return dtypes.from_storage(arr[...], d, shape)

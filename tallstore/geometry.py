@@ -28,8 +28,8 @@ def block_ranges(info: TensorInfo, block_elems: int) -> Iterator[tuple[int, int]
     """``(start_row, stop_row)`` of each block, in order (one block for a scalar or empty tensor)."""
     rows = info.rows
     per = block_rows(info, block_elems)
-    if rows == 0:
-        yield (0, 0)
+    if info.numel == 0:  # shape (N, 0, …) too: one block, however large N claims to be
+        yield (0, rows)
         return
     for a in range(0, rows, per):
         yield (a, min(a + per, rows))

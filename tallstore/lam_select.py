@@ -96,12 +96,14 @@ def cosine_unit(spec: InputSpec, kp: KeyPlan, index: int, rule: str, params: dic
     tau_mtl = merges.apply(rule, tau, params)
     T = tau.shape[0]
     tau64 = tau.to(torch.float64)
+    mtl64 = tau_mtl.to(torch.float64)
+    prod = (tau64 * mtl64).unsqueeze(2)
+    mtl_sq = mtl64.square()
     sums = np.zeros((T, len(grid), 3))
     for g, lam in enumerate(grid):
-        m = tall_masks(tau, tau_mtl, torch.full((T,), lam))
-        rebuilt = torch.where(m, tau_mtl.to(torch.float64), torch.zeros((), dtype=torch.float64))
-        sums[:, g, 0] = (rebuilt * tau64).sum(dim=1).numpy()
-        sums[:, g, 1] = rebuilt.square().sum(dim=1).numpy()
+        m = tall_masks(tau, tau_mtl, torch.full((T,), lam)).to(torch.float64)
+        sums[:, g, 0] = torch.bmm(m.unsqueeze(1), prod).view(T).numpy()
+        sums[:, g, 1] = (m @ mtl_sq).numpy()
         sums[:, g, 2] = m.sum(dim=1).numpy()
     return sums, tau64.square().sum(dim=1).numpy()
 
@@ -109,14 +111,15 @@ def cosine_unit(spec: InputSpec, kp: KeyPlan, index: int, rule: str, params: dic
 def auto_scores(
     plan: Plan, spec: InputSpec, rule: str, params: dict[str, Any], executor: Executor, grid: Sequence[float],
 ) -> tuple[list[list[float]], dict[str, Any]]:
-    """Cosine score of every task and grid value, in one streaming pass; plus mask densities."""
+    """Cosine score of every task and grid value, in one streaming pass; plus mask densities.
+
+    Block sums are added in plan order, not completion order, so scores are reproducible.
+    """
     T = len(spec.tasks)
-    sums = np.zeros((T, len(grid), 3))
-    tau_sq = np.zeros(T)
-    jobs = [(None, cosine_unit, (spec, kp, i, rule, params, tuple(grid))) for kp in plan.masked() for i in range(len(kp.blocks))]
-    for _, (s, q) in executor.run(jobs):
-        sums += s
-        tau_sq += q
+    blocks = [(kp, i) for kp in plan.masked() for i in range(len(kp.blocks))]
+    parts = dict(executor.run([(j, cosine_unit, (spec, kp, i, rule, params, tuple(grid))) for j, (kp, i) in enumerate(blocks)]))
+    sums = sum((parts[j][0] for j in range(len(blocks))), np.zeros((T, len(grid), 3)))
+    tau_sq = sum((parts[j][1] for j in range(len(blocks))), np.zeros(T))
     numel = sum(kp.info.numel for kp in plan.masked())
     scores = [[cosine(sums[t, g, 0], sums[t, g, 1], tau_sq[t]) for g in range(len(grid))] for t in range(T)]
     density = {n: [float(sums[t, g, 2] / numel) if numel else 0.0 for g in range(len(grid))] for t, n in enumerate(spec.names)}
@@ -131,12 +134,12 @@ def merged_unit(spec: InputSpec, kp: KeyPlan, index: int, rule: str, params: dic
 
 
 class MergedCache:
-    """``τ_MTL`` and ``θ_MTL`` of every masked tensor in scratch files, computed in one pass.
+    """``τ_MTL`` and ``θ_MTL`` of every masked tensor in scratch files, filled in one pass.
 
     Rebuilding ``θ̂_t(λ)`` then reads only the base, task ``t`` and this cache, not every task.
     """
 
-    def __init__(self, plan: Plan, spec: InputSpec, rule: str, params: dict[str, Any], executor: Executor, scratch: str | Path | None) -> None:
+    def __init__(self, plan: Plan, spec: InputSpec, scratch: str | Path | None) -> None:
         self.spec = spec
         self.masked = {kp.key: kp for kp in plan.masked()}
         self._dir = tempfile.TemporaryDirectory(prefix=".tallstore-lam.", dir=scratch)
@@ -150,6 +153,10 @@ class MergedCache:
         root = Path(self._dir.name)
         self.tau_mtl = np.memmap(root / "tau_mtl", np.float32, "w+", shape=(n,)) if n else np.zeros(0, np.float32)
         self.merged = np.memmap(root / "merged", np.uint8, "w+", shape=(nb,)) if nb else np.zeros(0, np.uint8)
+
+    def fill(self, rule: str, params: dict[str, Any], executor: Executor) -> None:
+        """Compute every block of ``τ_MTL`` and ``θ_MTL`` on ``executor`` and store it."""
+        spec = self.spec
         jobs = [((kp, i), merged_unit, (spec, kp, i, rule, params)) for kp in self.masked.values() for i in range(len(kp.blocks))]
         for (kp, i), (mtl, bits) in executor.run(jobs):
             at = kp.blocks[i][0] * kp.info.row_numel
@@ -189,8 +196,9 @@ def search_scores(
     grid: Sequence[float], evaluate: Evaluate, scratch: str | Path | None = None,
 ) -> list[list[float]]:
     """``evaluate(name, θ̂_t(λ))`` for every task and grid value, one task model in memory at a time."""
-    cache = MergedCache(plan, spec, rule, params, executor, scratch)
+    cache = MergedCache(plan, spec, scratch)
     try:
+        cache.fill(rule, params, executor)
         scores = []
         for t, name in enumerate(spec.names):
             row = []

@@ -45,7 +45,7 @@ DEFAULT_K = 2
 class MergedView(Mapping[str, torch.Tensor]):
     """A merged model as a lazy ``Mapping[str, Tensor]`` in the base's key order."""
 
-    def __init__(self, archive: "Archive", method: str = "consensus", *, k: int | None = None, alpha: float = 1.0) -> None:
+    def __init__(self, archive: Archive, method: str = "consensus", *, k: int | None = None, alpha: float = 1.0) -> None:
         rule = archive.manifest["merge"]["rule"]
         if method not in METHODS:
             raise MergeError(f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}")
@@ -128,7 +128,7 @@ class MergedView(Mapping[str, torch.Tensor]):
         if self.method == "consensus":
             reads += [(arc.root[fmt.mask_path(t)], slice(lo, hi)) for t in range(len(arc))]
         try:
-            xor, *masks = read_many(reads, arc.concurrency)
+            xor, *masks = read_many(reads)
         except TallstoreError:
             raise
         except Exception as err:

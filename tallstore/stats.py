@@ -9,6 +9,7 @@ alone); one selected by exactly one task is *selfish*. Statistics cover every ma
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +25,8 @@ from .storage.reading import read_many
 if TYPE_CHECKING:
     from .archive import Archive
 
-PIECE = 1 << 20
+PIECE = 1 << 20  # mask elements unpacked at a time (a multiple of 8)
+WINDOW = 4 << 20  # mask bytes read per task at a time (rounded down to whole chunks)
 
 
 def layer_of(key: str) -> str:
@@ -37,6 +39,11 @@ def layer_of(key: str) -> str:
         if p.isdigit():
             return ".".join(parts[: i + 1])
     return ".".join(parts[:-1]) if len(parts) > 1 else key
+
+
+def natural_key(name: str) -> list[tuple[int, int | str]]:
+    """Sort key that orders ``layer.2`` before ``layer.10``."""
+    return [(0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"(\d+)", name)]
 
 
 class _Counts:
@@ -56,7 +63,7 @@ class _Counts:
         }
 
 
-def mask_stats(arc: "Archive") -> dict[str, Any]:
+def mask_stats(arc: Archive) -> dict[str, Any]:
     """Densities, the 0…T selection histogram, catastrophic/selfish fractions overall and per
     layer, the weights each task holds alone, and the pairwise Jaccard overlap of the masks."""
     names = arc.tasks
@@ -74,7 +81,7 @@ def mask_stats(arc: "Archive") -> dict[str, Any]:
         n = TensorInfo(by_name(e["dtype"]), tuple(e["shape"])).numel
         segments.append((e["mask_offset"], n, layers.setdefault(layer_of(e["key"]), _Counts(T))))
     chunk = int(arc.manifest["mask"]["chunk_bytes"])
-    window = chunk * max(1, (4 << 20) // chunk)
+    window = WINDOW - WINDOW % chunk if WINDOW >= chunk else WINDOW
     total_bytes = int(arc.manifest["mask"]["nbytes"])
     s = 0
     for w0 in range(0, total_bytes, window):
@@ -109,15 +116,15 @@ def mask_stats(arc: "Archive") -> dict[str, Any]:
         "density": {n: ones[t] / total if total else 0.0 for t, n in enumerate(names)},
         **overall.summary(),
         "selfish_by_task": {n: float(alone[t] / total) if total else 0.0 for t, n in enumerate(names)},
-        "layers": [{"layer": name, **c.summary()} for name, c in layers.items()],
+        "layers": [{"layer": name, **layers[name].summary()} for name in sorted(layers, key=natural_key)],
         "jaccard": jaccard.tolist(),
     }
 
 
-def _read_window(arc: "Archive", w0: int, w1: int) -> np.ndarray:
+def _read_window(arc: Archive, w0: int, w1: int) -> np.ndarray:
     """Bytes ``[w0, w1)`` of every task's mask, as a ``(T, w1 − w0)`` uint8 array."""
     try:
-        parts = read_many([(arc.root[fmt.mask_path(t)], slice(w0, w1)) for t in range(len(arc))], arc.concurrency)
+        parts = read_many([(arc.root[fmt.mask_path(t)], slice(w0, w1)) for t in range(len(arc))])
     except TallstoreError:
         raise
     except Exception as e:
@@ -164,6 +171,11 @@ def plot(stats: dict[str, Any], out: str | Path) -> Path:
     ax.set_xticks(range(T), labels, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(T), labels, fontsize=8)
     ax.set_title("Mask overlap between tasks (Jaccard)")
+    if T <= 12:
+        for i in range(T):
+            for j in range(T):
+                v = stats["jaccard"][i][j]
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < 0.6 else "black")
     fig.colorbar(im, ax=ax, shrink=0.8)
 
     ax = fig.add_subplot(grid[1, :])
@@ -179,8 +191,8 @@ def plot(stats: dict[str, Any], out: str | Path) -> Path:
     ax.set_xlim(-0.6, len(layers) - 0.4)
     ax.set_ylim(0, 100)
     ax.set_ylabel("% of the layer's weights")
-    ax.set_title("Per layer, in model order")
-    ax.legend(loc="upper right", fontsize=8, ncols=3)
+    ax.set_title("Per layer (layers in name order)", pad=24)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), fontsize=8, ncols=3, frameon=False)
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

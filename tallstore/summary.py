@@ -29,6 +29,7 @@ def describe(arc: Archive, storage_options: dict[str, Any] | None = None) -> dic
         "created": m.get("created"),
         "writer": m.get("writer"),
         "merge": m["merge"],
+        "lam_selection": m.get("lam_selection", {"method": "fixed"}),
         "base": {
             "embedded": m["base"]["embedded"],
             "location": m["base"]["location"],

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 from safetensors.torch import save_file
+
+if TYPE_CHECKING:
+    from s3server import S3Server
 
 
 def make_base(dtype: torch.dtype = torch.float32, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -56,3 +60,26 @@ def collection(tmp_path: Path) -> Callable[..., Collection]:
         return base_path, tasks
 
     return make
+
+
+# --- S3: a real S3-compatible endpoint (moto's server) for remote-archive tests ---
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """moto's S3 server (``moto[server]``, in the test extra) in its own process on 127.0.0.1."""
+    from s3server import S3Server
+
+    with S3Server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Server) -> str:
+    """A new empty bucket on the session's S3 server, as an ``s3://`` URL; counts reset."""
+    import uuid
+
+    url = s3_server.make_bucket(f"t-{uuid.uuid4().hex[:12]}")
+    s3_server.set_latency(0)
+    s3_server.reset()
+    return url

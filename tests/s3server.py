@@ -3,8 +3,8 @@
 The app is moto's own WSGI application served by werkzeug on 127.0.0.1 (what ``moto_server``
 runs), wrapped in a middleware that counts the response bytes per bucket, so tests can measure
 exactly what a reader fetched. ``GET /_tallstore/counts`` returns the counts; ``POST
-/_tallstore/reset`` clears them. ``--latency-ms`` adds a fixed delay per request to mimic an
-object store's first-byte latency in benchmarks.
+/_tallstore/reset`` clears them; ``POST /_tallstore/latency?ms=N`` adds a fixed delay to every
+request, to mimic an object store's first-byte latency in benchmarks.
 
 Run by hand: ``python tests/s3server.py --port 5555``.
 """
@@ -22,25 +22,41 @@ import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 COUNTS = "/_tallstore/counts"
 RESET = "/_tallstore/reset"
+LATENCY = "/_tallstore/latency"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 class Counting:
-    """WSGI middleware: per bucket, the requests by method and the response bytes of GETs."""
+    """WSGI middleware counting per bucket: requests by method, GET bytes (per key too), most in flight."""
 
     def __init__(self, app: Callable[..., Iterable[bytes]], latency_s: float = 0.0) -> None:
         self.app = app
         self.latency_s = latency_s
-        self.counts: dict[str, dict[str, int]] = {}
+        self.counts: dict[str, dict[str, Any]] = {}
+        self.in_flight: dict[str, int] = {}
         self.lock = threading.Lock()
 
-    def _add(self, bucket: str, field: str, n: int) -> None:
+    def _add(self, bucket: str, field: str, n: int, key: str | None = None) -> None:
         with self.lock:
             c = self.counts.setdefault(bucket, {})
             c[field] = c.get(field, 0) + n
+            if key is not None:
+                keys = c.setdefault("keys", {})
+                keys[key] = keys.get(key, 0) + n
+
+    def _enter(self, bucket: str) -> None:
+        with self.lock:
+            now = self.in_flight[bucket] = self.in_flight.get(bucket, 0) + 1
+            c = self.counts.setdefault(bucket, {})
+            c["max_in_flight"] = max(c.get("max_in_flight", 0), now)
+
+    def _leave(self, bucket: str) -> None:
+        with self.lock:
+            self.in_flight[bucket] -= 1
 
     def _json(self, start_response: Callable[..., Any], obj: Any) -> list[bytes]:
         body = json.dumps(obj).encode()
@@ -56,20 +72,30 @@ class Counting:
             with self.lock:
                 self.counts = {}
             return self._json(start_response, {})
-        if self.latency_s:
-            time.sleep(self.latency_s)
+        if path == LATENCY:
+            self.latency_s = float(parse_qs(environ.get("QUERY_STRING", "")).get("ms", ["0"])[0]) / 1000
+            return self._json(start_response, {})
         method = environ.get("REQUEST_METHOD", "GET")
-        bucket = path.lstrip("/").split("/", 1)[0]
+        bucket, _, key = path.lstrip("/").partition("/")
         self._add(bucket, method, 1)
-        body = self.app(environ, start_response)
-        return self._count(bucket, body) if method == "GET" else body
+        self._enter(bucket)
+        try:
+            if self.latency_s:
+                time.sleep(self.latency_s)
+            body = self.app(environ, start_response)
+        except BaseException:
+            self._leave(bucket)
+            raise
+        return self._stream(bucket, key if method == "GET" and key else None, body)
 
-    def _count(self, bucket: str, body: Iterable[bytes]) -> Iterator[bytes]:
+    def _stream(self, bucket: str, key: str | None, body: Iterable[bytes]) -> Iterator[bytes]:
         try:
             for piece in body:
-                self._add(bucket, "bytes", len(piece))
+                if key is not None:
+                    self._add(bucket, "bytes", len(piece), key)
                 yield piece
         finally:
+            self._leave(bucket)
             close = getattr(body, "close", None)
             if close is not None:
                 close()
@@ -91,15 +117,14 @@ def serve(port: int, latency_ms: float) -> None:
 class S3Server:
     """A moto S3 server process on a free 127.0.0.1 port; use as a context manager."""
 
-    def __init__(self, latency_ms: float = 0.0) -> None:
-        self.latency_ms = latency_ms
+    def __init__(self) -> None:
         self.proc: subprocess.Popen[str] | None = None
         self.endpoint = ""
 
-    def __enter__(self) -> "S3Server":
+    def __enter__(self) -> S3Server:
         env = {**os.environ, **CREDENTIALS}
         self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--port", "0", "--latency-ms", str(self.latency_ms)],
+            [sys.executable, str(Path(__file__).resolve()), "--port", "0"],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
         )
         assert self.proc.stdout is not None
@@ -145,8 +170,8 @@ class S3Server:
         """The usual AWS environment variables that reach this server."""
         return {**CREDENTIALS, "AWS_ENDPOINT_URL": self.endpoint}
 
-    def counts(self) -> dict[str, dict[str, int]]:
-        """Requests by method and GET response bytes, per bucket, since the last reset."""
+    def counts(self) -> dict[str, dict[str, Any]]:
+        """Per bucket since the last reset: requests by method, GET bytes, and GET bytes per key."""
         with urllib.request.urlopen(self.endpoint + COUNTS, timeout=5) as r:
             return json.loads(r.read())
 
@@ -154,9 +179,24 @@ class S3Server:
         """GET response bytes served from ``bucket`` since the last reset."""
         return self.counts().get(bucket, {}).get("bytes", 0)
 
+    def max_in_flight(self, bucket: str) -> int:
+        """The most requests to ``bucket`` served at once since the last reset."""
+        return self.counts().get(bucket, {}).get("max_in_flight", 0)
+
+    def fetched_keys(self, bucket: str) -> dict[str, int]:
+        """GET response bytes per object key of ``bucket`` since the last reset."""
+        return self.counts().get(bucket, {}).get("keys", {})
+
     def reset(self) -> None:
         """Clear the counts."""
-        req = urllib.request.Request(self.endpoint + RESET, method="POST")
+        self._post(RESET)
+
+    def set_latency(self, ms: float) -> None:
+        """Delay every later request by ``ms`` milliseconds."""
+        self._post(f"{LATENCY}?ms={ms}")
+
+    def _post(self, path: str) -> None:
+        req = urllib.request.Request(self.endpoint + path, method="POST")
         with urllib.request.urlopen(req, timeout=5):
             pass
 

@@ -53,9 +53,32 @@ def test_distinct_names_get_distinct_nodes(a: str, b: str) -> None:
         assert encode(a) != encode(b)
 
 
+def decode(node: str) -> str:
+    """Inverse of the escaping (not of the hashing): ``~xx`` back to bytes, the rest verbatim."""
+    if node == "~":
+        return ""
+    out, i = bytearray(), 0
+    while i < len(node):
+        if node[i] == "~":
+            out.append(int(node[i + 1 : i + 3], 16))
+            i += 3
+        else:
+            out += node[i].encode()
+            i += 1
+    return out.decode("utf-8", "surrogatepass")
+
+
+@settings(max_examples=400, deadline=None)
 @given(names)
-def test_encoding_is_deterministic(name: str) -> None:
-    assert encode(name) == encode(name)
+@example("zarr.json")
+@example("")
+def test_node_determines_the_name(name: str) -> None:
+    """Short nodes decode back to the name; long ones end in the name's SHA-256: so no collisions."""
+    node = encode(name)
+    if "~h" in node:
+        assert node.endswith(hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest())
+    else:
+        assert decode(node) == name
 
 
 def test_safe_ascii_names_are_kept_verbatim() -> None:

@@ -16,14 +16,19 @@ from pathlib import Path
 import pytest
 import torch
 import zarr
+from conftest import Collection, make_base, make_task
 from safetensors.torch import load_file, save_file
 
 import tallstore
-from tallstore import ArchiveError, BaseMismatchError, CorruptArchiveError, OutputExistsError, PlanError
+from tallstore import (
+    ArchiveError,
+    BaseMismatchError,
+    CorruptArchiveError,
+    OutputExistsError,
+    PlanError,
+)
 
-from conftest import Collection, make_base, make_task
-
-FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+FLOAT_DTYPES = [pytest.param(d, id=str(d).removeprefix("torch.")) for d in (torch.float32, torch.bfloat16, torch.float16)]
 INDEX = "model.safetensors.index.json"
 
 
@@ -71,9 +76,9 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 def assert_bitwise(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
     assert list(got) == list(want)
-    for k in want:
-        assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
-        assert torch.equal(bits(got[k]), bits(want[k])), k
+    for k, w in want.items():
+        assert got[k].dtype == w.dtype and got[k].shape == w.shape, k
+        assert torch.equal(bits(got[k]), bits(w)), k
 
 
 def entry(arc: tallstore.Archive, key: str) -> dict:
@@ -138,6 +143,47 @@ def test_view_is_a_mapping_with_original_dtypes_and_shapes(tmp_path: Path) -> No
         view["nope"]
 
 
+def test_manifest_records_tasks_lambdas_merge_base_and_every_tensor(collection: Callable[..., Collection], tmp_path: Path) -> None:
+    base, tasks = collection(2)
+    tallstore.pack(tmp_path / "zoo.tall", base=base, tasks=tasks, lam={"task1": 0.7})
+    m = json.loads((tmp_path / "zoo.tall" / "zarr.json").read_text())["attributes"]["tallstore"]
+    assert (m["format"], m["version"], m["complete"]) == ("tallstore", 1, True)
+    assert m["tasks"] == ["task0", "task1"] and m["lam"] == pytest.approx([0.4, 0.7])
+    assert m["merge"] == {"rule": "ta", "params": {}}
+    assert m["base"]["keys"] == header_keys(base) and m["base"]["fingerprint"].startswith("sha256:")
+    assert m["mask"]["bitorder"] == "little"
+    assert [e["key"] for e in m["tensors"]] == header_keys(base) + ["head.weight"]
+    for t, name in enumerate(m["tasks"]):
+        attrs = json.loads((tmp_path / "zoo.tall" / "tasks" / str(t) / "zarr.json").read_text())["attributes"]["tallstore"]
+        assert (attrs["name"], attrs["lam"]) == (name, m["lam"][t])
+        original = load_file(tasks[name])
+        assert [row[0] for row in attrs["tensors"]] == header_keys(tasks[name])
+        assert all(row[1] == str(original[row[0]].dtype).removeprefix("torch.") for row in attrs["tensors"])
+        assert all(row[2] == list(original[row[0]].shape) for row in attrs["tensors"])
+
+
+def test_archive_uses_only_zarr_v3_spec_codecs(tmp_path: Path) -> None:
+    base = make_base(torch.bfloat16)
+    arc = pack_dicts(tmp_path, base, {"a": make_task(base, 0), "b": make_task(base, 1)}, embed_base=True)
+    arrays = {}
+    for meta in (tmp_path / "zoo.tall").rglob("zarr.json"):
+        doc = json.loads(meta.read_text())
+        assert doc["zarr_format"] == 3
+        if doc["node_type"] == "array":
+            arrays[meta.parent.relative_to(tmp_path / "zoo.tall").as_posix()] = doc
+    node = entry(arc, "embed.weight")["node"]
+    assert {"masks/0", "masks/1", f"tensors/{node}/merged", f"tensors/{node}/base", "tensors/head.weight/exact/0"} <= set(arrays)
+    for path, doc in arrays.items():
+        codecs = [c["name"] for c in doc["codecs"]]
+        assert doc["fill_value"] == 0, path
+        if path.startswith("masks/"):
+            assert (doc["data_type"], codecs) == ("uint8", ["bytes", "zstd", "crc32c"]), path
+        else:
+            assert codecs == ["bytes", "blosc", "crc32c"], path
+    assert arrays[f"tensors/{node}/merged"]["data_type"] == "uint16"  # bfloat16 bits
+    assert arrays["tensors/position_ids/base"]["data_type"] == "int64"
+
+
 # --- laziness: what a read touches -----------------------------------------------------------
 
 
@@ -148,14 +194,13 @@ def drop_chunks(archive: Path, array: str) -> None:
 
 def test_views_and_listings_read_no_tensor_data(collection: Callable[..., Collection], tmp_path: Path) -> None:
     base, tasks = collection(2)
-    arc = tallstore.pack(tmp_path / "zoo.tall", base=base, tasks=tasks)
+    tallstore.pack(tmp_path / "zoo.tall", base=base, tasks=tasks)
     for chunks in list((tmp_path / "zoo.tall").rglob("c")):
         shutil.rmtree(chunks)
     view = tallstore.open(tmp_path / "zoo.tall")["task0"]
     assert list(view) and all(view.info(k).numel > 0 for k in view)
     with pytest.raises(CorruptArchiveError, match="embed.weight"):
         view["embed.weight"]
-    assert arc.tasks == ["task0", "task1"]
 
 
 def test_loading_one_task_reads_only_its_own_mask_bits(collection: Callable[..., Collection], tmp_path: Path) -> None:
@@ -188,22 +233,23 @@ def test_loading_one_tensor_reads_only_that_tensors_arrays(collection: Callable[
 def test_tensors_that_cannot_be_masked_are_stored_exactly_per_task(tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(1)
     base = {"w": torch.randn(8, 8, generator=g), "ids": torch.arange(6), "reshaped": torch.randn(4, 6, generator=g),
-            "only.base": torch.randn(5, generator=g)}
+            "only.base": torch.randn(5, generator=g), "flags": torch.tensor([True, False, True]), "empty": torch.zeros(0, 4)}
     a = {"w": base["w"] + 0.1, "ids": torch.arange(6), "reshaped": torch.randn(4, 6, generator=g),
-         "head": torch.randn(3, 8, generator=g), "only.base": base["only.base"].clone()}
+         "head": torch.randn(3, 8, generator=g), "only.base": base["only.base"].clone(),
+         "flags": base["flags"].clone(), "empty": torch.zeros(0, 4)}
     b = {"w": base["w"] - 0.1, "ids": torch.arange(6) * 2, "reshaped": torch.randn(6, 4, generator=g),
-         "head": torch.randn(2, 8, generator=g)}
+         "head": torch.randn(2, 8, generator=g), "flags": torch.tensor([False, False, True]), "empty": torch.zeros(0, 4)}
     arc = pack_dicts(tmp_path, base, {"a": a, "b": b})
     kinds = {e["key"]: e["kind"] for e in arc.manifest["tensors"]}
-    assert kinds == {"w": "masked", "ids": "separate", "reshaped": "separate", "only.base": "separate", "head": "separate"}
-    assert sources(arc, 0) == {"w": "masked", "ids": "base", "reshaped": "exact", "head": "exact", "only.base": "base"}
-    assert sources(arc, 1) == {"w": "masked", "ids": "exact", "reshaped": "exact", "head": "exact"}
+    assert kinds == {"w": "masked"} | {k: "separate" for k in ("ids", "reshaped", "only.base", "flags", "empty", "head")}
+    assert sources(arc, 0) == {"w": "masked", "ids": "base", "reshaped": "exact", "head": "exact", "only.base": "base",
+                               "flags": "base", "empty": "base"}
+    assert sources(arc, 1) == {"w": "masked", "ids": "exact", "reshaped": "exact", "head": "exact", "flags": "exact",
+                               "empty": "base"}
     for name, sd in {"a": a, "b": b}.items():
         got = arc[name].state_dict()
         assert set(got) == set(sd)
-        for k in ("ids", "reshaped", "head", "only.base"):
-            if k in sd:
-                assert torch.equal(got[k], sd[k]) and got[k].shape == sd[k].shape, (name, k)
+        assert_bitwise({k: got[k] for k in sd if k != "w"}, {k: v for k, v in sd.items() if k != "w"})
 
 
 def test_tasks_disagreeing_on_a_dtype_get_exact_copies(tmp_path: Path) -> None:
@@ -221,7 +267,8 @@ def test_bf16_tasks_of_an_fp32_base_rebuild_in_bf16(tmp_path: Path) -> None:
     tasks = {f"t{i}": {k: v.to(torch.bfloat16) if v.is_floating_point() else v
                        for k, v in make_task(base, i, scale=0.05, head=False).items()} for i in range(2)}
     arc = pack_dicts(tmp_path, base, tasks)
-    assert entry(arc, "embed.weight") | {"kind": "masked", "dtype": "bfloat16", "base_dtype": "float32"} == entry(arc, "embed.weight")
+    e = entry(arc, "embed.weight")
+    assert (e["kind"], e["dtype"], e["base_dtype"]) == ("masked", "bfloat16", "float32")
     key = "layer.0.mlp.weight"
     want = reference_rebuild(base[key], [sd[key] for sd in tasks.values()], [0.4, 0.4])
     for i, name in enumerate(tasks):
@@ -394,7 +441,6 @@ def test_small_row_blocks_give_the_same_archive_contents_as_one_block(tmp_path: 
         merged = {k: root[f"tensors/{entry(arc, k)['node']}/merged"][:] for k in base}
         results.append((masks, merged, {t: arc[t].state_dict() for t in tasks}))
     (masks0, merged0, sds0), rest = results[0], results[1:]
-    assert (sub / "zoo.tall" / "tensors" / "a" / "merged" / "c").is_dir()
     for masks, merged, sds in rest:
         for m0, m in zip(masks0, masks):
             assert (m0 == m).all()
@@ -402,8 +448,7 @@ def test_small_row_blocks_give_the_same_archive_contents_as_one_block(tmp_path: 
             assert (merged0[k] == merged[k]).all(), k
         for t in tasks:
             assert_bitwise(sds[t], sds0[t])
-    for name, sd in tasks.items():  # and each matches the spec's rebuild
-        i = list(tasks).index(name)
+    for i, name in enumerate(tasks):  # and each matches the spec's rebuild
         for k in base:
             want = reference_rebuild(base[k], [s[k] for s in tasks.values()], [0.4] * len(tasks))[i]
             assert torch.equal(bits(sds0[name][k]), bits(want)), (name, k)

@@ -19,6 +19,7 @@ import torch
 
 from .. import dtypes
 from ..errors import CheckpointError
+from ..storage.stores import url_options
 from .reader import Checkpoint, TensorInfo
 from .safetensors_file import header_length, parse_header
 
@@ -60,7 +61,7 @@ def open_remote(url: str, storage_options: dict[str, Any] | None = None) -> Chec
     """The checkpoint at ``url``: a ``.safetensors`` file, or a folder of safetensors shards."""
     options = dict(storage_options or {})
     try:
-        fs, path = fsspec.core.url_to_fs(url, **options)
+        fs, path = fsspec.core.url_to_fs(url, **url_options(url, options))
     except (ImportError, ValueError) as e:
         raise CheckpointError(f"{url}: cannot open this URL ({e})") from None
     path = path.rstrip("/")

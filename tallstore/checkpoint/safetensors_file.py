@@ -64,7 +64,7 @@ def _check_entry(path: str, key: str, entry: Any, data_size: int) -> None:
         isinstance(entry, dict)
         and isinstance(entry.get("dtype"), str)
         and isinstance(entry.get("shape"), list)
-        and all(isinstance(s, int) and s >= 0 for s in entry["shape"])
+        and all(type(s) is int and 0 <= s < 1 << 63 for s in entry["shape"])
         and isinstance(entry.get("data_offsets"), list)
         and len(entry["data_offsets"]) == 2
         and all(isinstance(o, int) for o in entry["data_offsets"])

@@ -25,6 +25,9 @@ class TorchCheckpoint(Checkpoint):
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()
         ):
             raise CheckpointError(f"{path}: not a state dict of named tensors")
+        odd = next((k for k, v in sd.items() if v.layout != torch.strided or v.device.type != "cpu"), None)
+        if odd is not None:
+            raise CheckpointError(f"{path}: tensor {odd!r} is not a dense tensor ({sd[odd].layout}, {sd[odd].device})")
         self._sd: dict[str, torch.Tensor] = sd
         self.keys = list(sd)
         self._infos = {k: TensorInfo(dtypes.of_tensor(v), tuple(v.shape)) for k, v in sd.items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import typer
@@ -27,6 +28,8 @@ def fail(message: str) -> "typer.Exit":
 def main() -> None:
     """Console entry point."""
     _register_commands()
+    # zarr abandons its other chunk reads when one fails; asyncio's complaints about them are noise
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     try:
         app(standalone_mode=False)
     except TallstoreError as e:
@@ -38,15 +41,15 @@ def main() -> None:
         raise SystemExit(_one_line(e)) from None
     except typer.Exit as e:
         raise SystemExit(e.exit_code) from None
+    except typer.Abort:
+        raise SystemExit(1) from None
     except Exception as e:  # click usage errors carry their own formatting
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            raise SystemExit(e.exit_code) from None
-        if isinstance(e, click.exceptions.Abort):
-            raise SystemExit(1) from None
-        raise
+        # matched by name: newer typers raise those of their own vendored copy of click
+        if any(c.__name__ == "ClickException" for c in type(e).__mro__):
+            e.show()  # type: ignore[attr-defined]
+            raise SystemExit(e.exit_code) from None  # type: ignore[attr-defined]
+        print(f"error: internal error, please report it: {' '.join(f'{type(e).__name__}: {e}'.split())}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def _register_commands() -> None:

@@ -23,7 +23,9 @@ def render(d: dict[str, Any]) -> None:
     """Print a summary made by :func:`tallstore.summary.describe` as tables."""
     c = Console()
     base = d["base"]
-    c.print(f"[bold]{d['location']}[/bold]  format v{d['format_version']}  merge={d['merge']['rule']}  "
+    top = d["merge"]["params"].get("top")
+    rule = d["merge"]["rule"] + (f" (top {top:g}%)" if top is not None else "")
+    c.print(f"[bold]{d['location']}[/bold]  format v{d['format_version']}  merge={rule}  "
             f"{d['tensors']} tensors")
     c.print(f"base: {'embedded' if base['embedded'] else base['location']}  {base['fingerprint']}")
     t = Table("task", "λ", "mask density", "rebuild error", "exact MB", "raw MB")
@@ -31,6 +33,10 @@ def render(d: dict[str, Any]) -> None:
         t.add_row(task["name"], f"{task['lam']:.2f}", f"{task['mask_density']:.3f}",
                   f"{task['rebuild_error']:.4f}", f"{task['exact_bytes'] / 1e6:.2f}", f"{task['raw_bytes'] / 1e6:.1f}")
     c.print(t)
+    sel = d.get("lam_selection", {})
+    if sel.get("method", "fixed") != "fixed":
+        grid = ", ".join(f"{v:g}" for v in sel["grid"])
+        c.print(f"λ chosen per task by {sel['method']} ({sel['criterion']}) from {{{grid}}}")
     parts = ", ".join(f"{k} {_mb(v)}" for k, v in sorted(d["archive_parts"].items()))
     c.print(f"archive {_mb(d['archive_bytes'])} ({parts}); raw tasks {_mb(d['raw_task_bytes'])}")
     line = f"compression: {d['ratio']:.2f}x"

@@ -55,6 +55,18 @@ def lams(values: list[str] | None, names: list[str]) -> dict[str, float]:
     return {n: _number(per[n]) if n in per else default for n in names}
 
 
+def grid(value: str | None) -> tuple[float, ...]:
+    """``--lam-grid 0.2,0.3,0.4`` as floats (the default grid when not given)."""
+    from ..lam_select import DEFAULT_GRID
+
+    if value is None:
+        return DEFAULT_GRID
+    try:
+        return tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise UsageError(f"--lam-grid expects comma-separated numbers, got {value!r}") from None
+
+
 def _number(v: str) -> float:
     try:
         return float(v)

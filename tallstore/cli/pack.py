@@ -6,7 +6,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..ops.ties import DEFAULT_TOP
 from ..packing import packer
+from ..packing.dask_executor import dask_client
 from . import options
 from .app import app
 from .progress import bar
@@ -17,14 +19,18 @@ def pack(
     out: Annotated[str, typer.Argument(help="Archive to create: a folder path or a URL (s3://…).")],
     base: Annotated[str, typer.Option("--base", help="Base checkpoint: .safetensors, HF folder or .bin.")],
     task: Annotated[list[str], typer.Option("--task", help="NAME=PATH of a fine-tune; repeat per task.")],
-    lam: Annotated[Optional[list[str]], typer.Option("--lam", help="λ for every task (0.4), or NAME=VALUE for one task.")] = None,
-    merge: Annotated[str, typer.Option("--merge", help="Merge rule for τ_MTL: ta (sum of task vectors).")] = "ta",
+    lam: Annotated[Optional[list[str]], typer.Option("--lam", help="λ for every task (0.4), NAME=VALUE for one task, or 'auto' (chosen from --lam-grid).")] = None,
+    lam_grid: Annotated[Optional[str], typer.Option("--lam-grid", help="Comma-separated λ values for --lam auto (0.2,0.3,0.4,0.5,0.6).")] = None,
+    merge: Annotated[str, typer.Option("--merge", help="Merge rule for τ_MTL: ta (sum of task vectors) or ties (trim, elect sign, disjoint sum).")] = "ta",
+    ties_top: Annotated[Optional[float], typer.Option("--ties-top", help="ties: percent of each task's largest-magnitude entries kept, by one threshold over the model (20).")] = None,
     embed_base: Annotated[bool, typer.Option("--embed-base", help="Store the base inside for a self-contained archive.")] = False,
     exact: Annotated[Optional[list[str]], typer.Option("--exact", help="Glob of tensor names to store exactly per task (e.g. 'classifier.*').")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
     allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Accept NaN/Inf weights instead of refusing.")] = False,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Threads packing tensors in parallel.")] = 2,
     storage_option: Annotated[Optional[list[str]], typer.Option("--storage-option", help="fsspec option key=value for URLs; repeatable.")] = None,
+    scheduler: Annotated[Optional[str], typer.Option("--scheduler", help="Pack on the Dask cluster whose scheduler is at this address (tcp://host:8786).")] = None,
+    dask_workers: Annotated[Optional[int], typer.Option("--dask-workers", min=1, help="Pack on a new local Dask cluster of N worker processes.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
 ) -> None:
     """Pack fine-tunes of one base model into a TALL-mask archive.
@@ -33,11 +39,19 @@ def pack(
     """
     tasks = options.pairs(task, "--task")
     so = options.storage_options(storage_option)
-    with bar("packing", enabled=not quiet) as b:
+    if lam_grid is not None and lam != ["auto"]:
+        raise options.UsageError("--lam-grid is only used with --lam auto")
+    if ties_top is not None and merge != "ties":
+        raise options.UsageError("--ties-top is only used with --merge ties")
+    if scheduler is not None and dask_workers is not None:
+        raise options.UsageError("give --scheduler (an existing cluster) or --dask-workers (a local one), not both")
+    with dask_client(scheduler, dask_workers) as client, bar("packing", enabled=not quiet) as b:
         loc = packer.pack(
-            out, base, tasks, lam=options.lams(lam, list(tasks)), merge=merge, embed_base=embed_base,
+            out, base, tasks, lam="auto" if lam == ["auto"] else options.lams(lam, list(tasks)),
+            lam_grid=options.grid(lam_grid), merge=merge,
+            ties_top=DEFAULT_TOP if ties_top is None else ties_top, embed_base=embed_base,
             exact=tuple(exact or ()), overwrite=force, allow_nonfinite=allow_nonfinite,
-            workers=workers, storage_options=so, progress=b.advance, on_start=b.start,
+            workers=workers, storage_options=so, progress=b.advance, on_start=b.start, client=client,
         )
     if not quiet:
         from ..archive import open as open_archive

@@ -3,7 +3,8 @@
 Per task, keep the entries of ``τ_t`` whose magnitude reaches one threshold over the whole model
 (the ``r``-th smallest magnitude, ``r = n − ⌊n · top/100⌋``, so ties at the threshold are kept);
 elect a sign per entry as ``sign(Σ_t τ̂_t)``, zero sums taking the majority sign of the whole
-model; sum the entries that agree with the elected sign ("dis-sum").
+model; sum the entries that agree with the elected sign ("dis-sum"). Sums run in float32 in task
+order (``(τ̂_0 + τ̂_1) + …``), like ``ta``, so blocks never change a bit of the result.
 
 The two global quantities (thresholds, majority sign) are found by streaming passes over row
 blocks: a magnitude's float32 bit pattern orders like its value, so a histogram of the high 16
@@ -72,9 +73,17 @@ def trim(tau: torch.Tensor, threshold: Sequence[float]) -> torch.Tensor:
     return torch.where(tau.abs() >= thr, tau, torch.zeros((), dtype=torch.float32))
 
 
+def task_sum(x: torch.Tensor) -> torch.Tensor:
+    """``Σ_t x_t`` in float32, in task order, so the result does not depend on row blocks."""
+    out = x[0].clone()
+    for row in x[1:]:
+        out += row
+    return out
+
+
 def block_signs(trimmed: torch.Tensor) -> torch.Tensor:
     """``sign(Σ_t τ̂_t)`` per entry, before zero sums are resolved."""
-    return torch.sign(trimmed.sum(dim=0))
+    return torch.sign(task_sum(trimmed))
 
 
 def sign_counts(trimmed: torch.Tensor) -> tuple[int, int]:
@@ -97,7 +106,7 @@ def disjoint_sum(trimmed: torch.Tensor, majority_sign: int) -> torch.Tensor:
     s = block_signs(trimmed)
     s = torch.where(s == 0, torch.tensor(float(majority_sign)), s)
     agree = torch.where(s.unsqueeze(0) > 0, trimmed > 0, trimmed < 0)
-    return torch.where(agree, trimmed, torch.zeros((), dtype=torch.float32)).sum(dim=0)
+    return task_sum(torch.where(agree, trimmed, torch.zeros((), dtype=torch.float32)))
 
 
 def ties(tau: torch.Tensor, *, threshold: Sequence[float], majority_sign: int, **recorded: object) -> torch.Tensor:

@@ -10,7 +10,7 @@ the completeness marker once every unit has succeeded. A unit that raises is ret
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any
 
 from .executors import Job
@@ -19,12 +19,13 @@ if TYPE_CHECKING:
     from distributed import Client
 
 DEFAULT_RETRIES = 2
+STOP_TIMEOUT_S = 600
 
 
 class DaskExecutor:
     """Jobs as Dask futures on ``client``'s cluster, yielded as they complete."""
 
-    def __init__(self, client: "Client", retries: int = DEFAULT_RETRIES) -> None:
+    def __init__(self, client: Client, retries: int = DEFAULT_RETRIES) -> None:
         self.client = client
         self.retries = retries
 
@@ -40,15 +41,25 @@ class DaskExecutor:
                 yield tag, result
         finally:
             if futures:
-                self.client.cancel(list(futures))
+                self._stop(list(futures))
+
+    def _stop(self, futures: list[Any]) -> None:
+        """Cancel the queued units and wait for the running ones, so no write lands after a failure."""
+        from distributed import wait
+
+        with suppress(OSError, TimeoutError):  # a lost cluster must not hide the pack's own error
+            running = {k for keys in self.client.processing().values() for k in keys}
+            self.client.cancel([f for f in futures if f.key not in running])
+            wait([f for f in futures if f.key in running], timeout=STOP_TIMEOUT_S)
 
     def broadcast(self, fn: Callable[..., Any], *args: Any) -> None:
         fn(*args)
-        self.client.run(fn, *args)
+        with suppress(OSError, TimeoutError):  # only drops caches: never worth failing a pack
+            self.client.run(fn, *args)
 
 
 @contextmanager
-def dask_client(scheduler: str | None = None, n_workers: int | None = None) -> Iterator["Client | None"]:
+def dask_client(scheduler: str | None = None, n_workers: int | None = None) -> Iterator[Client | None]:
     """A client of the cluster at ``scheduler``, or of a new local cluster of ``n_workers`` processes.
 
     Yields ``None`` when neither is given (pack on local threads).

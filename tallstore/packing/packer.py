@@ -102,9 +102,12 @@ def pack(
         raise PlanError(f"unknown merge rule {merge!r}; choose one of {sorted(merges.RULES)}")
     if merge == "ties":
         check_top(ties_top)
+    if not overwrite and not is_url(out) and local_path(out).exists():  # before any pre-pass
+        raise OutputExistsError(f"{local_path(out)} exists (use --force / overwrite=True to replace it)")
     with ExitStack() as stack:
-        base_ck = stack.enter_context(open_checkpoint(base, storage_options))
-        task_cks = [stack.enter_context(open_checkpoint(tasks[n], storage_options)) for n in names]
+        # absolute, as the units open them: their file lists key the file hashes in _finish
+        base_ck = stack.enter_context(open_checkpoint(_absolute(base), storage_options))
+        task_cks = [stack.enter_context(open_checkpoint(_absolute(tasks[n]), storage_options)) for n in names]
         ex = executor or _executor(client, workers)
         plan = make_plan(base_ck, task_cks, names, block_elems, tuple(exact))
         inputs = InputSpec(
@@ -249,8 +252,8 @@ class _Summary:
         self.nonzero: set[str] = set()
         self.separate: dict[str, SeparateTensor] = {}
         self.ones = np.zeros(n_tasks, np.int64)
-        self.sq_err = np.zeros(n_tasks)
-        self.tau_sq = np.zeros(n_tasks)
+        self.n_tasks = n_tasks
+        self.block_sums: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
         self.file_hashes: dict[Path, str] = {}
         for kp in plan.masked():
             self.base_blocks[kp.key] = [b""] * len(kp.blocks)
@@ -265,10 +268,23 @@ class _Summary:
             self.task_blocks[r.key][t][r.index] = d
             self.task_crcs[r.key][t][r.index] = c
         self.ones += r.ones
-        self.sq_err += r.sq_err
-        self.tau_sq += r.tau_sq
+        self.block_sums[r.key, r.index] = (r.sq_err, r.tau_sq)
         if r.nonzero:
             self.nonzero.add(r.key)
+
+    def _ordered_sum(self, i: int) -> np.ndarray:
+        """Float sums in a fixed block order, not completion order: packs are reproducible."""
+        return sum((self.block_sums[k][i] for k in sorted(self.block_sums)), np.zeros(self.n_tasks))
+
+    @property
+    def sq_err(self) -> np.ndarray:
+        """Per task, the squared rebuild error over every masked block."""
+        return self._ordered_sum(0)
+
+    @property
+    def tau_sq(self) -> np.ndarray:
+        """Per task, the squared norm of τ over every masked block."""
+        return self._ordered_sum(1)
 
 
 def _run(spec: PackSpec, root: zarr.Group, plan: Plan, executor: Executor, progress: Progress | None, on_start: Callable[[int], None] | None) -> _Summary:

@@ -58,7 +58,7 @@ def check_task_names(names: list[str]) -> None:
         raise PlanError("no tasks given: pass at least one --task NAME=PATH")
     seen: set[str] = set()
     for n in names:
-        if not isinstance(n, str) or not TASK_NAME.match(n):
+        if not isinstance(n, str) or not TASK_NAME.fullmatch(n):
             raise PlanError(
                 f"invalid task name {n!r}: use letters, digits, '_', '.', '+', '-' "
                 "(not leading), at most 128 characters"
@@ -66,6 +66,15 @@ def check_task_names(names: list[str]) -> None:
         if n in seen:
             raise PlanError(f"duplicate task name {n!r}")
         seen.add(n)
+
+
+def _is_unicode(name: str) -> bool:
+    """Whether ``name`` encodes to UTF-8, as archive metadata and safetensors headers need."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def make_plan(
@@ -86,6 +95,8 @@ def make_plan(
     plans: list[KeyPlan] = []
     offset = 0
     for key in order:
+        if not key.isascii() and not _is_unicode(key):
+            raise PlanError(f"tensor name {key!r} is not valid Unicode (it holds a lone surrogate)")
         base_info = base.info(key) if key in base else None
         with_key = [i for i, ck in enumerate(tasks) if key in ck]
         infos = [tasks[i].info(key) for i in with_key]

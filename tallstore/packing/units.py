@@ -25,7 +25,7 @@ from ..geometry import block_ranges, chunk_elems
 from ..ops import merges
 from ..ops.masks import merged_weights, tall_masks, task_vectors
 from ..storage import format as fmt
-from ..storage.arrays import create_weights
+from ..storage.arrays import WRITE_ALL, create_weights
 from ..storage.codecs import Codecs
 from ..storage.stores import open_store
 from .plan import KeyPlan
@@ -71,7 +71,7 @@ class PackContext:
         with self._lock:
             arr = self._arrays.get(path)
             if arr is None:
-                arr = self._arrays[path] = self.root[path]
+                arr = self._arrays[path] = self.root[path].with_config(WRITE_ALL)
             return arr
 
 
@@ -162,8 +162,7 @@ def masked_block(spec: PackSpec, kp: KeyPlan, index: int) -> MaskedBlock:
     base_t = base.to(tasks.dtype)
     xor = dtypes.bits(merged) ^ dtypes.bits(base_t)
     nonzero = bool(xor.any())
-    if nonzero:
-        ctx.array(fmt.merged_path(kp.node))[a * row : b * row] = dtypes.to_storage(xor)
+    ctx.array(fmt.merged_path(kp.node))[a * row : b * row] = dtypes.to_storage(xor)
     if spec.embed_base:
         ctx.array(fmt.base_path(kp.node))[a * row : b * row] = dtypes.to_storage(base)
     T = tasks.shape[0]

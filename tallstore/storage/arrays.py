@@ -7,6 +7,10 @@ import zarr
 
 from .codecs import Codecs
 
+# Every chunk is written, all-zero ones included, so a missing chunk file is always corruption
+# (zarr would otherwise skip them and read them back as the fill value, indistinguishably).
+WRITE_ALL = {"write_empty_chunks": True}
+
 
 def create_weights(
     group: zarr.Group, path: str, numel: int, storage: np.dtype, chunk: int, codecs: Codecs
@@ -20,6 +24,7 @@ def create_weights(
         compressors=codecs.weights(storage.itemsize),
         fill_value=0,
         overwrite=True,
+        config=WRITE_ALL,
     )
 
 
@@ -33,4 +38,5 @@ def create_masks(group: zarr.Group, path: str, nbytes: int, chunk_bytes: int, co
         compressors=codecs.masks(),
         fill_value=0,
         overwrite=True,
+        config=WRITE_ALL,
     )

@@ -18,7 +18,7 @@ class Codecs:
     """Compression settings for an archive: a value recorded in each array's metadata."""
 
     weight_cname: str = "zstd"
-    weight_level: int = 1
+    weight_level: int = 5
     weight_shuffle: str = "shuffle"
     mask_level: int = 3
 

@@ -15,19 +15,11 @@ import zarr
 from zarr.core.sync import sync
 
 
-def read_many(arrays: Sequence[tuple[zarr.Array, Any]], limit: int | None = None) -> list[np.ndarray]:
-    """``[arr[sel] for arr, sel in arrays]``, fetched concurrently, at most ``limit`` reads at once."""
+def read_many(arrays: Sequence[tuple[zarr.Array, Any]]) -> list[np.ndarray]:
+    """``[arr[sel] for arr, sel in arrays]``, fetched concurrently; errors propagate."""
 
     async def gather() -> list[Any]:
-        gate = asyncio.Semaphore(limit) if limit else None
-
-        async def one(a: zarr.Array, sel: Any) -> Any:
-            if gate is None:
-                return await a._async_array.getitem(sel)
-            async with gate:
-                return await a._async_array.getitem(sel)
-
-        return await asyncio.gather(*(one(a, sel) for a, sel in arrays))
+        return await asyncio.gather(*(a._async_array.getitem(sel) for a, sel in arrays))
 
     return [np.asarray(x) for x in sync(gather())]
 

@@ -28,23 +28,54 @@ def open_store(
     *,
     read_only: bool,
     storage_options: dict[str, Any] | None = None,
+    limit: int | None = None,
 ) -> Store:
-    """A Zarr store for ``location`` (a folder, or an fsspec URL such as ``s3://bucket/x``)."""
+    """A Zarr store for ``location`` (a folder, or an fsspec URL such as ``s3://bucket/x``).
+
+    ``limit`` caps its reads in flight (see :class:`~tallstore.storage.limited.LimitedStore`).
+    """
+    store: Store
     if is_url(location):
-        return FsspecStore.from_url(
-            str(location), storage_options=storage_options or {}, read_only=read_only
-        )
-    return LocalStore(local_path(location), read_only=read_only)
+        options = url_options(location, storage_options, limit)
+        store = FsspecStore.from_url(str(location), storage_options=options, read_only=read_only)
+    else:
+        store = LocalStore(local_path(location), read_only=read_only)
+    if limit:
+        from .limited import LimitedStore
+
+        store = LimitedStore(store, limit)
+    return store
 
 
 DEFAULT_REMOTE_CONCURRENCY = 64
 
 
-def read_concurrency(location: str | os.PathLike[str], value: int | None = None) -> int | None:
+def url_options(
+    location: str | os.PathLike[str], storage_options: dict[str, Any] | None, connections: int | None = None,
+) -> dict[str, Any]:
+    """The caller's fsspec options for a URL, over defaults that suit reading archives from S3.
+
+    s3fs sends a HEAD before every whole-object GET (to split big objects into parallel ranges);
+    archive chunks are a few MiB at most, so ``max_concurrency=1`` saves that round trip per
+    chunk. Its connection pool holds 10 by default, which would cap the reads in flight: it is
+    raised to ``connections`` (64 by default). Options the caller gives win.
+    """
+    options = dict(storage_options or {})
+    if str(location).split("://", 1)[0] in ("s3", "s3a"):
+        options.setdefault("max_concurrency", 1)
+        config = dict(options.get("config_kwargs") or {})
+        config.setdefault("max_pool_connections", max(connections or 0, DEFAULT_REMOTE_CONCURRENCY))
+        options["config_kwargs"] = config
+    return options
+
+
+def read_concurrency(
+    location: str | os.PathLike[str], value: int | None = None, base: str | os.PathLike[str] | None = None,
+) -> int | None:
     """Reads in flight when loading a task: ``value``, ``$TALLSTORE_CONCURRENCY``, or a default.
 
-    Object stores need many requests in flight to hide their per-request latency; local folders
-    keep zarr's own pacing (``None``: no cap beyond zarr's ``async.concurrency`` per array).
+    Object stores need many requests in flight to hide their per-request latency, so an archive
+    or a ``base`` at a URL gets 64; local folders keep zarr's own pacing (``None``: no cap).
     """
     env = os.environ.get("TALLSTORE_CONCURRENCY", "").strip()
     if value is None and env:
@@ -52,7 +83,7 @@ def read_concurrency(location: str | os.PathLike[str], value: int | None = None)
             raise TallstoreError(f"TALLSTORE_CONCURRENCY must be a whole number, got {env!r}")
         value = int(env)
     if value is None:
-        return DEFAULT_REMOTE_CONCURRENCY if is_url(location) else None
+        return DEFAULT_REMOTE_CONCURRENCY if is_url(location) or (base is not None and is_url(base)) else None
     if value < 1:
         raise TallstoreError(f"concurrency must be at least 1, got {value}")
     return value

@@ -1,0 +1,271 @@
+"""Helpers shared by the benchmark modules: folders, sizes, timing, page-cache control, packing."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import struct
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+import tallstore
+
+from .synthetic import write_collection
+
+if TYPE_CHECKING:
+    from .zoo import Zoo
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+WORK = HERE / ".cache" / "work"
+
+_PACKED: dict[str, Path] = {}
+PACK_SECONDS: dict[str, float] = {}
+
+
+def tree_bytes(path: Path) -> int:
+    """Total size of the files under ``path`` (or of the file itself)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def files_under(path: Path) -> list[Path]:
+    """Every file under ``path`` (or ``[path]`` for a file)."""
+    if path.is_file():
+        return [path]
+    return [Path(d) / f for d, _, fs in os.walk(path) for f in fs]
+
+
+def evict(paths: Iterable[Path]) -> None:
+    """Drop the page-cache pages of these files (and of every file under a folder).
+
+    Dirty pages are written first (``fsync``), then ``POSIX_FADV_DONTNEED`` drops the clean
+    ones, so the next read comes from the disk. Other files' cached pages are untouched.
+    """
+    for p in paths:
+        for f in files_under(Path(p)):
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def best_of(fn: Callable[[], Any], repeats: int) -> float:
+    """The fastest of ``repeats`` timed calls of ``fn``, in seconds."""
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def median_cold(fn: Callable[[], Any], files: list[Path], repeats: int) -> float:
+    """The median time of ``fn`` over ``repeats`` calls, each after evicting ``files``."""
+    times = []
+    for _ in range(repeats):
+        evict(files)
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def entropy_bits(p: float) -> float:
+    """Binary entropy H(p) in bits."""
+    if p <= 0.0 or p >= 1.0:
+        return 0.0
+    return -p * math.log2(p) - (1 - p) * math.log2(1 - p)
+
+
+@dataclass(frozen=True)
+class Collection:
+    """A base checkpoint and its fine-tunes, as safetensors files."""
+
+    tag: str  # short unique name, used in file names
+    label: str  # what a table shows
+    base: Path
+    tasks: dict[str, Path]
+    dtype: str
+    params: int
+
+    @property
+    def raw_bytes(self) -> int:
+        """Bytes of the T task checkpoints."""
+        return sum(p.stat().st_size for p in self.tasks.values())
+
+
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n))
+
+
+def param_count(path: Path) -> int:
+    """Number of parameters in a safetensors file."""
+    return sum(math.prod(e["shape"]) for k, e in safetensors_header(path).items() if k != "__metadata__")
+
+
+def synthetic(work: Path, params_m: float, n_tasks: int, dtype: torch.dtype) -> Collection:
+    """A generated BERT-like collection (cached under ``work/inputs``)."""
+    base, tasks = write_collection(work / "inputs", params_m, n_tasks, dtype)
+    d = dtype_name(dtype)
+    return Collection(f"syn{params_m:g}M-{d}-T{n_tasks}", f"synthetic {params_m:g}M {d}, T={n_tasks}",
+                      base, tasks, d, param_count(base))
+
+
+def zoo_collection(quick: bool, tasks: list[str] | None = None) -> tuple[Collection, "Zoo"]:
+    """The real MiniLM collection of ``benchmarks.zoo`` (built or reused from its cache)."""
+    from .zoo import build_zoo  # imports transformers: only where the zoo is used
+
+    zoo = build_zoo(tasks=tasks, quick=quick)
+    tag = f"zoo{'-quick' if quick else ''}-T{len(zoo.tasks)}"
+    label = f"real MiniLM zoo{' (quick)' if quick else ''} float32, T={len(zoo.tasks)}"
+    return Collection(tag, label, zoo.base_path, dict(zoo.task_paths), "float32", param_count(zoo.base_path)), zoo
+
+
+def archive(work: Path, coll: Collection, embed_base: bool = False, name: str = "", **options: Any) -> Path:
+    """Pack ``coll`` into ``work/archives`` once per process; later calls reuse the archive."""
+    path = work / "archives" / f"{coll.tag}-{'emb' if embed_base else 'ext'}{'-' + name if name else ''}.tall"
+    key = str(path)
+    if key not in _PACKED:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        t = time.perf_counter()
+        tallstore.pack(path, base=coll.base, tasks=coll.tasks, embed_base=embed_base, overwrite=True, **options)
+        PACK_SECONDS[key] = time.perf_counter() - t
+        _PACKED[key] = path
+    return _PACKED[key]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` → ``"bfloat16"``."""
+    return str(dtype).split(".")[-1]
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _ram_gib() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 0.0
+
+
+def _git_commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=HERE, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + (" (uncommitted changes)" if dirty.stdout.strip() else "")
+
+
+def machine() -> dict[str, Any]:
+    """The machine and software a run used."""
+    import numpy
+    import safetensors
+    import zarr
+
+    return {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "ram_gib": round(_ram_gib(), 1),
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "zarr": zarr.__version__,
+        "safetensors": safetensors.__version__,
+        "tallstore": tallstore.__version__,
+        "git": _git_commit(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def now() -> str:
+    """The current UTC time, ISO 8601 to the second."""
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def load_average() -> list[float]:
+    """The 1-, 5- and 15-minute load averages (how busy the machine was)."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+@dataclass(frozen=True)
+class Config:
+    """What every benchmark module's ``run`` receives."""
+
+    work: Path  # generated inputs (cached between runs) and archives
+    quick: bool = False  # small smoke configuration
+    zoo_tasks: list[str] | None = None  # a subset of the real zoo's tasks (default: all)
+
+
+ZIPNN_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def main_dtype(path: Path) -> str:
+    """The safetensors dtype code (``F32``, ``BF16``…) holding most of a file's bytes."""
+    sizes: dict[str, int] = {}
+    for k, e in safetensors_header(path).items():
+        if k != "__metadata__":
+            sizes[e["dtype"]] = sizes.get(e["dtype"], 0) + e["data_offsets"][1] - e["data_offsets"][0]
+    return max(sizes, key=lambda d: sizes[d])
+
+
+def zipnn_file(work: Path, src: Path) -> Path:
+    """``src`` compressed whole by ZipNN (lossless) for its main dtype; cached under ``work/zipnn``."""
+    from zipnn import ZipNN
+
+    tag = hashlib.sha1(str(src.resolve()).encode()).hexdigest()[:10]
+    dst = work / "zipnn" / f"{src.stem}-{tag}.znn"
+    if dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime:
+        return dst
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    data = bytearray(src.read_bytes())  # ZipNN.compress modifies its input in place
+    out = ZipNN(input_format="byte", bytearray_dtype=ZIPNN_DTYPES[main_dtype(src)]).compress(data)
+    tmp = dst.with_suffix(".tmp")
+    tmp.write_bytes(out)
+    tmp.replace(dst)
+    return dst
+
+
+def zipnn_decompress(path: Path, dtype_code: str) -> bytearray:
+    """The original bytes of a file written by ``zipnn_file``."""
+    from zipnn import ZipNN
+
+    return ZipNN(input_format="byte", bytearray_dtype=ZIPNN_DTYPES[dtype_code]).decompress(path.read_bytes())
+
+
+def zstd_bytes(src: Path, level: int = 3) -> int:
+    """Size of ``src`` compressed whole by zstd at ``level`` (numcodecs' libzstd)."""
+    from numcodecs import Zstd
+
+    return len(Zstd(level=level).encode(src.read_bytes()))

@@ -1,0 +1,220 @@
+"""Crash safety: ``pack`` and ``extract`` killed with SIGKILL at any moment never publish a partial result.
+
+A driver process (``crash_driver.py``) imports tallstore once and forks each command, so killing
+at a dozen points costs one interpreter start. Kills land at named stages (temporary folder made,
+units running, before and after the completeness marker, just before the rename, between the
+two renames of ``--force``, half-way through an extracted file) and at fractions of a measured
+run. Afterwards the final path is absent or a complete, correct result, and re-running succeeds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from reliability_helpers import read_all, same_bits, tiny_collection
+from safetensors.torch import load_file
+
+import tallstore
+from tallstore.errors import ArchiveError
+
+DRIVER = Path(__file__).with_name("crash_driver.py")
+TIMEOUT = 120.0
+
+
+class Driver:
+    """The driver subprocess: ``start`` a command, wait for a pause point or its exit, kill it."""
+
+    def __init__(self) -> None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(DRIVER.parent), os.environ.get("PYTHONPATH", "")])}
+        self.proc = subprocess.Popen(
+            [sys.executable, str(DRIVER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+        )
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.proc.stdout, selectors.EVENT_READ)  # type: ignore[arg-type]
+        self.buf = b""
+        self.pidfd = -1
+
+    def line(self, timeout: float = TIMEOUT) -> str:
+        """The next protocol line (``PID``, ``AT`` or ``EXIT``); other output is skipped."""
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\n" in self.buf:
+                raw, self.buf = self.buf.split(b"\n", 1)
+                text = raw.decode(errors="replace")
+                if text.split(" ", 1)[0] in ("PID", "AT", "EXIT"):
+                    return text
+            left = deadline - time.monotonic()
+            assert left > 0 and self.sel.select(left), "crash driver stopped answering"
+            chunk = os.read(self.proc.stdout.fileno(), 65536)  # type: ignore[union-attr]
+            assert chunk, "crash driver exited"
+            self.buf += chunk
+
+    def start(self, argv: list[object], pause: str | None = None) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write((json.dumps({"argv": list(map(str, argv)), "pause": pause}) + "\n").encode())
+        self.proc.stdin.flush()
+        pid = int(self.line().split()[1])
+        try:  # a pidfd names this very process: a recycled PID can never be hit by the kill
+            self.pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self.pidfd = -1
+
+    def wait(self) -> int:
+        """The exit code of the running command."""
+        return int(self.line().split()[1])
+
+    def kill_at(self, point: str) -> None:
+        """Wait until the command announces ``point``, then SIGKILL it."""
+        assert self.line() == f"AT {point}"
+        self.kill()
+
+    def kill(self) -> int:
+        """SIGKILL the running command (if it still runs) and return how it ended."""
+        if self.pidfd >= 0:
+            try:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            os.close(self.pidfd)
+            self.pidfd = -1
+        return self.wait()
+
+    def run(self, argv: list[object]) -> int:
+        self.start(argv)
+        code = self.wait()
+        os.close(self.pidfd)
+        self.pidfd = -1
+        return code
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(timeout=TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def driver() -> Iterator[Driver]:
+    d = Driver()
+    yield d
+    d.close()
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path], dict[str, dict]]:  # type: ignore[type-arg]
+    """A tiny collection and what a complete, uninterrupted pack of it rebuilds."""
+    root = tmp_path_factory.mktemp("crash")
+    base, tasks = tiny_collection(root / "in", n_tasks=3)
+    tallstore.pack(root / "reference", base, tasks)
+    return base, tasks, read_all(root / "reference")
+
+
+def pack_argv(target: Path, base: Path, tasks: dict[str, Path], *extra: object) -> list[object]:
+    return ["pack", target, "--base", base, *[a for n, p in tasks.items() for a in ("--task", f"{n}={p}")], "-q", *extra]
+
+
+def assert_nothing_partial(target: Path, reference: dict) -> bool:  # type: ignore[type-arg]
+    """The target is absent (False), or a complete archive rebuilding ``reference`` (True)."""
+    if not target.exists():
+        with pytest.raises(ArchiveError):
+            tallstore.open(target)
+        return False
+    got = read_all(target)
+    assert list(got) == list(reference) and all(same_bits(got[n], reference[n]) for n in got)
+    return True
+
+
+def visible(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+
+
+@pytest.mark.parametrize("point", ["temp-created", "units-running", "before-marker", "marker-written", "before-publish"])
+def test_pack_killed_at_each_stage_publishes_nothing_and_rerun_succeeds(
+    driver: Driver, inputs: tuple, tmp_path: Path, point: str,  # type: ignore[type-arg]
+) -> None:
+    base, tasks, reference = inputs
+    target = tmp_path / "arc"
+    argv = pack_argv(target, base, tasks)
+    driver.start(argv, pause=point)
+    driver.kill_at(point)
+    assert not assert_nothing_partial(target, reference)
+    assert visible(tmp_path) == []
+    assert driver.run(argv) == 0
+    assert assert_nothing_partial(target, reference) and visible(tmp_path) == ["arc"]
+
+
+def test_pack_killed_at_random_moments_never_leaves_a_partial_archive(
+    driver: Driver, inputs: tuple, tmp_path: Path,  # type: ignore[type-arg]
+) -> None:
+    base, tasks, reference = inputs
+    started = time.monotonic()
+    assert driver.run(pack_argv(tmp_path / "timed", base, tasks)) == 0
+    duration = time.monotonic() - started
+    published = 0
+    for i, fraction in enumerate([0.05, 0.2, 0.35, 0.5, 0.65, 0.8, 0.95, 1.1]):
+        target = tmp_path / f"arc{i}"
+        argv = pack_argv(target, base, tasks)
+        driver.start(argv)
+        time.sleep(fraction * duration)
+        driver.kill()
+        if assert_nothing_partial(target, reference):
+            published += 1
+        else:
+            assert driver.run(argv) == 0 and assert_nothing_partial(target, reference)
+    assert published < 8
+
+
+def test_forced_repack_killed_between_renames_keeps_the_old_archive_whole(
+    driver: Driver, inputs: tuple, tmp_path: Path,  # type: ignore[type-arg]
+) -> None:
+    base, tasks, reference = inputs
+    target = tmp_path / "arc"
+    tallstore.pack(target, base, tasks, lam=0.2)
+    old = read_all(target)
+    argv = pack_argv(target, base, tasks, "--force")
+    driver.start(argv, pause="mid-replace")
+    driver.kill_at("mid-replace")
+    assert not assert_nothing_partial(target, reference)
+    (kept,) = [p / "arc" for p in tmp_path.iterdir() if p.name.endswith(".old")]
+    got = read_all(kept)
+    assert all(same_bits(got[n], old[n]) for n in old)
+    assert driver.run(argv) == 0 and assert_nothing_partial(target, reference)
+
+
+def test_forced_repack_killed_before_publishing_leaves_the_old_archive_in_place(
+    driver: Driver, inputs: tuple, tmp_path: Path,  # type: ignore[type-arg]
+) -> None:
+    base, tasks, _ = inputs
+    target = tmp_path / "arc"
+    tallstore.pack(target, base, tasks, lam=0.2)
+    old = read_all(target)
+    driver.start(pack_argv(target, base, tasks, "--force"), pause="before-publish")
+    driver.kill_at("before-publish")
+    got = read_all(target)
+    assert all(same_bits(got[n], old[n]) for n in old)
+
+
+@pytest.mark.parametrize("point", ["extract-half-written", "before-publish"])
+@pytest.mark.parametrize("layout", ["x.safetensors", "folder"])
+def test_extract_killed_never_leaves_a_file_under_its_final_name(
+    driver: Driver, inputs: tuple, tmp_path: Path, point: str, layout: str,  # type: ignore[type-arg]
+) -> None:
+    base, tasks, reference = inputs
+    archive = tmp_path / "arc"
+    tallstore.pack(archive, base, tasks)
+    out = tmp_path / "out" / layout
+    argv = ["extract", archive, "t1", "-o", out]
+    driver.start(argv, pause=point)
+    driver.kill_at(point)
+    assert not out.exists()
+    assert driver.run(argv) == 0
+    got = load_file(out) if layout.endswith(".safetensors") else load_file(out / "model.safetensors")
+    assert same_bits(got, reference["t1"])
