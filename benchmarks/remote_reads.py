@@ -34,6 +34,7 @@ import fsspec
 import torch
 
 import tallstore
+from tallstore.checkpoint import open_checkpoint
 
 from .synthetic import write_collection
 
@@ -66,11 +67,12 @@ def load_once(server: S3Server, url: str, base: str, task: str, concurrency: int
     opened = time.perf_counter() - t0
     arc[task].state_dict()
     total = time.perf_counter() - t0
+    prefix = url.removeprefix(f"s3://{ARCHIVE_BUCKET}/") + "/"
     return {
         "open_seconds": opened,
         "load_seconds": total - opened,
         "seconds": total,
-        "keys": server.fetched_keys(ARCHIVE_BUCKET),
+        "keys": {k.removeprefix(prefix): b for k, b in server.fetched_keys(ARCHIVE_BUCKET).items()},
         "base_bytes": server.fetched(MODEL_BUCKET),
     }
 
@@ -120,8 +122,10 @@ def run(work: Path, params_m: float, n_tasks: int, latency_ms: float, concurrenc
                     "load_seconds": best["load_seconds"], "base_bytes_fetched": best["base_bytes"],
                 })
         server.set_latency(0)
+    with open_checkpoint(base) as ck:
+        n_params = sum(ck.info(k).numel for k in ck.keys)
     return {
-        "params_m": params_m,
+        "params": n_params,
         "tasks": n_tasks,
         "latency_ms": latency_ms,
         "archive_bytes": sum(sizes.values()),

@@ -55,12 +55,12 @@ def copy(packed: Packed, tmp_path: Path) -> Path:
 
 @contextlib.contextmanager
 def damage(path: Path, op: str, where: float, bit: int) -> Iterator[None]:
-    """Flip one bit, truncate or delete ``path`` for the duration of the ``with`` block."""
+    """Flip one bit, cut at least one byte off, or delete ``path`` for the duration of the ``with`` block."""
     original = path.read_bytes()
     if op == "delete":
         path.unlink()
     elif op == "truncate":
-        path.write_bytes(original[: int(where * len(original))])
+        path.write_bytes(original[: min(int(where * len(original)), len(original) - 1)])
     else:
         data = bytearray(original)
         data[min(int(where * len(data)), len(data) - 1)] ^= 1 << bit
@@ -224,7 +224,7 @@ def test_sweep_of_every_file_deleted_truncated_and_flipped(packed: Packed) -> No
     assert len(outcomes) >= 100 and "error" in outcomes and "intact" in outcomes
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=110, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     pick=st.integers(min_value=0, max_value=10_000),
     op=st.sampled_from(["flip", "flip", "truncate", "delete"]),

@@ -1,0 +1,111 @@
+"""Stored size of T checkpoints: tallstore vs raw safetensors, zstd, ZipNN and the information bound.
+
+Measured side by side on one collection at a time (λ = ``common.LAM`` = 0.4, TA merge):
+
+- ``raw``: the T task checkpoints as safetensors files;
+- ``zstd``: each file compressed whole by zstd level 3;
+- ``zipnn``: each file compressed whole by ZipNN (lossless, byte grouping + Huffman) for its dtype;
+- ``tallstore_external``: the archive, base kept outside (it is stored once anyway, or fetched from
+  a hub); ``tallstore_external_plus_base`` adds the base safetensors file;
+- ``tallstore_embedded``: the self-contained archive with the base inside;
+- ``bound_*``: the information bound of the same content: each mask at its entropy
+  ``H(p_t) = −p log2 p − (1−p) log2(1−p)`` bits per masked parameter (``p_t`` = mask density), plus
+  the archive's own stored merged vector, exact per-task tensors (and embedded base);
+- ``paper_accounting``: the TALL paper's uncompressed count, θ₀ and τ_MTL at the tasks' width
+  plus one bit per parameter per task: ``(2·w + T)·P`` bits.
+
+Mask bits per parameter of task t = stored bytes of ``masks/<t>`` (chunks and array metadata)
+× 8 ÷ masked parameters (``stats.masked_params``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import tallstore
+
+from .common import LAM, Collection, Config, archive, entropy_bits, synthetic, tree_bytes, zipnn_file, zoo_collection, zstd_bytes
+
+NAME = "size"
+DTYPE_BITS = {"float32": 32, "bfloat16": 16, "float16": 16}
+
+
+def parts(path: Path) -> dict[str, int]:
+    """Stored bytes of an archive by role: merged, base, exact, masks/<t>, metadata."""
+    out: dict[str, int] = {}
+    for d, _, files in os.walk(path):
+        rel = Path(d).relative_to(path).parts
+        if len(rel) >= 3 and rel[0] == "tensors" and rel[2] in ("merged", "base", "exact"):
+            role = rel[2]
+        elif len(rel) >= 2 and rel[0] == "masks":
+            role = f"masks/{rel[1]}"
+        else:
+            role = "metadata"
+        out[role] = out.get(role, 0) + sum(os.path.getsize(os.path.join(d, f)) for f in files)
+    return out
+
+
+def measure(work: Path, coll: Collection) -> dict[str, Any]:
+    """Every size of ``coll``, its per-task mask statistics, and ratios to the raw size."""
+    ext = archive(work, coll, embed_base=False)
+    emb = archive(work, coll, embed_base=True)
+    arc = tallstore.open(ext, base=coll.base)
+    p_ext, p_emb = parts(ext), parts(emb)
+    T = len(coll.tasks)
+    tasks = []
+    for t, name in enumerate(arc.tasks):
+        st = arc.task_attrs(t)["stats"]
+        p = st["mask_density"]
+        mask_bytes = p_ext[f"masks/{t}"]
+        bits = mask_bytes * 8 / st["masked_params"]
+        tasks.append({
+            "task": name, "density": p, "entropy_bits": entropy_bits(p), "mask_bytes": mask_bytes,
+            "mask_bits_per_param": bits, "vs_entropy": bits / entropy_bits(p) if entropy_bits(p) else None,
+            "masked_params": st["masked_params"], "rebuild_error": st["rebuild_error"],
+        })
+    mask_bound = sum(r["entropy_bits"] * r["masked_params"] / 8 for r in tasks)
+    bound_ext = mask_bound + p_ext.get("merged", 0) + p_ext.get("exact", 0)
+    sizes = {
+        "raw": coll.raw_bytes,
+        "zstd": sum(zstd_bytes(f) for f in coll.tasks.values()),
+        "zipnn": sum(zipnn_file(work, f).stat().st_size for f in coll.tasks.values()),
+        "tallstore_external": tree_bytes(ext),
+        "tallstore_external_plus_base": tree_bytes(ext) + coll.base.stat().st_size,
+        "tallstore_embedded": tree_bytes(emb),
+        "bound_external": bound_ext,
+        "bound_embedded": bound_ext + p_emb.get("base", 0),
+        "paper_accounting": (2 * DTYPE_BITS[coll.dtype] + T) * coll.params / 8,
+    }
+    return {
+        "collection": coll.label, "tag": coll.tag, "dtype": coll.dtype, "params": coll.params, "tasks": T,
+        "lam": LAM, "base_bytes": coll.base.stat().st_size, "sizes": sizes,
+        "fraction_of_raw": {k: v / sizes["raw"] for k, v in sizes.items()},
+        "times_smaller": {k: sizes["raw"] / v for k, v in sizes.items()},
+        "parts_external": p_ext, "parts_embedded": p_emb, "per_task": tasks,
+        "masks_vs_entropy_max": max((r["vs_entropy"] for r in tasks if r["vs_entropy"]), default=None),
+    }
+
+
+def collections(cfg: Config) -> list[Collection]:
+    """The real zoo at its own T, then synthetic 25M-parameter collections at T = 8 and 20."""
+    zoo, _ = zoo_collection(cfg.quick, cfg.zoo_tasks)
+    if cfg.quick:
+        return [zoo, synthetic(cfg.work, 5, 4, torch.float32)]
+    return [zoo, *(synthetic(cfg.work, 25, t, d) for d in (torch.float32, torch.bfloat16) for t in (8, 20))]
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Measure every collection; JSON-ready results."""
+    rows = []
+    for coll in collections(cfg):
+        rows.append(measure(cfg.work, coll))
+        r = rows[-1]
+        x = r["times_smaller"]
+        print(f"  {r['collection']}: embedded {x['tallstore_embedded']:.2f}× smaller, external "
+              f"{x['tallstore_external']:.2f}×, ZipNN {x['zipnn']:.2f}×, zstd {x['zstd']:.2f}×; masks ≤ "
+              f"{r['masks_vs_entropy_max']:.3f}× H(p)", flush=True)
+    return {"lam": LAM, "rows": rows}
