@@ -13,10 +13,14 @@ from safetensors.torch import save_file
 
 
 def bert_like(params_m: float, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A BERT-shaped float32 state dict with about ``params_m`` million parameters."""
+    """A BERT-shaped float32 state dict with about ``params_m`` million parameters.
+
+    Hidden size 384 (1024 from 100M), vocabulary 30522 (8192 below 20M, so that small smoke-test
+    models are not mostly embeddings).
+    """
     g = torch.Generator().manual_seed(seed)
     hidden = 384 if params_m < 100 else 1024
-    vocab = 30522
+    vocab = 30522 if params_m >= 20 else 8192
     layer = 4 * hidden * hidden + 2 * hidden * 4 * hidden + 9 * hidden + 4 * hidden
     n_layers = max(1, round((params_m * 1e6 - vocab * hidden) / layer))
     sd = {"embeddings.word_embeddings.weight": torch.randn(vocab, hidden, generator=g) * 0.05,

@@ -28,6 +28,7 @@ from .errors import ArchiveError, BaseMismatchError, CorruptArchiveError, Tallst
 from .geometry import block_ranges
 from .storage import format as fmt
 from .storage import schema
+from .storage.strict import StrictStore
 from .storage.reading import coalesce, read_many
 from .storage.stores import is_url, local_path, open_store, read_concurrency
 
@@ -54,9 +55,9 @@ def open(
     where = str(location)
     if not is_url(location) and not local_path(location).is_dir():
         raise ArchiveError(f"{where}: no such archive")
-    store = open_store(
+    store = StrictStore(open_store(
         location, read_only=True, storage_options=storage_options, limit=read_concurrency(location, concurrency),
-    )
+    ))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

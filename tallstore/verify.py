@@ -186,8 +186,16 @@ def _check_stored(arc: "Archive", report: VerifyReport) -> None:
         own = _own_group_attrs(store, g)
         if own is None:
             report.problems.append(f"{arc.location}: group {g}/zarr.json is missing or unreadable")
-        elif g.startswith("tasks/") and own != arc.root[g].attrs.asdict():
+        elif g.startswith("tasks/") and own != _attrs(arc.root, g):
             report.problems.append(f"{arc.location}: {g}/zarr.json disagrees with the consolidated metadata")
+
+
+def _attrs(root: zarr.Group, path: str) -> dict[str, Any] | None:
+    """A node's attributes as the archive was opened (consolidated), or None if unreadable."""
+    try:
+        return root[path].attrs.asdict()
+    except Exception:
+        return None
 
 
 def _chunk_ranges(arr: zarr.Array) -> Iterator[tuple[int, int, int]]:
@@ -199,24 +207,25 @@ def _chunk_ranges(arr: zarr.Array) -> Iterator[tuple[int, int, int]]:
 
 def _check_chunks(arc: "Archive", arr: zarr.Array, exp: Expected, report: VerifyReport) -> None:
     """Every chunk present and decodable (decoding checks each chunk's crc32c)."""
-    ranges = list(_chunk_ranges(arr))
-    keys = [f"{exp.path}/{arr.metadata.encode_chunk_key((i,))}" for i, _, _ in ranges]
+    chunks = [(f"{exp.path}/{arr.metadata.encode_chunk_key((i,))}", a, b) for i, a, b in _chunk_ranges(arr)]
     try:
-        missing = _missing(arr.store, keys)
+        missing = set(_missing(arr.store, [key for key, _, _ in chunks]))
     except Exception as e:
-        missing = [f"{exp.path} (cannot list: {type(e).__name__})"]
-    for key in missing:
+        report.problems.append(f"{arc.location}: {exp.what}: cannot check its chunks ({type(e).__name__}: {e})")
+        missing = set()
+    for key in sorted(missing):
         report.problems.append(f"{arc.location}: {exp.what}: chunk {key} is missing")
-    for s in range(0, len(ranges), READ_BATCH):
-        batch = ranges[s : s + READ_BATCH]
+    present = [c for c in chunks if c[0] not in missing]
+    for s in range(0, len(present), READ_BATCH):
+        batch = present[s : s + READ_BATCH]
         try:
             read_many([(arr, slice(a, b)) for _, a, b in batch])
         except Exception:
-            for i, a, b in batch:
+            for key, a, b in batch:
                 try:
                     arr[a:b]
                 except Exception as e:
-                    report.problems.append(f"{arc.location}: {exp.what}: chunk {i} is unreadable ({type(e).__name__}: {e})")
+                    report.problems.append(f"{arc.location}: {exp.what}: chunk {key} is unreadable ({type(e).__name__}: {e})")
         report.chunks += len(batch)
 
 

@@ -130,15 +130,27 @@ def test_missing_chunk_is_caught_by_rebuild_crc_and_verify(copy: Path, chunk: st
     assert any(chunk in p and "missing" in p for p in problems), problems
 
 
+def test_missing_chunk_is_an_error_even_where_no_checksum_covers_the_result(copy: Path) -> None:
+    (copy / "tensors" / "w" / "merged" / "c" / "1").unlink()
+    with pytest.raises(CorruptArchiveError, match="chunk tensors/w/merged/c/1 is missing"):
+        tallstore.open(copy).merge("consensus", k=1)["w"]
+
+
 def test_all_zero_chunks_are_stored_so_absence_means_loss(tmp_path: Path) -> None:
     base, tasks = tiny_collection(tmp_path / "in")
-    zeros = tmp_path / "zeros.safetensors"
-    task = load_file(tasks["t0"])
-    task["head"] = torch.zeros(3, 8)
-    save_file(task, zeros)
-    tallstore.pack(tmp_path / "arc", base, {"z": zeros, "t1": tasks["t1"]}, block_elems=TINY_BLOCK)
+    w0 = load_file(base)["w"][:4]
+    edited = {}
+    for name in ("t0", "t1"):
+        task = load_file(tasks[name])
+        task["head"] = torch.zeros(3, 8)
+        task["w"][:4] = w0
+        edited[name] = tmp_path / f"{name}.safetensors"
+        save_file(task, edited[name])
+    tallstore.pack(tmp_path / "arc", base, edited, block_elems=TINY_BLOCK)
     assert (tmp_path / "arc" / "tensors" / "head" / "exact" / "0" / "c" / "0").is_file()
-    assert tallstore.open(tmp_path / "arc").verify().ok
+    assert (tmp_path / "arc" / "tensors" / "w" / "merged" / "c" / "0").is_file()
+    report = tallstore.open(tmp_path / "arc").verify()
+    assert report.ok and report.chunks == len(list((tmp_path / "arc").rglob("c/*")))
 
 
 def test_deleted_or_garbled_root_metadata_is_an_archive_error(copy: Path) -> None:
