@@ -36,6 +36,7 @@ NAME = "fidelity"
 MERGES = ("ta", "ties")
 SELECTIONS = ("fixed", "search", "auto")
 K = 2
+QUICK_T = 2  # tasks of the quick zoo evaluated in a --quick run
 MERGED = {  # label: (archive merge rule, Archive.merge method)
     "ta": ("ta", "ta"),
     "ties": ("ties", "ties"),
@@ -52,13 +53,15 @@ def with_heads(merged: Mapping[str, torch.Tensor], view: tallstore.TaskView) -> 
 def grids(quick: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The λ grid for ``search``/``auto`` and the α grid for merged models."""
     if quick:
-        return (0.2, 0.6), (0.5, 1.0)
+        return (0.2, 0.6), (1.0,)
     return (0.2, 0.3, 0.4, 0.5, 0.6), tuple(round(0.1 * i, 1) for i in range(1, 11))
 
 
 def run(cfg: Config) -> dict[str, Any]:
     """Evaluate every model of the zoo's tasks; JSON-ready results."""
-    coll, zoo = zoo_collection(cfg.quick, cfg.zoo_tasks)
+    from .zoo import QUICK_TASKS
+
+    coll, zoo = zoo_collection(cfg.quick, cfg.zoo_tasks or (list(QUICK_TASKS[:QUICK_T]) if cfg.quick else None))
     lam_grid, alpha_grid = grids(cfg.quick)
     tasks = zoo.tasks
     per: dict[str, dict[str, Any]] = {}

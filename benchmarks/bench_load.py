@@ -89,7 +89,7 @@ def loaders(coll: Collection, task: str, ext: Path, emb: Path, znn: Path, target
 
 
 def time_side_by_side(fns: dict[str, tuple[Callable[[], Any], list[Path]]], repeats: int, cold_repeats: int) -> dict[str, dict[str, float]]:
-    """Warm (best of ``repeats`` rounds) and cold (median of ``cold_repeats``) seconds per method."""
+    """Warm (best of ``repeats`` rounds) and cold (median of ``cold_repeats``, if any) seconds per method."""
     warm = {m: math.inf for m in fns}
     cold: dict[str, list[float]] = {m: [] for m in fns}
     for fn, _ in fns.values():
@@ -105,7 +105,7 @@ def time_side_by_side(fns: dict[str, tuple[Callable[[], Any], list[Path]]], repe
             t = time.perf_counter()
             fn()
             cold[m].append(time.perf_counter() - t)
-    return {"warm": warm, "cold": {m: statistics.median(v) for m, v in cold.items()}}
+    return {"warm": warm, "cold": {m: statistics.median(v) for m, v in cold.items() if v}}
 
 
 def measure(work: Path, coll: Collection, repeats: int, cold_repeats: int) -> dict[str, Any]:
@@ -132,12 +132,17 @@ def measure(work: Path, coll: Collection, repeats: int, cold_repeats: int) -> di
         "archive_files": len(files_under(ext)),
         "pack_seconds": PACK_SECONDS.get(str(ext)),
         **times,
-        "ratio_warm": times["warm"]["tallstore"] / times["warm"]["safetensors"],
-        "ratio_warm_opened": times["warm"]["tallstore_opened"] / times["warm"]["safetensors"],
-        "ratio_warm_vs_zipnn": times["warm"]["tallstore"] / times["warm"]["zipnn"],
-        "ratio_cold": times["cold"]["tallstore"] / times["cold"]["safetensors"],
-        "ratio_cold_vs_zipnn": times["cold"]["tallstore"] / times["cold"]["zipnn"],
+        "ratio_warm": _ratio(times["warm"], "tallstore", "safetensors"),
+        "ratio_warm_opened": _ratio(times["warm"], "tallstore_opened", "safetensors"),
+        "ratio_warm_vs_zipnn": _ratio(times["warm"], "tallstore", "zipnn"),
+        "ratio_cold": _ratio(times["cold"], "tallstore", "safetensors"),
+        "ratio_cold_vs_zipnn": _ratio(times["cold"], "tallstore", "zipnn"),
     }
+
+
+def _ratio(times: dict[str, float], a: str, b: str) -> float | None:
+    """``times[a] / times[b]``, or None where they were not measured."""
+    return times[a] / times[b] if a in times and b in times else None
 
 
 def collections(cfg: Config) -> list[Collection]:

@@ -28,7 +28,7 @@ from .errors import ArchiveError, BaseMismatchError, CorruptArchiveError, Tallst
 from .geometry import block_ranges
 from .storage import format as fmt
 from .storage import schema
-from .storage.strict import StrictStore
+from .storage.strict import StrictStore, read_error
 from .storage.reading import coalesce, read_many
 from .storage.stores import is_url, local_path, open_store, read_concurrency
 
@@ -284,7 +284,7 @@ class TaskView(Mapping[str, torch.Tensor]):
     def _corrupt(self, key: str | None, e: BaseException) -> CorruptArchiveError:
         """A one-line error naming the archive, the task and, when known, the tensor."""
         what = f"tensor {key!r} of task {self.name!r}" if key is not None else f"task {self.name!r}"
-        detail = str(e) if isinstance(e, TallstoreError) else f"{type(e).__name__}: {e}"
+        detail = str(e) if isinstance(e, TallstoreError) else read_error(e)
         return CorruptArchiveError(f"{self.archive.location}: {what}: stored data is unreadable or corrupt ({detail})")
 
     def _build(self, key: str, arrays: list[np.ndarray]) -> torch.Tensor:

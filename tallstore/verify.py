@@ -37,6 +37,7 @@ from .packing.units import file_sha256
 from .storage import format as fmt
 from .storage import schema
 from .storage.reading import read_many
+from .storage.strict import read_error
 
 if TYPE_CHECKING:
     from .archive import Archive
@@ -225,7 +226,7 @@ def _check_chunks(arc: "Archive", arr: zarr.Array, exp: Expected, report: Verify
                 try:
                     arr[a:b]
                 except Exception as e:
-                    report.problems.append(f"{arc.location}: {exp.what}: chunk {key} is unreadable ({type(e).__name__}: {e})")
+                    report.problems.append(f"{arc.location}: {exp.what}: chunk {key} is unreadable ({read_error(e)})")
         report.chunks += len(batch)
 
 
@@ -241,13 +242,15 @@ def _check_base(arc: "Archive", report: VerifyReport) -> None:
     b = arc.manifest["base"]
     digests: dict[str, str] = {}
     infos: dict[str, TensorInfo] = {}
-    try:
-        for k in b["keys"]:
-            e = arc.entries[k]
-            infos[k] = info = TensorInfo(dtypes.by_name(e["base_dtype"]), tuple(e["shape"]))
+    for k in b["keys"]:
+        e = arc.entries[k]
+        infos[k] = info = TensorInfo(dtypes.by_name(e["base_dtype"]), tuple(e["shape"]))
+        try:
             digests[k] = _digest(arc.base.read(k), info, arc.manifest["block_elems"])
-    except Exception as e:
-        report.problems.append(f"{arc.location}: the base cannot be read ({type(e).__name__}: {e})")
+        except Exception as err:
+            detail = str(err) if isinstance(err, TallstoreError) else read_error(err)
+            report.problems.append(f"{arc.location}: base tensor {k!r} cannot be read ({detail})")
+    if len(digests) < len(b["keys"]):
         return
     report.base_checked = True
     if fingerprint(digests, infos) != b["fingerprint"]:

@@ -55,7 +55,7 @@ def before(fn: Callable[..., Any], point: str, nth: int = 0) -> Callable[..., An
 
 
 def install(point: str) -> None:
-    """Make this process pause at ``point`` (a stage of pack or extract)."""
+    """Make this process pause at ``point`` (a stage of pack, or of writing an output file)."""
     if point == "temp-created":
         packer.Target.__enter__ = after(packer.Target.__enter__, point)
     elif point == "units-running":
@@ -74,7 +74,7 @@ def install(point: str) -> None:
             publish(src, dst)
 
         writer.replace = replace
-    elif point == "extract-half-written":
+    elif point == "output-half-written":
         original = writer.write_safetensors
 
         def write(path: Any, items: Any, get: Callable[[str], Any], metadata: Any = None) -> None:

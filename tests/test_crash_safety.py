@@ -1,9 +1,9 @@
-"""Crash safety: ``pack`` and ``extract`` killed with SIGKILL at any moment never publish a partial result.
+"""Crash safety: ``pack``, ``extract`` and ``merge`` killed by SIGKILL never publish a partial result.
 
 A driver process (``crash_driver.py``) imports tallstore once and forks each command, so killing
 at a dozen points costs one interpreter start. Kills land at named stages (temporary folder made,
 units running, before and after the completeness marker, just before the rename, between the
-two renames of ``--force``, half-way through an extracted file) and at fractions of a measured
+two renames of ``--force``, half-way through an output file) and at fractions of a measured
 run. Afterwards the final path is absent or a complete, correct result, and re-running succeeds.
 """
 
@@ -202,7 +202,7 @@ def test_forced_repack_killed_before_publishing_leaves_the_old_archive_in_place(
     assert all(same_bits(got[n], old[n]) for n in old)
 
 
-@pytest.mark.parametrize("point", ["extract-half-written", "before-publish"])
+@pytest.mark.parametrize("point", ["output-half-written", "before-publish"])
 @pytest.mark.parametrize("layout", ["x.safetensors", "folder"])
 def test_extract_killed_never_leaves_a_file_under_its_final_name(
     driver: Driver, inputs: tuple, tmp_path: Path, point: str, layout: str,  # type: ignore[type-arg]
@@ -218,3 +218,18 @@ def test_extract_killed_never_leaves_a_file_under_its_final_name(
     assert driver.run(argv) == 0
     got = load_file(out) if layout.endswith(".safetensors") else load_file(out / "model.safetensors")
     assert same_bits(got, reference["t1"])
+
+
+def test_merge_killed_half_way_never_leaves_a_file_under_its_final_name(
+    driver: Driver, inputs: tuple, tmp_path: Path,  # type: ignore[type-arg]
+) -> None:
+    base, tasks, _ = inputs
+    archive = tmp_path / "arc"
+    tallstore.pack(archive, base, tasks)
+    out = tmp_path / "merged.safetensors"
+    argv = ["merge", archive, "-o", out]
+    driver.start(argv, pause="output-half-written")
+    driver.kill_at("output-half-written")
+    assert not out.exists()
+    assert driver.run(argv) == 0
+    assert same_bits(load_file(out), tallstore.open(archive).merge().state_dict())

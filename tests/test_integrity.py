@@ -14,6 +14,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -94,9 +95,8 @@ def check_case(packed: Packed, path: Path, op: str, where: float, bit: int) -> s
 
 def test_every_array_ends_its_codec_chain_with_crc32c(packed: Packed) -> None:
     root = zarr.open_group(packed.location, mode="r")
-    arrays = [a for _, a in root.arrays()] + [a for g in ("tensors", "masks") for _, a in root[g].arrays()]
-    arrays += [a for _, grp in root["tensors"].groups() for _, a in grp.arrays()]
-    assert arrays
+    arrays = [node for _, node in root.members(max_depth=None) if isinstance(node, zarr.Array)]
+    assert len(arrays) == tallstore.open(packed.location).verify().arrays
     for a in arrays:
         assert a.metadata.to_dict()["codecs"][-1]["name"] == "crc32c", a.path
 
@@ -249,6 +249,21 @@ def test_random_damage_ends_in_an_error_or_exact_tensors(
 ) -> None:
     pool = [p for p in packed.files if Packed.is_chunk(p)] if chunks_only else packed.files
     check_case(packed, pool[pick % len(pool)], op, where, bit)
+
+
+def test_verify_on_an_object_store_finds_a_deleted_chunk(tmp_path: Path, s3_server: Any, s3_bucket: str) -> None:
+    import fsspec
+
+    base, tasks = tiny_collection(tmp_path / "in")
+    so = s3_server.storage_options
+    url = f"{s3_bucket}/arc"
+    tallstore.pack(url, base, tasks, embed_base=True, block_elems=TINY_BLOCK, storage_options=so)
+    assert tallstore.open(url, storage_options=so).verify(deep=True).ok
+    fsspec.filesystem("s3", skip_instance_cache=True, **so).rm(f"{url}/tensors/w/base/c/1")
+    with pytest.raises(CorruptArchiveError, match="chunk tensors/w/base/c/1 is missing"):
+        tallstore.open(url, storage_options=so)["t0"]["w"]
+    problems = tallstore.open(url, storage_options=so).verify().problems
+    assert any("tensors/w/base/c/1 is missing" in p for p in problems), problems
 
 
 def test_verify_flags_a_node_metadata_that_disagrees_with_the_consolidated_copy(copy: Path) -> None:

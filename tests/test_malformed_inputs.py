@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 import tallstore
 from tallstore.checkpoint import open_checkpoint
-from tallstore.errors import ArchiveError, BaseMismatchError, CheckpointError, PlanError, TallstoreError
+from tallstore.errors import ArchiveError, BaseMismatchError, PlanError, TallstoreError
 
 
 

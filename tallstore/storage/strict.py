@@ -40,3 +40,10 @@ class StrictStore(WrapperStore[Store]):
 
     def __repr__(self) -> str:
         return f"StrictStore({self._store!r})"
+
+
+def read_error(e: BaseException) -> str:
+    """A short description of why reading stored data failed (zarr's checksum message included)."""
+    if isinstance(e, ValueError) and "computed checksum do not match" in str(e):
+        return "crc32c checksum mismatch"
+    return f"{type(e).__name__}: {e}"

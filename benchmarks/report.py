@@ -1,0 +1,532 @@
+"""RESULTS.md, summary.md and PNG plots, generated from the modules' JSON results (never by hand)."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .common import HERE, now  # noqa: E402
+
+Results = dict[str, dict[str, Any]]
+
+LOAD_TARGET = 2.0
+ENTROPY_TARGET = 1.05
+SIZE_TARGET = 9.0
+PAPER_NORMALIZED = (0.992, 0.997)
+SELECTIONS = {"fixed": "λ=0.4", "search": "searched λ", "auto": "auto λ"}
+MERGED_LABELS = {"ta": "TA", "ties": "TIES", "consensus_ta": "Consensus TA", "consensus_ties": "Consensus TIES"}
+SIZE_COLUMNS = {
+    "zstd": "zstd -3", "zipnn": "ZipNN", "tallstore_external": "tallstore, base external",
+    "tallstore_external_plus_base": "tallstore + base file", "tallstore_embedded": "tallstore, base embedded",
+    "bound_external": "bound, external", "bound_embedded": "bound, embedded", "paper_accounting": "paper's count (2w+T)·P bits",
+}
+LOAD_COLUMNS = {
+    "safetensors": "safetensors", "safetensors_lazy": "safetensors lazy", "zipnn": "ZipNN",
+    "tallstore": "tallstore", "tallstore_opened": "tallstore (open archive)", "tallstore_embedded": "tallstore (embedded base)",
+}
+
+
+def load(out: Path) -> Results:
+    """Every module's latest ``{"meta", "results"}`` in ``out``, by module name."""
+    got = {}
+    for p in sorted(out.glob("*.json")):
+        data = json.loads(p.read_text())
+        if isinstance(data, dict) and "meta" in data and "results" in data:
+            got[data["meta"]["module"]] = data
+    return got
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def pct(x: float | None, digits: int = 1) -> str:
+    """``0.9934`` → ``99.3%``."""
+    return "–" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def ms(x: float | None) -> str:
+    """Seconds as milliseconds."""
+    return "–" if x is None else f"{x * 1e3:.1f}"
+
+
+def mb(x: float) -> str:
+    """Bytes as MB."""
+    return f"{x / 1e6:,.1f}"
+
+
+def times(x: float | None) -> str:
+    """A ratio as ``×1.23``."""
+    return "–" if x is None else f"×{x:.2f}"
+
+
+def duration(seconds: float) -> str:
+    """``754`` → ``12 min 34 s``."""
+    m, s = divmod(round(seconds), 60)
+    return f"{m} min {s:02d} s" if m else f"{s} s"
+
+
+def mark(ok: bool | None) -> str:
+    """A met/missed mark."""
+    return "–" if ok is None else ("met" if ok else "**missed**")
+
+
+# ------------------------------------------------------------------ summary
+
+
+def summary_rows(res: Results) -> list[list[str]]:
+    """The headline claims: what was measured, against which target or reference, met or not."""
+    rows: list[list[str]] = []
+    if "fidelity" in res:
+        f = res["fidelity"]["results"]
+        n = len(f["tasks"])
+        norm = f["mean"]["normalized"]
+        lo, hi = PAPER_NORMALIZED
+        for merge, name in (("ta", "TALL+TA"), ("ties", "TALL+TIES")):
+            rows.append([f"Normalized accuracy, {name}, searched λ (mean of {n} real tasks)",
+                         pct(norm[f"{merge}-search"]), f"paper: {pct(lo)}–{pct(hi)}", mark(norm[f"{merge}-search"] >= lo)])
+        m = f["mean"]["merged"]
+        rows.append(["Merged model, Consensus TA vs TA (mean accuracy)", f"{pct(m['consensus_ta'])} vs {pct(m['ta'])}",
+                     "paper: Consensus TA > TA", mark(m["consensus_ta"] > m["ta"])])
+    if "size" in res:
+        rows_s = res["size"]["results"]["rows"]
+        big = [r for r in rows_s if r["dtype"] == "float32" and r["tasks"] >= 20]
+        for r in big:
+            x = r["times_smaller"]
+            rows.append([f"Archive vs raw, {r['collection']}, base embedded",
+                         f"{x['tallstore_embedded']:.2f}× smaller (ZipNN {x['zipnn']:.2f}×, zstd {x['zstd']:.2f}×)",
+                         f"≥ {SIZE_TARGET:g}×", mark(x["tallstore_embedded"] >= SIZE_TARGET)])
+        for r in rows_s:
+            if r["tag"].startswith("zoo"):
+                x = r["times_smaller"]
+                rows.append([f"Archive vs raw, {r['collection']}",
+                             f"{x['tallstore_embedded']:.2f}× embedded, {x['tallstore_external']:.2f}× external", "–", "–"])
+        worst = max(r["masks_vs_entropy_max"] for r in rows_s)
+        rows.append(["Mask bits per parameter ÷ H(p_t), worst task of any collection", f"{worst:.3f}",
+                     f"≤ {ENTROPY_TARGET}", mark(worst <= ENTROPY_TARGET)])
+    if "load" in res:
+        rows_l = res["load"]["results"]["rows"]
+        zoo = next((r for r in rows_l if r["tag"].startswith("zoo")), rows_l[0])
+        rows.append([f"One-task load ÷ safetensors load, warm ({zoo['collection']})",
+                     f"{times(zoo['ratio_warm'])} (open archive: {times(zoo['ratio_warm_opened'])}; "
+                     f"÷ ZipNN {times(zoo['ratio_warm_vs_zipnn'])})", f"≤ ×{LOAD_TARGET:g}", mark(zoo["ratio_warm"] <= LOAD_TARGET)])
+        worst = max(rows_l, key=lambda r: r["ratio_warm"])
+        rows.append([f"One-task load ÷ safetensors load, warm, worst collection ({worst['collection']})",
+                     times(worst["ratio_warm"]), f"≤ ×{LOAD_TARGET:g}", mark(worst["ratio_warm"] <= LOAD_TARGET)])
+        cold = [r for r in rows_l if r["ratio_cold"] is not None]
+        if cold:
+            c = max(cold, key=lambda r: r["ratio_cold"])
+            rows.append([f"One-task load ÷ safetensors load, cold, worst collection ({c['collection']})",
+                         times(c["ratio_cold"]), "–", "–"])
+        growth = load_growth(rows_l)
+        if growth:
+            rows.append([f"Load time T={growth['t_max']} ÷ T={growth['t_min']} ({growth['label']}, warm)",
+                         times(growth["ratio"]), "does not grow with T", mark(growth["ratio"] <= 1.25)])
+    if "pack" in res:
+        p = res["pack"]["results"]
+        gbps = [r["input_gb_per_s"] for r in p["rows"]]
+        rows.append(["Pack throughput (input GB/s, all configurations)", f"{min(gbps):.3f}–{max(gbps):.3f}",
+                     f"time linear in T·P: R² = {p['fit']['r2']:.3f}", "–"])
+        flat = rss_flatness(p)
+        if flat:
+            rows.append([f"Pack peak anonymous RSS, {flat['small']} vs {flat['large']} params at T={flat['T']}",
+                         f"{flat['a']:,.0f} vs {flat['b']:,.0f} MiB", "flat in model size", mark(flat["b"] <= 1.5 * flat["a"])])
+    return rows
+
+
+def load_growth(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Warm tallstore load time at the largest T ÷ at the smallest, within one synthetic model."""
+    groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["tag"].startswith("syn"):
+            groups.setdefault((r["params"], r["dtype"]), []).append(r)
+    best = max(groups.values(), key=lambda g: max(r["tasks"] for r in g) - min(r["tasks"] for r in g), default=None)
+    if not best or len(best) < 2:
+        return None
+    lo, hi = min(best, key=lambda r: r["tasks"]), max(best, key=lambda r: r["tasks"])
+    return {"t_min": lo["tasks"], "t_max": hi["tasks"], "ratio": hi["warm"]["tallstore"] / lo["warm"]["tallstore"],
+            "label": f"{hi['params'] / 1e6:.0f}M {hi['dtype']}"}
+
+
+def rss_flatness(p: dict[str, Any]) -> dict[str, Any] | None:
+    """Peak anonymous RSS of the smallest and largest model at the largest T."""
+    T = max(r["tasks"] for r in p["rows"])
+    at = sorted((r for r in p["rows"] if r["tasks"] == T), key=lambda r: r["params"])
+    if len(at) < 2:
+        return None
+    return {"T": T, "small": f"{at[0]['params'] / 1e6:.0f}M", "large": f"{at[-1]['params'] / 1e6:.0f}M",
+            "a": at[0]["peak_anon_mib"], "b": at[-1]["peak_anon_mib"]}
+
+
+# ------------------------------------------------------------------ sections
+
+
+def runs_section(res: Results, out: Path) -> str:
+    """Machine, dates, commands and durations of the runs behind this report."""
+    metas = sorted((d["meta"] for d in res.values()), key=lambda m: m["started"])
+    m = metas[-1]["machine"]
+    lines = [
+        f"- **Machine**: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, {m['os']}; Python {m['python']}, "
+        f"torch {m['torch']} ({m['torch_threads']} threads), numpy {m['numpy']}, zarr {m['zarr']}, "
+        f"safetensors {m['safetensors']}, tallstore {m['tallstore']} (git {m['git']})",
+        f"- **Report generated**: {now()} by `benchmarks/report.py`",
+        f"- **Full suite duration** (sum of the module runs below): {duration(sum(x['seconds'] for x in metas))}",
+    ]
+    inv = out / "last_invocation.json"
+    if inv.exists():
+        i = json.loads(inv.read_text())
+        lines.append(f"- **Last invocation**: `{i['command']}` at {i['started']}, {duration(i['seconds'])}"
+                     + (f", failed: {', '.join(i['failed'])}" if i["failed"] else ""))
+    rows = [[d["module"], f"`{d['command']}`", d["started"], duration(d["seconds"]),
+             f"{d['load_average_before'][0]} → {d['load_average_after'][0]}", d["machine"]["git"]] for d in metas]
+    return "\n".join(lines) + "\n\n" + table(["module", "command", "started (UTC)", "duration", "load average (1 min) before → after", "git"], rows)
+
+
+def fidelity_section(f: dict[str, Any], out: Path, doc: Path) -> str:
+    """Per-task accuracies of fine-tuned, rebuilt and merged models on the real zoo."""
+    z = f["zoo"]
+    tasks = f["tasks"]
+    per = f["per_task"]
+    zt = [[t, z["tasks"][t]["description"], ", ".join(f"{k} {v}" for k, v in z["tasks"][t]["source"]["packages"].items()),
+           len(z["tasks"][t]["labels"]), z["tasks"][t]["n_train"], z["tasks"][t]["n_val"], pct(z["tasks"][t]["majority_acc"]),
+           f"{z['tasks'][t]['build_seconds']:.0f}"] for t in tasks]
+    variants = [f"{m}-{s}" for m in ("ta", "ties") for s in SELECTIONS]
+    names = {f"{m}-{s}": f"TALL+{m.upper()} {SELECTIONS[s]}" for m in ("ta", "ties") for s in SELECTIONS}
+    rebuilt = [[t, pct(per[t]["zero_shot"]), pct(per[t]["finetuned"]),
+                *(f"{pct(per[t]['rebuilt'][v])} ({pct(per[t]['normalized'][v])})" for v in variants)] for t in tasks]
+    mean = f["mean"]
+    rebuilt.append(["**mean**", pct(mean["zero_shot"]), pct(mean["finetuned"]),
+                    *(f"**{pct(mean['rebuilt'][v])} ({pct(mean['normalized'][v])})**" for v in variants)])
+    lams = [[t, *(f"{per[t]['lam'][v]:g} / {per[t]['density'][v]:.3f} / {per[t]['rebuild_error'][v]:.3f}" for v in variants)] for t in tasks]
+    merged = [[t, pct(per[t]["finetuned"]), *(f"{pct(per[t]['merged'][k])} ({pct(per[t]['merged_normalized'][k])})" for k in MERGED_LABELS)] for t in tasks]
+    merged.append(["**mean**", pct(mean["finetuned"]),
+                   *(f"**{pct(mean['merged'][k])} ({pct(mean['merged_normalized'][k])})**" for k in MERGED_LABELS)])
+    merged.append(["chosen α", "", *(f"{f['merged'][k]['alpha']:g}" + (f", k={f['merged'][k]['k']}" if f["merged"][k]["k"] else "") for k in MERGED_LABELS)])
+    lo, hi = PAPER_NORMALIZED
+    cons = mean["merged"]["consensus_ta"] - mean["merged"]["ta"]
+    base = z["base"]
+    return f"""Base: `{base['package']}` {base['version']} (all-MiniLM-L6-v2, {base['n_params']:,} parameters), fp32.
+{len(tasks)} tasks fine-tuned offline by `benchmarks/zoo.py` (LP-FT, epochs: {z['config']['epochs']}, ≤ {z['config']['train_max']}
+training examples, max length {z['config']['max_len']}); total build time {duration(z['build_seconds'])} (cached in `{Path(z['root']).relative_to(HERE.parent) if Path(z['root']).is_relative_to(HERE.parent) else z['root']}`).
+Accuracy = validation accuracy of the task's encoder with its own linear head. "Zero-shot" is the base
+encoder with the task's fine-tuned head (the base has no classifier of its own).
+
+{table(["task", "data", "source package", "classes", "train", "val", "majority class", "build s"], zt)}
+
+**Rebuilt from the archive** — accuracy (normalized = rebuilt ÷ fine-tuned). λ search grid
+{f['lam_grid']} scored by validation accuracy (the paper's rule, `lam="search"`); `auto` scores by
+weight-space cosine (no data); fixed λ = {f['fixed_lam']}. Paper reference: {pct(lo)}–{pct(hi)} normalized accuracy.
+
+{table(["task", "zero-shot", "fine-tuned", *(names[v] for v in variants)], rebuilt)}
+
+λ / mask density / pack-time rebuild error ‖θ̂−θ‖/‖τ‖ per archive:
+
+{table(["task", *(names[v] for v in variants)], lams)}
+
+**One merged model for all tasks** (each task evaluated with its own head; α from {f['alpha_grid']} by the mean
+accuracy; Consensus uses the searched-λ masks, k = {f['k']}). Accuracy (normalized to fine-tuned):
+
+{table(["task", "fine-tuned", *MERGED_LABELS.values()], merged)}
+
+Consensus TA − TA: {100 * cons:+.2f} points (paper: Consensus TA beats TA). λ and α were chosen on the
+reported validation split (the zoo has no separate test split).
+
+{img('normalized accuracy', plot_fidelity(f, out), doc)}
+"""
+
+
+def size_section(s: dict[str, Any], out: Path, doc: Path) -> str:
+    """Stored sizes against raw, zstd, ZipNN and the entropy bound; masks against H(p_t)."""
+    rows = [[r["collection"], f"{r['params'] / 1e6:.1f}M", mb(r["sizes"]["raw"]),
+             *(f"{r['times_smaller'][k]:.2f}×" for k in SIZE_COLUMNS)] for r in s["rows"]]
+    masks = []
+    for r in s["rows"]:
+        pt = r["per_task"]
+        d = [x["density"] for x in pt]
+        masks.append([r["collection"], f"{min(d):.3f}–{max(d):.3f}", f"{statistics.mean(x['entropy_bits'] for x in pt):.3f}",
+                      f"{statistics.mean(x['mask_bits_per_param'] for x in pt):.3f}",
+                      f"{min(x['vs_entropy'] for x in pt):.3f}–{r['masks_vs_entropy_max']:.3f}"])
+    zoo = next((r for r in s["rows"] if r["tag"].startswith("zoo")), None)
+    detail = ""
+    if zoo:
+        detail = "\n\nPer task, " + zoo["collection"] + ":\n\n" + table(
+            ["task", "density p_t", "H(p_t) bits", "mask bits/param", "÷ H(p_t)", "rebuild error"],
+            [[x["task"], f"{x['density']:.4f}", f"{x['entropy_bits']:.4f}", f"{x['mask_bits_per_param']:.4f}",
+              f"{x['vs_entropy']:.3f}", f"{x['rebuild_error']:.3f}"] for x in zoo["per_task"]])
+    parts = [[r["collection"], *(f"{8 * r['parts_embedded'].get(k, 0) / r['params']:.2f}" for k in ("base", "merged")),
+              f"{8 * sum(v for k, v in r['parts_embedded'].items() if k.startswith('masks/')) / r['params'] / r['tasks']:.3f}",
+              mb(r["parts_embedded"].get("exact", 0)), mb(r["parts_embedded"].get("metadata", 0))] for r in s["rows"]]
+    return f"""Each column is how many times smaller than the raw safetensors files of the T tasks (higher is
+better), all measured in one run on the same files; λ = {s['lam']}, TA merge. zstd and ZipNN compress each
+checkpoint file whole (ZipNN is lossless; tallstore rebuilds the TALL approximation θ₀ + m_t ⊙ τ_MTL).
+"bound" = the archive's stored merged vector and exact tensors (plus the stored base, embedded) with every mask at
+its entropy H(p_t) bits per parameter. The paper's count is uncompressed: θ₀ and τ_MTL at the tasks' width plus
+one bit per parameter per task (w = 32 for fp32, 16 for bf16).
+
+{table(["collection", "params", "raw MB", *SIZE_COLUMNS.values()], rows)}
+
+**Masks against their entropy** (mask bits per parameter = stored bytes of `masks/<t>` × 8 ÷ masked
+parameters; H(p_t) is the entropy of an i.i.d. mask of density p_t, so a mask with structure — whole rows
+left unchanged — can go below it; target ≤ {ENTROPY_TARGET}×):
+
+{table(["collection", "density p_t", "mean H(p_t) bits", "mean bits/param", "bits ÷ H(p_t), min–max"], masks)}{detail}
+
+Where the bytes go (embedded archive, bits per model parameter; masks per task):
+
+{table(["collection", "base", "merged", "mask per task", "exact MB", "metadata MB"], parts)}
+
+{img('size', plot_size(s, out), doc)} {img('masks', plot_masks(s, out), doc)}
+"""
+
+
+def load_section(d: dict[str, Any], out: Path, doc: Path) -> str:
+    """Warm and cold one-task load times against safetensors and ZipNN; load time against T."""
+    def rows(phase: str) -> list[list[str]]:
+        return [[r["collection"], *(ms(r[phase].get(k)) for k in LOAD_COLUMNS),
+                 times(r[f"ratio_{phase}"]), times(r[f"ratio_{phase}_vs_zipnn"])] for r in d["rows"] if r[phase]]
+    header = ["collection", *(f"{v} ms" for v in LOAD_COLUMNS.values()), "tallstore ÷ safetensors", "tallstore ÷ ZipNN"]
+    synth = [r for r in d["rows"] if r["tag"].startswith("syn")]
+    by_t = [[r["collection"], r["tasks"], ms(r["warm"]["tallstore"]), ms(r["cold"].get("tallstore")),
+             mb(r["mask_bytes_task"]), mb(r["mask_bytes_all"]), mb(r["archive_bytes"])] for r in synth]
+    cold = "" if not any(r["cold"] for r in d["rows"]) else f"""
+**Cold** (median of {d['cold_repeats']}; each call after its files — checkpoint, ZipNN file, archive, base — were
+evicted from the page cache with `POSIX_FADV_DONTNEED`, so they are read from disk):
+
+{table(header, rows("cold"))}
+"""
+    return f"""A load = the first task's tensors in preallocated model parameters (`copy_`), which is what loading
+a model means: `safetensors` = `load_file` of the original checkpoint + copy; `safetensors lazy` =
+`load_file` alone (memory-mapped, no weight bytes read: shown for reference only); `ZipNN` = read and
+decompress the ZipNN file, view its tensors in place, copy; `tallstore` = `tallstore.open(archive, base=...)`
++ `arc[task].state_dict()` (rebuild, CRC check) + copy; `(open archive)` without the `open`; `(embedded
+base)` opens a self-contained archive. Target: tallstore ≤ ×{LOAD_TARGET:g} safetensors.
+
+**Warm** (best of {d['repeats']} rounds, every method once per round, after one untimed call each):
+
+{table(header, rows("warm"))}
+{cold}
+**Load time against T** (only the task's own mask is read: `mask MB read` vs all masks):
+
+{table(["collection", "T", "tallstore warm ms", "tallstore cold ms", "mask MB read", "all masks MB", "archive MB"], by_t)}
+
+{img('load', plot_load(d, out), doc)}
+"""
+
+
+def pack_section(p: dict[str, Any], out: Path, doc: Path) -> str:
+    """Pack time, throughput and peak memory by model size and T."""
+    b = p["baseline"]
+    rows = [[f"{r['params'] / 1e6:.0f}M", r["tasks"], r["dtype"], f"{r['input_bytes'] / 1e9:.2f}", f"{r['seconds']:.1f}",
+             f"{r['input_gb_per_s']:.3f}", f"{r['peak_anon_mib']:,.0f}", f"{r['vm_hwm_mib']:,.0f}"] for r in p["rows"]]
+    fit = p["fit"]
+    return f"""Generated BERT-like models (`benchmarks/synthetic.py`), stored as {p['dtype']} (the ~400M model at
+T = 20 is 17 GB of inputs in bf16; fp32 would double disk and time without changing the shape of the
+curves). Each configuration is packed by a fresh child process (λ = {p['lam']}, TA, base external,
+{p['workers']} worker threads) after its input files were evicted from the page cache. Peak anonymous RSS
+(`RssAnon`, sampled every 20 ms) is the memory packing holds; `VmHWM` also counts pages of the
+memory-mapped inputs that were touched and not yet dropped, which the kernel reclaims under pressure.
+A child that only imports torch and tallstore peaks at {b['peak_anon_mib']:,.0f} MiB anonymous, {b['vm_hwm_mib']:,.0f} MiB VmHWM.
+
+{table(["params", "T", "dtype", "input GB", "seconds", "input GB/s", "peak anon RSS MiB", "VmHWM MiB"], rows)}
+
+Least squares over all configurations: seconds = {fit['a_seconds']:.2f} + {fit['b_seconds_per_gb']:.2f} × input GB
+(R² = {fit['r2']:.4f}).
+
+{img('pack', plot_pack(p, out), doc)}
+"""
+
+
+def core_section(c: dict[str, Any], out: Path, doc: Path) -> str:
+    """The historical core figures: size and load ratios at T=8."""
+    rows = [[r["dtype"], f"{r['params'] / 1e6:.1f}M", r["tasks"], f"{r['size_ratio_external']:.3f}",
+             f"{r['size_ratio_external_plus_base']:.3f}", f"{r['size_ratio_embedded']:.3f}",
+             ms(r["load_seconds_tallstore"]), ms(r["load_seconds_safetensors"]), ms(r["load_seconds_safetensors_lazy"]),
+             times(r["load_ratio"]), times(r["load_ratio_with_open"])] for r in c["rows"]]
+    return f"""Generated collection, archive ÷ raw size (lower is better) and warm one-task load ÷ safetensors load
+(best of {c['repeats']}; tallstore with the archive open, and including `tallstore.open`).
+
+{table(["dtype", "params", "T", "archive/raw (external)", "(archive+base)/raw", "archive/raw (embedded)",
+        "tallstore ms", "safetensors ms", "safetensors lazy ms", "load ratio", "load ratio with open"], rows)}
+"""
+
+
+def remote_section(r: dict[str, Any], out: Path, doc: Path) -> str:
+    """Bytes fetched from an S3 endpoint for one task, and load time by concurrency."""
+    per = [[x["task"], mb(x["fetched_bytes"]), mb(x["merged_bytes"]), f"{x['mask_bytes'] / 1e6:.3f}",
+            f"{x['ratio']:.4f}", x["foreign_mask_bytes"]] for x in r["per_task"]]
+    tm = [[x["base"], x["concurrency"], f"{x['open_seconds']:.2f}", f"{x['load_seconds']:.2f}"] for x in r["timings"]]
+    return f"""Generated {r['params'] / 1e6:.1f}M-parameter fp32 collection, T = {r['tasks']}, packed to moto's S3 server on localhost
+(`benchmarks/remote_reads.py`). ratio = bytes fetched to open the archive and load one task ÷ (stored merged
+vector + that task's mask); other tasks' masks fetched must be 0. Worst ratio {r['worst_ratio']:.4f}.
+
+{table(["task", "fetched MB", "merged MB", "mask MB", "ratio", "other tasks' mask bytes"], per)}
+
+Load time with {r['latency_ms']:g} ms added per request (moto on localhost is not S3: this shows how concurrency
+hides latency, not what a real bucket delivers):
+
+{table(["base", "concurrency", "open s", "load s"], tm)}
+"""
+
+
+# ------------------------------------------------------------------ plots
+
+
+def img(alt: str, path: Path, doc: Path) -> str:
+    """A Markdown image of ``path`` as seen from a document in folder ``doc``."""
+    return f"![{alt}]({os.path.relpath(path, doc)})"
+
+
+def _save(fig: Any, out: Path, name: str) -> Path:
+    path = out / name
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_fidelity(f: dict[str, Any], out: Path) -> Path:
+    """Normalized accuracy per task: rebuilt variants and merged models."""
+    tasks = f["tasks"]
+    series = {f"TALL+{m.upper()} {SELECTIONS[s]}": [f["per_task"][t]["normalized"][f"{m}-{s}"] for t in tasks]
+              for m in ("ta", "ties") for s in SELECTIONS}
+    series |= {MERGED_LABELS[k]: [f["per_task"][t]["merged_normalized"][k] for t in tasks] for k in MERGED_LABELS}
+    fig, ax = plt.subplots(figsize=(11, 4.2))
+    w = 0.8 / len(series)
+    for i, (label, ys) in enumerate(series.items()):
+        ax.bar([j + i * w for j in range(len(tasks))], [100 * y for y in ys], w, label=label)
+    ax.axhline(100, color="k", lw=0.8)
+    ax.axhspan(100 * PAPER_NORMALIZED[0], 100 * PAPER_NORMALIZED[1], color="g", alpha=0.15, label="paper TALL range")
+    ax.set_xticks([j + 0.4 - w / 2 for j in range(len(tasks))], tasks, rotation=15)
+    ax.set_ylabel("accuracy ÷ fine-tuned (%)")
+    ax.set_ylim(bottom=max(0, 100 * min(min(v) for v in series.values()) - 5))
+    ax.set_title("Real MiniLM zoo: rebuilt and merged models, normalized accuracy")
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, out, "fidelity.png")
+
+
+def plot_size(s: dict[str, Any], out: Path) -> Path:
+    """Times smaller than raw, per method and collection."""
+    keys = ["zstd", "zipnn", "tallstore_external", "tallstore_embedded", "bound_embedded"]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    w = 0.8 / len(keys)
+    for i, k in enumerate(keys):
+        ax.bar([j + i * w for j in range(len(s["rows"]))], [r["times_smaller"][k] for r in s["rows"]], w, label=SIZE_COLUMNS[k])
+    ax.axhline(SIZE_TARGET, color="r", ls="--", lw=0.8, label=f"target {SIZE_TARGET:g}× (T=20 fp32, embedded)")
+    ax.set_xticks([j + 0.4 - w / 2 for j in range(len(s["rows"]))], [r["collection"] for r in s["rows"]], rotation=12, fontsize=7)
+    ax.set_ylabel("raw ÷ stored (× smaller)")
+    ax.set_title("Stored size of T checkpoints")
+    ax.legend(fontsize=7)
+    return _save(fig, out, "size.png")
+
+
+def plot_masks(s: dict[str, Any], out: Path) -> Path:
+    """Mask bits per parameter against the entropy of each task's density."""
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for r in s["rows"]:
+        ax.scatter([x["entropy_bits"] for x in r["per_task"]], [x["mask_bits_per_param"] for x in r["per_task"]], s=12, label=r["collection"])
+    ax.plot([0, 1], [0, 1], "k-", lw=0.8, label="= H(p_t)")
+    ax.plot([0, 1], [0, ENTROPY_TARGET], "r--", lw=0.8, label=f"{ENTROPY_TARGET}× H(p_t)")
+    ax.set_xlabel("H(p_t), bits per parameter")
+    ax.set_ylabel("stored mask bits per parameter")
+    ax.legend(fontsize=6)
+    return _save(fig, out, "masks.png")
+
+
+def plot_load(d: dict[str, Any], out: Path) -> Path:
+    """Warm and cold load times per collection; tallstore load time against T."""
+    keys = ["safetensors", "zipnn", "tallstore", "tallstore_opened"]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [3, 1]})
+    rows = d["rows"]
+    w = 0.8 / (2 * len(keys))
+    for i, k in enumerate(keys):
+        for ph, hatch in (("warm", ""), ("cold", "//")):
+            off = (2 * i + (ph == "cold")) * w
+            ax.bar([j + off for j in range(len(rows))], [1e3 * r[ph].get(k, 0) for r in rows], w, hatch=hatch,
+                   color=f"C{i}", alpha=1.0 if ph == "warm" else 0.5, label=f"{LOAD_COLUMNS[k]} ({ph})")
+    ax.set_xticks([j + 0.4 - w / 2 for j in range(len(rows))], [r["collection"] for r in rows], rotation=12, fontsize=7)
+    ax.set_ylabel("one-task load, ms")
+    ax.legend(fontsize=6, ncol=2)
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["tag"].startswith("syn"):
+            groups.setdefault(f"{r['params'] / 1e6:.0f}M {r['dtype']}", []).append(r)
+    for label, g in groups.items():
+        g = sorted(g, key=lambda r: r["tasks"])
+        bx.plot([r["tasks"] for r in g], [1e3 * r["warm"]["tallstore"] for r in g], "o-", label=f"{label} warm")
+    bx.set_xlabel("T (tasks in the archive)")
+    bx.set_ylabel("tallstore one-task load, ms")
+    bx.set_ylim(bottom=0)
+    bx.legend(fontsize=6)
+    return _save(fig, out, "load.png")
+
+
+def plot_pack(p: dict[str, Any], out: Path) -> Path:
+    """Pack seconds against input size (with the fit) and peak RSS, per model size."""
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
+    sizes = sorted({r["params"] for r in p["rows"]})
+    for i, n in enumerate(sizes):
+        g = sorted((r for r in p["rows"] if r["params"] == n), key=lambda r: r["tasks"])
+        gb = [r["input_bytes"] / 1e9 for r in g]
+        ax.plot(gb, [r["seconds"] for r in g], "o", color=f"C{i}", label=f"{n / 1e6:.0f}M params")
+        bx.plot([r["tasks"] for r in g], [r["peak_anon_mib"] for r in g], "o-", color=f"C{i}", label=f"{n / 1e6:.0f}M anon")
+        bx.plot([r["tasks"] for r in g], [r["vm_hwm_mib"] for r in g], "x:", color=f"C{i}", label=f"{n / 1e6:.0f}M VmHWM")
+    top = max(r["input_bytes"] for r in p["rows"]) / 1e9
+    fit = p["fit"]
+    ax.plot([0, top], [fit["a_seconds"], fit["a_seconds"] + fit["b_seconds_per_gb"] * top], "k--", lw=0.8, label=f"fit, R²={fit['r2']:.3f}")
+    ax.set_xlabel("input GB (base + T tasks)")
+    ax.set_ylabel("pack seconds")
+    ax.legend(fontsize=7)
+    bx.set_xlabel("T")
+    bx.set_ylabel("peak RSS of the pack process, MiB")
+    bx.set_ylim(bottom=0)
+    bx.legend(fontsize=6)
+    return _save(fig, out, "pack.png")
+
+
+# ------------------------------------------------------------------ assembly
+
+SECTIONS: list[tuple[str, str, Callable[[dict[str, Any], Path, Path], str]]] = [
+    ("fidelity", "Fidelity on real fine-tuned checkpoints", fidelity_section),
+    ("size", "Size", size_section),
+    ("load", "One-task load time", load_section),
+    ("pack", "Pack throughput and memory", pack_section),
+    ("core", "Core figures (generated model, bf16 and fp32)", core_section),
+    ("remote", "Remote reads (S3)", remote_section),
+]
+
+
+def write(out: Path, quick: bool) -> list[Path]:
+    """Write RESULTS.md (the full run's at ``benchmarks/RESULTS.md``), summary.md and plots."""
+    res = load(out)
+    summary = table(["claim", "measured", "target / reference", ""], summary_rows(res))
+    summary_path = out / "summary.md"
+    summary_path.write_text(f"<!-- generated by benchmarks/report.py from {out.relative_to(HERE.parent)}/*.json -->\n{summary}\n")
+    results_path = out / "RESULTS.md" if quick else HERE / "RESULTS.md"
+    parts = [
+        "# tallstore benchmark results" + (" (quick smoke configuration)" if quick else ""),
+        f"Generated by `benchmarks/report.py` from `{out.relative_to(HERE.parent)}/*.json`; do not edit by hand. "
+        f"Regenerate with `python -m benchmarks.run{' --quick' if quick else ''}` (`--only NAME ...` for some modules). "
+        "Every number below was measured by the code in `benchmarks/`; ratios compare quantities measured side by side "
+        "in one run.",
+    ]
+    if not res:
+        parts.append("No results yet.")
+    else:
+        parts += [runs_section(res, out), "## Summary", summary]
+        for i, (name, title, fn) in enumerate(SECTIONS, 1):
+            body = fn(res[name]["results"], out, results_path.parent) if name in res else "Not run yet."
+            parts += [f"## {i}. {title}", body]
+    results_path.write_text("\n\n".join(p.strip() for p in parts) + "\n")
+    return [results_path, summary_path, *sorted(out.glob("*.png"))]
