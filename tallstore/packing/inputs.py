@@ -70,12 +70,13 @@ def read_block(spec: InputSpec, kp: KeyPlan, index: int) -> tuple[torch.Tensor, 
     base = got.base.read(kp.key, a, b).reshape(-1)
     tasks = torch.stack([ck.read(kp.key, a, b).reshape(-1) for ck in got.tasks])
     if not spec.allow_nonfinite:
-        _check_finite(base, kp.key, "the base")
+        check_finite(base, kp.key, "the base")
         for name, t in zip(spec.names, tasks):
-            _check_finite(t, kp.key, f"task {name!r}")
+            check_finite(t, kp.key, f"task {name!r}")
     return base, tasks, task_vectors(base, tasks)
 
 
-def _check_finite(t: torch.Tensor, key: str, who: str) -> None:
+def check_finite(t: torch.Tensor, key: str, who: str) -> None:
+    """Refuse NaN/Inf in a float tensor, naming the tensor and whose it is."""
     if not bool(torch.isfinite(t).all()):
         raise PlanError(f"tensor {key!r} of {who} contains NaN or Inf (pass --allow-nonfinite to store it)")

@@ -38,7 +38,7 @@ from .inputs import release as release_inputs
 from .mask_writer import MaskWriter
 from .plan import KeyPlan, Plan, check_task_names, make_plan
 from .ties_pass import check_top, ties_params
-from .units import MaskedBlock, PackSpec, SeparateTensor, context, file_sha256, masked_block, release, separate_tensor
+from .units import MaskedBlock, PackSpec, SeparateTensor, file_sha256, masked_block, release, separate_tensor
 
 DEFAULT_LAM = 0.4
 MASK_CHUNK_BYTES = 1 << 20
@@ -127,13 +127,12 @@ def pack(
             manifest["lam_selection"] = selection
             root.attrs[fmt.ATTR] = manifest
             spec = PackSpec(
-                token=uuid.uuid4().hex, store=target.location, storage_options=storage_options,
-                base=_absolute(base), tasks=tuple(_absolute(tasks[n]) for n in names), names=tuple(names),
+                token=uuid.uuid4().hex, inputs=inputs, store=target.location, storage_options=storage_options,
                 lams=tuple(lams), rule=merge, params=params, codecs=codecs, embed_base=embed_base,
-                allow_nonfinite=allow_nonfinite, block_elems=block_elems,
+                block_elems=block_elems,
             )
             try:
-                summary = _run(spec, root, plan, ex, progress, on_start)
+                summary = _run(spec, root, plan, base_ck, task_cks, ex, progress, on_start)
             finally:
                 ex.broadcast(release, spec)
             _finish(root, spec, plan, manifest, summary, base_ck, task_cks)
@@ -287,10 +286,12 @@ class _Summary:
         return self._ordered_sum(1)
 
 
-def _run(spec: PackSpec, root: zarr.Group, plan: Plan, executor: Executor, progress: Progress | None, on_start: Callable[[int], None] | None) -> _Summary:
+def _run(
+    spec: PackSpec, root: zarr.Group, plan: Plan, base: Checkpoint, tasks: list[Checkpoint],
+    executor: Executor, progress: Progress | None, on_start: Callable[[int], None] | None,
+) -> _Summary:
     """Create the shared arrays, then run every unit on the executor, feeding the mask writer."""
-    ctx = context(spec)
-    n_tasks = len(ctx.tasks)
+    n_tasks = len(tasks)
     for g in ("tensors", "tasks", "masks"):
         root.create_group(g)
     for kp in plan.masked():
@@ -306,11 +307,11 @@ def _run(spec: PackSpec, root: zarr.Group, plan: Plan, executor: Executor, progr
     ] if plan.mask_nbytes else []
     writer = MaskWriter(mask_arrays, plan.mask_nbytes, MASK_CHUNK_BYTES)
     summary = _Summary(plan, n_tasks)
-    files = sorted({f for ck in ctx.tasks for f in ck.files} | set(ctx.base.files), key=str)
+    files = sorted({f for ck in tasks for f in ck.files} | set(base.files), key=str)
 
     def weight(kp: KeyPlan) -> int:
         per = (kp.base_info.numel * kp.base_info.dtype.itemsize) if kp.base_info else 0
-        return per + sum(ctx.tasks[t].info(kp.key).numel * ctx.tasks[t].info(kp.key).dtype.itemsize for t in kp.tasks_with)
+        return per + sum(tasks[t].info(kp.key).numel * tasks[t].info(kp.key).dtype.itemsize for t in kp.tasks_with)
 
     if on_start:
         on_start(sum(weight(kp) for kp in plan.keys))
@@ -347,7 +348,7 @@ def _finish(
     s: _Summary, base_ck: Checkpoint, task_cks: list[Checkpoint],
 ) -> None:
     """Write per-task attributes and tensor index, then the completeness marker, last."""
-    names = spec.names
+    names = spec.inputs.names
     base_digests: dict[str, str] = {}
     tensors = []
     for kp in plan.keys:

@@ -18,16 +18,17 @@ import torch
 import zarr
 
 from .. import dtypes
-from ..checkpoint import Checkpoint, open_checkpoint
+from ..checkpoint import Checkpoint
 from ..digests import block_crc, block_digest, combine
-from ..errors import PlanError
 from ..geometry import block_ranges, chunk_elems
 from ..ops import merges
-from ..ops.masks import merged_weights, tall_masks, task_vectors
+from ..ops.masks import merged_weights, tall_masks
 from ..storage import format as fmt
 from ..storage.arrays import WRITE_ALL, create_weights
 from ..storage.codecs import Codecs
 from ..storage.stores import open_store
+from .inputs import InputSpec, check_finite, inputs, read_block
+from .inputs import release as release_inputs
 from .plan import KeyPlan
 
 
@@ -36,35 +37,26 @@ class PackSpec:
     """A picklable description of a pack, from which any process can open its own context."""
 
     token: str
+    inputs: InputSpec
     store: str
     storage_options: dict[str, Any] | None
-    base: str
-    tasks: tuple[str, ...]
-    names: tuple[str, ...]
     lams: tuple[float, ...]
     rule: str
     params: dict[str, Any]
     codecs: Codecs
     embed_base: bool
-    allow_nonfinite: bool
     block_elems: int
 
 
 @dataclass
 class PackContext:
-    """Everything a unit needs: open inputs, the archive group and the method's settings."""
+    """What units share in one process: the open archive group, its arrays and the λ tensor."""
 
     spec: PackSpec
-    base: Checkpoint
-    tasks: list[Checkpoint]
     root: zarr.Group
     lam: torch.Tensor
     _arrays: dict[str, zarr.Array] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return self.spec.names
 
     def array(self, path: str) -> zarr.Array:
         """The archive array at ``path``, opened once."""
@@ -87,8 +79,6 @@ def context(spec: PackSpec) -> PackContext:
             store = open_store(spec.store, read_only=False, storage_options=spec.storage_options)
             ctx = _CONTEXTS[spec.token] = PackContext(
                 spec=spec,
-                base=open_checkpoint(spec.base, spec.storage_options),
-                tasks=[open_checkpoint(p, spec.storage_options) for p in spec.tasks],
                 root=zarr.open_group(store, mode="r+", zarr_format=3),
                 lam=torch.tensor(spec.lams, dtype=torch.float32),
             )
@@ -96,12 +86,10 @@ def context(spec: PackSpec) -> PackContext:
 
 
 def release(spec: PackSpec) -> None:
-    """Close this process's context for ``spec``, if any."""
+    """Drop this process's context and open inputs for ``spec``, if any."""
     with _CONTEXTS_LOCK:
-        ctx = _CONTEXTS.pop(spec.token, None)
-    if ctx is not None:
-        for ck in [ctx.base, *ctx.tasks]:
-            ck.close()
+        _CONTEXTS.pop(spec.token, None)
+    release_inputs(spec.inputs)
 
 
 @dataclass
@@ -132,13 +120,9 @@ class SeparateTensor:
     exact_bytes: dict[int, int]
 
 
-def _check_finite(ctx: PackContext, t: torch.Tensor, key: str, who: str) -> None:
-    if ctx.spec.allow_nonfinite or not t.dtype.is_floating_point:
-        return
-    if not bool(torch.isfinite(t).all()):
-        raise PlanError(
-            f"tensor {key!r} of {who} contains NaN or Inf (pass --allow-nonfinite to store it)"
-        )
+def _check_finite(spec: PackSpec, t: torch.Tensor, key: str, who: str) -> None:
+    if not spec.inputs.allow_nonfinite and t.dtype.is_floating_point:
+        check_finite(t, key, who)
 
 
 def masked_block(spec: PackSpec, kp: KeyPlan, index: int) -> MaskedBlock:
@@ -146,16 +130,7 @@ def masked_block(spec: PackSpec, kp: KeyPlan, index: int) -> MaskedBlock:
     ctx = context(spec)
     a, b = kp.blocks[index]
     row = kp.info.row_numel
-    base = ctx.base.read(kp.key, a, b).reshape(-1)
-    _check_finite(ctx, base, kp.key, "the base")
-    rows = []
-    for name, ck in zip(ctx.names, ctx.tasks):
-        t = ck.read(kp.key, a, b).reshape(-1)
-        _check_finite(ctx, t, kp.key, f"task {name!r}")
-        rows.append(t)
-    tasks = torch.stack(rows)
-    del rows
-    tau = task_vectors(base, tasks)
+    base, tasks, tau = read_block(spec.inputs, kp, index)
     tau_mtl = merges.apply(spec.rule, tau, spec.params)
     masks = tall_masks(tau, tau_mtl, ctx.lam)
     merged = merged_weights(base, tasks, tau, tau_mtl)
@@ -193,6 +168,7 @@ def masked_block(spec: PackSpec, kp: KeyPlan, index: int) -> MaskedBlock:
 def separate_tensor(spec: PackSpec, kp: KeyPlan) -> SeparateTensor:
     """Store each task's copy of a tensor exactly, unless it equals the base's copy."""
     ctx = context(spec)
+    got = inputs(spec.inputs)
     base_digest = None
     base_crcs: list[int] = []
     if kp.base_info is not None:
@@ -205,8 +181,8 @@ def separate_tensor(spec: PackSpec, kp: KeyPlan) -> SeparateTensor:
             )
         hashes = []
         for a, b in kp.blocks:
-            t = ctx.base.read(kp.key, a, b)
-            _check_finite(ctx, t, kp.key, "the base")
+            t = got.base.read(kp.key, a, b)
+            _check_finite(spec, t, kp.key, "the base")
             hashes.append(block_digest(t))
             base_crcs.append(block_crc(t))
             if arr is not None and t.numel():
@@ -215,9 +191,9 @@ def separate_tensor(spec: PackSpec, kp: KeyPlan) -> SeparateTensor:
     sources: dict[int, tuple[str, str, list[int]]] = {}
     sizes: dict[int, int] = {}
     for ti in kp.tasks_with:
-        ck = ctx.tasks[ti]
+        ck = got.tasks[ti]
         info = ck.info(kp.key)
-        if info == kp.base_info and base_digest is not None and _equal_to_base(ctx, ck, kp):
+        if info == kp.base_info and base_digest is not None and _equal_to_base(got.base, ck, kp):
             sources[ti] = (fmt.SOURCE_BASE, base_digest, base_crcs)
             continue
         arr = create_weights(
@@ -228,7 +204,7 @@ def separate_tensor(spec: PackSpec, kp: KeyPlan) -> SeparateTensor:
         crcs = []
         for a, b in block_ranges(info, spec.block_elems):
             t = ck.read(kp.key, a, b)
-            _check_finite(ctx, t, kp.key, f"task {ctx.names[ti]!r}")
+            _check_finite(spec, t, kp.key, f"task {spec.inputs.names[ti]!r}")
             hashes.append(block_digest(t))
             crcs.append(block_crc(t))
             if t.numel():
@@ -238,9 +214,9 @@ def separate_tensor(spec: PackSpec, kp: KeyPlan) -> SeparateTensor:
     return SeparateTensor(kp.key, base_digest, base_crcs, sources, sizes)
 
 
-def _equal_to_base(ctx: PackContext, ck: Checkpoint, kp: KeyPlan) -> bool:
+def _equal_to_base(base: Checkpoint, ck: Checkpoint, kp: KeyPlan) -> bool:
     for a, b in kp.blocks:
-        if not torch.equal(ck.read(kp.key, a, b), ctx.base.read(kp.key, a, b)):
+        if not torch.equal(ck.read(kp.key, a, b), base.read(kp.key, a, b)):
             return False
     return True
 

@@ -1,0 +1,63 @@
+"""Smoke test of the benchmark suite's measuring and reporting code on a tiny collection."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+pytest.importorskip("zipnn")
+pytest.importorskip("matplotlib")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import bench_load, bench_pack, bench_size, report  # noqa: E402
+from benchmarks.common import Collection, entropy_bits, param_count  # noqa: E402
+
+
+def tiny_collection(folder: Path, n_tasks: int = 3) -> Collection:
+    """A base of three small tensors and ``n_tasks`` perturbed fine-tunes with heads."""
+    g = torch.Generator().manual_seed(0)
+    base = {"emb.weight": torch.randn(256, 64, generator=g), "lin.weight": torch.randn(64, 64, generator=g),
+            "lin.bias": torch.randn(64, generator=g)}
+    save_file(base, folder / "base.safetensors")
+    tasks = {}
+    for t in range(n_tasks):
+        sd = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+        sd["head.weight"] = torch.randn(3, 64, generator=g)
+        tasks[f"t{t}"] = folder / f"t{t}.safetensors"
+        save_file(sd, tasks[f"t{t}"])
+    return Collection("tiny", "tiny float32", folder / "base.safetensors", tasks, "float32", param_count(folder / "base.safetensors"))
+
+
+def test_measure_and_report(tmp_path: Path) -> None:
+    coll = tiny_collection(tmp_path)
+    size = bench_size.measure(tmp_path, coll)
+    assert size["sizes"]["raw"] == coll.raw_bytes
+    assert 0 < size["fraction_of_raw"]["tallstore_external"] < size["fraction_of_raw"]["tallstore_embedded"] < 1
+    assert all(0 < r["density"] < 1 and r["mask_bits_per_param"] > 0 for r in size["per_task"])
+    load = bench_load.measure(tmp_path, coll, repeats=1, cold_repeats=1)
+    assert set(load["warm"]) == set(bench_load.METHODS) == set(load["cold"])
+    assert load["ratio_warm"] > 0 and load["mask_bytes_task"] < load["mask_bytes_all"]
+    text = report.size_section({"lam": size["lam"], "rows": [size]}, tmp_path, tmp_path)
+    text += report.load_section({"repeats": 1, "cold_repeats": 1, "rows": [load]}, tmp_path, tmp_path)
+    assert "tiny float32" in text and (tmp_path / "size.png").exists() and (tmp_path / "load.png").exists()
+
+
+def test_tensors_in_views_a_safetensors_image(tmp_path: Path) -> None:
+    sd = {"a": torch.randn(5, 3), "b": torch.arange(4, dtype=torch.int64), "c": torch.randn(2).to(torch.bfloat16),
+          "e": torch.empty(0, 2)}
+    save_file(sd, tmp_path / "x.safetensors")
+    got = bench_load.tensors_in(bytearray((tmp_path / "x.safetensors").read_bytes()))
+    want = load_file(tmp_path / "x.safetensors")
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k])
+
+
+def test_helpers() -> None:
+    assert entropy_bits(0.5) == 1.0 and entropy_bits(0.0) == 0.0 and entropy_bits(1.0) == 0.0
+    f = bench_pack.fit([1e9, 2e9, 3e9], [3.0, 5.0, 7.0])
+    assert f["a_seconds"] == pytest.approx(1.0) and f["b_seconds_per_gb"] == pytest.approx(2.0) and f["r2"] == pytest.approx(1.0)
