@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -48,9 +48,9 @@ def render(d: dict[str, Any]) -> None:
 @app.command()
 def info(
     archive: Annotated[str, typer.Argument(help="Archive folder or URL.")],
-    base: Annotated[Optional[str], typer.Option("--base", help="Base checkpoint, if not embedded or moved.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
-    storage_option: Annotated[Optional[list[str]], typer.Option("--storage-option", help="fsspec option key=value.")] = None,
+    base: options.ArchiveBase = None,
+    as_json: options.AsJSON = False,
+    storage_option: options.StorageOptions = None,
 ) -> None:
     """Show tasks, λ, mask densities, rebuild errors, sizes and the compression ratio."""
     so = options.storage_options(storage_option)

@@ -18,10 +18,10 @@ def merge(
     method: Annotated[str, typer.Option("--method", help="consensus (Σ_t m_t ≥ k), ta or ties (the archive's own merge).")] = "consensus",
     k: Annotated[Optional[int], typer.Option("--k", help="Consensus: keep weights selected by at least k tasks (default 2).")] = None,
     alpha: Annotated[float, typer.Option("--alpha", help="Scale of the merged task vector.")] = 1.0,
-    base: Annotated[Optional[str], typer.Option("--base", help="Base checkpoint, if not embedded or moved.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
-    max_shard_gb: Annotated[float, typer.Option("--max-shard-gb", help="Shard size for folder output.")] = 5.0,
-    storage_option: Annotated[Optional[list[str]], typer.Option("--storage-option", help="fsspec option key=value.")] = None,
+    base: options.ArchiveBase = None,
+    force: options.Force = False,
+    max_shard_gb: options.MaxShardGB = 5.0,
+    storage_option: options.StorageOptions = None,
 ) -> None:
     """Write θ₀ + α·(m ⊙ τ_MTL) one tensor at a time; tensors the base lacks (heads) are left out."""
     arc = open_archive(archive, base=base, storage_options=options.storage_options(storage_option))

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Optional
+
+import typer
 
 from ..errors import TallstoreError
+
+
+ArchiveBase = Annotated[Optional[str], typer.Option("--base", help="Base checkpoint, if not embedded or moved.")]
+Force = Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")]
+MaxShardGB = Annotated[float, typer.Option("--max-shard-gb", help="Shard size for folder output.")]
+StorageOptions = Annotated[
+    Optional[list[str]], typer.Option("--storage-option", help="fsspec option key=value for URLs; repeatable.")
+]
+AsJSON = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 
 
 class UsageError(TallstoreError):

@@ -39,10 +39,10 @@ def render(s: dict[str, Any]) -> None:
 @app.command()
 def stats(
     archive: Annotated[str, typer.Argument(help="Archive folder or URL.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    as_json: options.AsJSON = False,
     plot_to: Annotated[Optional[str], typer.Option("--plot", help="Also write a PNG of the histogram and per-layer breakdown.")] = None,
-    base: Annotated[Optional[str], typer.Option("--base", help="Base checkpoint, if not embedded or moved.")] = None,
-    storage_option: Annotated[Optional[list[str]], typer.Option("--storage-option", help="fsspec option key=value.")] = None,
+    base: options.ArchiveBase = None,
+    storage_option: options.StorageOptions = None,
 ) -> None:
     """How many tasks select each weight (catastrophic = 0, selfish = 1), per layer and per task pair."""
     s = mask_stats(open_archive(archive, base=base, storage_options=options.storage_options(storage_option)))

@@ -34,11 +34,11 @@ def render(r: VerifyReport) -> None:
 @app.command()
 def verify(
     archive: Annotated[str, typer.Argument(help="Archive folder or URL.")],
-    base: Annotated[Optional[str], typer.Option("--base", help="Base checkpoint, if not embedded or moved.")] = None,
+    base: options.ArchiveBase = None,
     deep: Annotated[bool, typer.Option("--deep", help="Also rebuild every task and compare its sha256 digests.")] = False,
     against: Annotated[Optional[list[str]], typer.Option("--against", help="NAME=PATH: report task NAME's rebuild error against an original; repeatable.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
-    storage_option: Annotated[Optional[list[str]], typer.Option("--storage-option", help="fsspec option key=value.")] = None,
+    storage_option: options.StorageOptions = None,
 ) -> None:
     """Check every chunk's presence and CRC (--deep: every task's digests); exit 2 on any problem."""
     originals = options.pairs(against, "--against")
