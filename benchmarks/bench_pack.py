@@ -7,9 +7,10 @@ configuration is packed (λ = 0.4, TA, base external, two worker threads) by a c
 
 - ``seconds``: the ``tallstore.pack`` call inside the child (imports excluded);
 - ``input_gb_per_s``: bytes of the base and the T task files ÷ ``seconds``;
-- ``vm_hwm_mib``: the child's peak resident set (``VmHWM``; equal to ``ru_maxrss``). It counts
-  the pages of the memory-mapped input files the child has touched and not yet released, which
-  the kernel may drop at any time;
+- ``vm_hwm_mib``: the child's peak resident set (``VmHWM``, read by the child as it ends). It
+  counts the pages of the memory-mapped input files the child has touched and not yet released,
+  which the kernel may drop at any time. (``ru_maxrss`` is not used: Linux carries the forking
+  parent's peak into it across ``exec``);
 - ``peak_anon_mib``: the peak of the child's anonymous resident memory (``RssAnon``, sampled every
   20 ms): the memory packing itself holds;
 - ``baseline_*``: the same for a child that only imports torch and tallstore.
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -63,8 +63,7 @@ def child(out: str, base: str, tasks: dict[str, str]) -> None:
         tallstore.pack(out, base=base, tasks=tasks, lam=LAM, workers=WORKERS, overwrite=True)
         seconds = time.perf_counter() - t
     st = proc_status("self")
-    print(json.dumps({"seconds": seconds, "vm_hwm_kib": st.get("VmHWM", 0),
-                      "ru_maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+    print(json.dumps({"seconds": seconds, "vm_hwm_kib": st.get("VmHWM", 0)}))
 
 
 def spawn(out: Path, base: Path | None, tasks: dict[str, Path]) -> dict[str, Any]:
@@ -80,8 +79,7 @@ def spawn(out: Path, base: Path | None, tasks: dict[str, Path]) -> dict[str, Any
     if proc.returncode:
         raise RuntimeError(f"pack child failed with status {proc.returncode}")
     got = json.loads(report.strip().splitlines()[-1])
-    return {"seconds": got["seconds"], "vm_hwm_mib": got["vm_hwm_kib"] / 1024,
-            "ru_maxrss_mib": got["ru_maxrss_kib"] / 1024, "peak_anon_mib": peak_anon / 1024}
+    return {"seconds": got["seconds"], "vm_hwm_mib": got["vm_hwm_kib"] / 1024, "peak_anon_mib": peak_anon / 1024}
 
 
 def fit(xs: list[float], ys: list[float]) -> dict[str, float]:
