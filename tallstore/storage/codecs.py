@@ -2,7 +2,10 @@
 
 Weights are stored as their bit patterns, so Blosc's shuffle groups the bytes of equal
 significance (sign/exponent bytes compress well) before zstd; masks are packed bits, which
-zstd's entropy coder takes to within a few percent of the mask entropy.
+zstd's entropy coder takes to within a few percent of the mask entropy. Masks use zstd's
+btultra levels (16+): at densities below ~0.2 the faster levels stay ~7% above the entropy
+(byte-wise Huffman), level 16 within ~2.5%; masks are 1/32 of fp32 weights, so the slower
+compression costs little pack time, and decompression is as fast.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ class Codecs:
     weight_cname: str = "zstd"
     weight_level: int = 5
     weight_shuffle: str = "shuffle"
-    mask_level: int = 3
+    mask_level: int = 16
 
     def weights(self, itemsize: int) -> list[BytesBytesCodec]:
         """Codecs for weight bit patterns of ``itemsize`` bytes."""
