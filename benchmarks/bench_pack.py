@@ -87,9 +87,9 @@ def fit(xs: list[float], ys: list[float]) -> dict[str, float]:
     n = len(xs)
     mx, my = sum(xs) / n, sum(ys) / n
     sxx = sum((x - mx) ** 2 for x in xs)
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx if sxx else 0.0
     a = my - b * mx
-    ss_res = sum((y - a - b * x) ** 2 for x, y in zip(xs, ys))
+    ss_res = sum((y - a - b * x) ** 2 for x, y in zip(xs, ys, strict=True))
     ss_tot = sum((y - my) ** 2 for y in ys)
     return {"a_seconds": a, "b_seconds_per_gb": b * 1e9, "r2": 1 - ss_res / ss_tot if ss_tot else 1.0}
 

@@ -28,7 +28,18 @@ import torch
 
 import tallstore
 
-from .common import LAM, Collection, Config, archive, entropy_bits, synthetic, tree_bytes, zipnn_file, zoo_collection, zstd_bytes
+from .common import (
+    LAM,
+    Collection,
+    Config,
+    archive,
+    entropy_bits,
+    synthetic,
+    tree_bytes,
+    zipnn_file,
+    zoo_collection,
+    zstd_bytes,
+)
 
 NAME = "size"
 DTYPE_BITS = {"float32": 32, "bfloat16": 16, "float16": 16}

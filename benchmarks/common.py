@@ -9,12 +9,10 @@ import json
 import math
 import os
 import platform
-import statistics
-import subprocess
 import struct
-import sys
+import subprocess
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,27 +65,6 @@ def evict(paths: Iterable[Path]) -> None:
                 os.close(fd)
 
 
-def best_of(fn: Callable[[], Any], repeats: int) -> float:
-    """The fastest of ``repeats`` timed calls of ``fn``, in seconds."""
-    best = math.inf
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
-def median_cold(fn: Callable[[], Any], files: list[Path], repeats: int) -> float:
-    """The median time of ``fn`` over ``repeats`` calls, each after evicting ``files``."""
-    times = []
-    for _ in range(repeats):
-        evict(files)
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def entropy_bits(p: float) -> float:
     """Binary entropy H(p) in bits."""
     if p <= 0.0 or p >= 1.0:
@@ -132,7 +109,7 @@ def synthetic(work: Path, params_m: float, n_tasks: int, dtype: torch.dtype) -> 
                       base, tasks, d, param_count(base))
 
 
-def zoo_collection(quick: bool, tasks: list[str] | None = None) -> tuple[Collection, "Zoo"]:
+def zoo_collection(quick: bool, tasks: list[str] | None = None) -> tuple[Collection, Zoo]:
     """The real MiniLM collection of ``benchmarks.zoo`` (built or reused from its cache)."""
     from .zoo import build_zoo  # imports transformers: only where the zoo is used
 

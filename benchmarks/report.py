@@ -29,11 +29,13 @@ MERGED_LABELS = {"ta": "TA", "ties": "TIES", "consensus_ta": "Consensus TA", "co
 SIZE_COLUMNS = {
     "zstd": "zstd -3", "zipnn": "ZipNN", "tallstore_external": "tallstore, base external",
     "tallstore_external_plus_base": "tallstore + base file", "tallstore_embedded": "tallstore, base embedded",
-    "bound_external": "bound, external", "bound_embedded": "bound, embedded", "paper_accounting": "paper's count (2w+T)·P bits",
+    "bound_external": "bound, external", "bound_embedded": "bound, embedded",
+    "paper_accounting": "paper's count (2w+T)·P bits",
 }
 LOAD_COLUMNS = {
     "safetensors": "safetensors", "safetensors_lazy": "safetensors lazy", "zipnn": "ZipNN",
-    "tallstore": "tallstore", "tallstore_opened": "tallstore (open archive)", "tallstore_embedded": "tallstore (embedded base)",
+    "tallstore": "tallstore", "tallstore_opened": "tallstore (open archive)",
+    "tallstore_embedded": "tallstore (embedded base)",
 }
 
 
@@ -45,6 +47,11 @@ def load(out: Path) -> Results:
         if isinstance(data, dict) and "meta" in data and "results" in data:
             got[data["meta"]["module"]] = data
     return got
+
+
+def shown(path: Path) -> str:
+    """``path`` relative to the repository when inside it."""
+    return str(path.relative_to(HERE.parent)) if path.is_relative_to(HERE.parent) else str(path)
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -90,63 +97,76 @@ def mark(ok: bool | None) -> str:
 
 def summary_rows(res: Results) -> list[list[str]]:
     """The headline claims: what was measured, against which target or reference, met or not."""
-    rows: list[list[str]] = []
-    if "fidelity" in res:
-        f = res["fidelity"]["results"]
-        n = len(f["tasks"])
-        norm = f["mean"]["normalized"]
-        lo, hi = PAPER_NORMALIZED
-        for merge, name in (("ta", "TALL+TA"), ("ties", "TALL+TIES")):
-            rows.append([f"Normalized accuracy, {name}, searched λ (mean of {n} real tasks)",
-                         pct(norm[f"{merge}-search"]), f"paper: {pct(lo)}–{pct(hi)}", mark(norm[f"{merge}-search"] >= lo)])
-        m = f["mean"]["merged"]
-        rows.append(["Merged model, Consensus TA vs TA (mean accuracy)", f"{pct(m['consensus_ta'])} vs {pct(m['ta'])}",
-                     "paper: Consensus TA > TA", mark(m["consensus_ta"] > m["ta"])])
-    if "size" in res:
-        rows_s = res["size"]["results"]["rows"]
-        big = [r for r in rows_s if r["dtype"] == "float32" and r["tasks"] >= 20]
-        for r in big:
-            x = r["times_smaller"]
+    makers = {"fidelity": summary_fidelity, "size": summary_size, "load": summary_load, "pack": summary_pack}
+    return [row for name, fn in makers.items() if name in res for row in fn(res[name]["results"])]
+
+
+def summary_fidelity(f: dict[str, Any]) -> list[list[str]]:
+    """Normalized accuracy of the rebuilt models; Consensus TA against TA."""
+    norm, merged = f["mean"]["normalized"], f["mean"]["merged"]
+    lo, hi = PAPER_NORMALIZED
+    rows = [[f"Normalized accuracy, {name}, searched λ (mean of {len(f['tasks'])} real tasks)",
+             pct(norm[f"{m}-search"]), f"paper: {pct(lo)}–{pct(hi)}", mark(norm[f"{m}-search"] >= lo)]
+            for m, name in (("ta", "TALL+TA"), ("ties", "TALL+TIES"))]
+    rows.append(["Merged model, Consensus TA vs TA (mean accuracy)",
+                 f"{pct(merged['consensus_ta'])} vs {pct(merged['ta'])}", "paper: Consensus TA > TA",
+                 mark(merged["consensus_ta"] > merged["ta"])])
+    return rows
+
+
+def summary_size(s: dict[str, Any]) -> list[list[str]]:
+    """Times smaller than raw at T=20 fp32 and on the real zoo; masks against their entropy."""
+    rows = []
+    for r in s["rows"]:
+        x = r["times_smaller"]
+        if r["dtype"] == "float32" and r["tasks"] >= 20:
             rows.append([f"Archive vs raw, {r['collection']}, base embedded",
                          f"{x['tallstore_embedded']:.2f}× smaller (ZipNN {x['zipnn']:.2f}×, zstd {x['zstd']:.2f}×)",
                          f"≥ {SIZE_TARGET:g}×", mark(x["tallstore_embedded"] >= SIZE_TARGET)])
-        for r in rows_s:
-            if r["tag"].startswith("zoo"):
-                x = r["times_smaller"]
-                rows.append([f"Archive vs raw, {r['collection']}",
-                             f"{x['tallstore_embedded']:.2f}× embedded, {x['tallstore_external']:.2f}× external", "–", "–"])
-        worst = max(r["masks_vs_entropy_max"] for r in rows_s)
-        rows.append(["Mask bits per parameter ÷ H(p_t), worst task of any collection", f"{worst:.3f}",
-                     f"≤ {ENTROPY_TARGET}", mark(worst <= ENTROPY_TARGET)])
-    if "load" in res:
-        rows_l = res["load"]["results"]["rows"]
-        zoo = next((r for r in rows_l if r["tag"].startswith("zoo")), rows_l[0])
-        rows.append([f"One-task load ÷ safetensors load, warm ({zoo['collection']})",
-                     f"{times(zoo['ratio_warm'])} (open archive: {times(zoo['ratio_warm_opened'])}; "
-                     f"÷ ZipNN {times(zoo['ratio_warm_vs_zipnn'])})", f"≤ ×{LOAD_TARGET:g}", mark(zoo["ratio_warm"] <= LOAD_TARGET)])
-        worst = max(rows_l, key=lambda r: r["ratio_warm"])
-        rows.append([f"One-task load ÷ safetensors load, warm, worst collection ({worst['collection']})",
-                     times(worst["ratio_warm"]), f"≤ ×{LOAD_TARGET:g}", mark(worst["ratio_warm"] <= LOAD_TARGET)])
-        cold = [r for r in rows_l if r["ratio_cold"] is not None]
-        if cold:
-            c = max(cold, key=lambda r: r["ratio_cold"])
-            rows.append([f"One-task load ÷ safetensors load, cold, worst collection ({c['collection']})",
-                         times(c["ratio_cold"]), "–", "–"])
-        growth = load_growth(rows_l)
-        if growth:
-            rows.append([f"tallstore load time T={growth['t_max']} ÷ T={growth['t_min']} ({growth['label']}, warm)",
-                         f"{times(growth['ratio'])} ({times(growth['ratio_opened'])} with the archive open)",
-                         f"does not grow with T (≤ ×{GROWTH_TARGET})", mark(growth["ratio"] <= GROWTH_TARGET)])
-    if "pack" in res:
-        p = res["pack"]["results"]
-        gbps = [r["input_gb_per_s"] for r in p["rows"]]
-        rows.append(["Pack throughput (input GB/s, all configurations)", f"{min(gbps):.3f}–{max(gbps):.3f}",
-                     f"time linear in T·P: R² = {p['fit']['r2']:.3f}", "–"])
-        flat = rss_flatness(p)
-        if flat:
-            rows.append([f"Pack peak anonymous RSS, {flat['small']} vs {flat['large']} params at T={flat['T']}",
-                         f"{flat['a']:,.0f} vs {flat['b']:,.0f} MiB", f"flat in model size (≤ ×{RSS_FLAT_TARGET})",
-                         mark(flat["b"] <= RSS_FLAT_TARGET * flat["a"])])
+        elif r["tag"].startswith("zoo"):
+            rows.append([f"Archive vs raw, {r['collection']}",
+                         f"{x['tallstore_embedded']:.2f}× smaller embedded, {x['tallstore_external']:.2f}× external "
+                         f"(ZipNN {x['zipnn']:.2f}×)", "–", "–"])
+    worst = max(s["rows"], key=lambda r: r["masks_vs_entropy_max"])
+    rows.append([f"Mask bits per parameter ÷ H(p_t), worst task ({worst['collection']})",
+                 f"{worst['masks_vs_entropy_max']:.3f}", f"≤ {ENTROPY_TARGET}",
+                 mark(worst["masks_vs_entropy_max"] <= ENTROPY_TARGET)])
+    return rows
+
+
+def summary_load(d: dict[str, Any]) -> list[list[str]]:
+    """One-task load against safetensors (real zoo and worst case); growth with T."""
+    rows_l = d["rows"]
+    zoo = next((r for r in rows_l if r["tag"].startswith("zoo")), rows_l[0])
+    worst = max(rows_l, key=lambda r: r["ratio_warm"])
+    rows = [[f"One-task load ÷ safetensors load, warm ({zoo['collection']})",
+             f"{times(zoo['ratio_warm'])} (open archive: {times(zoo['ratio_warm_opened'])}; "
+             f"÷ ZipNN {times(zoo['ratio_warm_vs_zipnn'])})", f"≤ ×{LOAD_TARGET:g}", mark(zoo["ratio_warm"] <= LOAD_TARGET)],
+            [f"One-task load ÷ safetensors load, warm, worst collection ({worst['collection']})",
+             times(worst["ratio_warm"]), f"≤ ×{LOAD_TARGET:g}", mark(worst["ratio_warm"] <= LOAD_TARGET)]]
+    cold = [r for r in rows_l if r["ratio_cold"] is not None]
+    if cold:
+        c = max(cold, key=lambda r: r["ratio_cold"])
+        rows.append([f"One-task load ÷ safetensors load, cold, worst collection ({c['collection']})",
+                     times(c["ratio_cold"]), "–", "–"])
+    growth = load_growth(rows_l)
+    if growth:
+        rows.append([f"tallstore load time T={growth['t_max']} ÷ T={growth['t_min']} ({growth['label']}, warm)",
+                     f"{times(growth['ratio'])} ({times(growth['ratio_opened'])} with the archive open)",
+                     f"does not grow with T (≤ ×{GROWTH_TARGET})", mark(growth["ratio"] <= GROWTH_TARGET)])
+    return rows
+
+
+def summary_pack(p: dict[str, Any]) -> list[list[str]]:
+    """Pack throughput, linearity in T·P, and peak memory against model size."""
+    gbps = [r["input_gb_per_s"] for r in p["rows"]]
+    rows = [["Pack throughput (input GB/s, all configurations)", f"{min(gbps):.3f}–{max(gbps):.3f}",
+             f"time linear in T·P: R² = {p['fit']['r2']:.3f}", "–"]]
+    flat = rss_flatness(p)
+    if flat:
+        rows.append([f"Pack peak anonymous RSS, {flat['small']} vs {flat['large']} params at T={flat['T']}",
+                     f"{flat['a']:,.0f} vs {flat['b']:,.0f} MiB", f"flat in model size (≤ ×{RSS_FLAT_TARGET})",
+                     mark(flat["b"] <= RSS_FLAT_TARGET * flat["a"])])
     return rows
 
 
@@ -178,6 +198,19 @@ def rss_flatness(p: dict[str, Any]) -> dict[str, Any] | None:
 # ------------------------------------------------------------------ sections
 
 
+def provenance(res: Results, results_path: Path) -> str:
+    """One line: which command measured the summary, on what machine, when, and how busy it was."""
+    if not res:
+        return "No results yet."
+    metas = sorted((d["meta"] for d in res.values()), key=lambda m: m["started"])
+    m = metas[-1]["machine"]
+    loads = [x for d in metas for x in (d["load_average_before"][0], d["load_average_after"][0])]
+    days = sorted({metas[0]["started"][:10], metas[-1]["finished"][:10]})
+    return (f"Measured by `benchmarks/run.py` on {m['cpu']} ({m['cores']} cores, {m['ram_gib']} GiB), "
+            f"{' to '.join(days)}, 1-min load average {min(loads):g}–{max(loads):g}; "
+            f"all tables and definitions: [{shown(results_path)}]({shown(results_path)}).")
+
+
 def runs_section(res: Results, out: Path) -> str:
     """Machine, dates, commands and durations of the runs behind this report."""
     metas = sorted((d["meta"] for d in res.values()), key=lambda m: m["started"])
@@ -196,7 +229,8 @@ def runs_section(res: Results, out: Path) -> str:
                      + (f", failed: {', '.join(i['failed'])}" if i["failed"] else ""))
     rows = [[d["module"], f"`{d['command']}`", d["started"], duration(d["seconds"]),
              f"{d['load_average_before'][0]} → {d['load_average_after'][0]}", d["machine"]["git"]] for d in metas]
-    return "\n".join(lines) + "\n\n" + table(["module", "command", "started (UTC)", "duration", "load average (1 min) before → after", "git"], rows)
+    header = ["module", "command", "started (UTC)", "duration", "load average (1 min) before → after", "git"]
+    return "\n".join(lines) + "\n\n" + table(header, rows)
 
 
 def fidelity_section(f: dict[str, Any], out: Path, doc: Path) -> str:
@@ -204,9 +238,9 @@ def fidelity_section(f: dict[str, Any], out: Path, doc: Path) -> str:
     z = f["zoo"]
     tasks = f["tasks"]
     per = f["per_task"]
-    zt = [[t, z["tasks"][t]["description"], ", ".join(f"{k} {v}" for k, v in z["tasks"][t]["source"]["packages"].items()),
-           len(z["tasks"][t]["labels"]), z["tasks"][t]["n_train"], z["tasks"][t]["n_val"], pct(z["tasks"][t]["majority_acc"]),
-           f"{z['tasks'][t]['build_seconds']:.0f}"] for t in tasks]
+    zt = [[t, e["description"], ", ".join(f"{k} {v}" for k, v in e["source"]["packages"].items()), len(e["labels"]),
+           e["n_train"], e["n_val"], pct(e["majority_acc"]), f"{e['build_seconds']:.0f}"]
+          for t, e in ((t, z["tasks"][t]) for t in tasks)]
     variants = [f"{m}-{s}" for m in ("ta", "ties") for s in SELECTIONS]
     names = {f"{m}-{s}": f"TALL+{m.upper()} {SELECTIONS[s]}" for m in ("ta", "ties") for s in SELECTIONS}
     rebuilt = [[t, pct(per[t]["zero_shot"]), pct(per[t]["finetuned"]),
@@ -214,17 +248,22 @@ def fidelity_section(f: dict[str, Any], out: Path, doc: Path) -> str:
     mean = f["mean"]
     rebuilt.append(["**mean**", pct(mean["zero_shot"]), pct(mean["finetuned"]),
                     *(f"**{pct(mean['rebuilt'][v])} ({pct(mean['normalized'][v])})**" for v in variants)])
-    lams = [[t, *(f"{per[t]['lam'][v]:g} / {per[t]['density'][v]:.3f} / {per[t]['rebuild_error'][v]:.3f}" for v in variants)] for t in tasks]
-    merged = [[t, pct(per[t]["finetuned"]), *(f"{pct(per[t]['merged'][k])} ({pct(per[t]['merged_normalized'][k])})" for k in MERGED_LABELS)] for t in tasks]
+    lams = [[t, *(f"{per[t]['lam'][v]:g} / {per[t]['density'][v]:.3f} / {per[t]['rebuild_error'][v]:.3f}"
+                  for v in variants)] for t in tasks]
+    merged = [[t, pct(per[t]["finetuned"]),
+               *(f"{pct(per[t]['merged'][k])} ({pct(per[t]['merged_normalized'][k])})" for k in MERGED_LABELS)]
+              for t in tasks]
     merged.append(["**mean**", pct(mean["finetuned"]),
                    *(f"**{pct(mean['merged'][k])} ({pct(mean['merged_normalized'][k])})**" for k in MERGED_LABELS)])
-    merged.append(["chosen α", "", *(f"{f['merged'][k]['alpha']:g}" + (f", k={f['merged'][k]['k']}" if f["merged"][k]["k"] else "") for k in MERGED_LABELS)])
+    merged.append(["chosen α", "", *(f"{m['alpha']:g}" + (f", k={m['k']}" if m["k"] else "")
+                                     for m in (f["merged"][k] for k in MERGED_LABELS))])
     lo, hi = PAPER_NORMALIZED
     cons = mean["merged"]["consensus_ta"] - mean["merged"]["ta"]
     base = z["base"]
     return f"""Base: `{base['package']}` {base['version']} (all-MiniLM-L6-v2, {base['n_params']:,} parameters), fp32.
-{len(tasks)} tasks fine-tuned offline by `benchmarks/zoo.py` (LP-FT, epochs: {z['config']['epochs']}, ≤ {z['config']['train_max']}
-training examples, max length {z['config']['max_len']}); total build time {duration(z['build_seconds'])} (cached in `{Path(z['root']).relative_to(HERE.parent) if Path(z['root']).is_relative_to(HERE.parent) else z['root']}`).
+{len(tasks)} tasks fine-tuned offline by `benchmarks/zoo.py` (LP-FT, epochs: {z['config']['epochs']},
+≤ {z['config']['train_max']} training examples, max length {z['config']['max_len']}); total build time
+{duration(z['build_seconds'])} (cached in `{shown(Path(z['root']))}`).
 Accuracy = validation accuracy of the task's encoder with its own linear head. "Zero-shot" is the base
 encoder with the task's fine-tuned head (the base has no classifier of its own).
 
@@ -260,7 +299,8 @@ def size_section(s: dict[str, Any], out: Path, doc: Path) -> str:
     for r in s["rows"]:
         pt = r["per_task"]
         d = [x["density"] for x in pt]
-        masks.append([r["collection"], f"{min(d):.3f}–{max(d):.3f}", f"{statistics.mean(x['entropy_bits'] for x in pt):.3f}",
+        masks.append([r["collection"], f"{min(d):.3f}–{max(d):.3f}",
+                      f"{statistics.mean(x['entropy_bits'] for x in pt):.3f}",
                       f"{statistics.mean(x['mask_bits_per_param'] for x in pt):.3f}",
                       f"{min(x['vs_entropy'] for x in pt):.3f}–{r['masks_vs_entropy_max']:.3f}"])
     zoo = next((r for r in s["rows"] if r["tag"].startswith("zoo")), None)
@@ -270,9 +310,12 @@ def size_section(s: dict[str, Any], out: Path, doc: Path) -> str:
             ["task", "density p_t", "H(p_t) bits", "mask bits/param", "÷ H(p_t)", "rebuild error"],
             [[x["task"], f"{x['density']:.4f}", f"{x['entropy_bits']:.4f}", f"{x['mask_bits_per_param']:.4f}",
               f"{x['vs_entropy']:.3f}", f"{x['rebuild_error']:.3f}"] for x in zoo["per_task"]])
-    parts = [[r["collection"], *(f"{8 * r['parts_embedded'].get(k, 0) / r['params']:.2f}" for k in ("base", "merged")),
-              f"{8 * sum(v for k, v in r['parts_embedded'].items() if k.startswith('masks/')) / r['params'] / r['tasks']:.3f}",
-              mb(r["parts_embedded"].get("exact", 0)), mb(r["parts_embedded"].get("metadata", 0))] for r in s["rows"]]
+    parts = []
+    for r in s["rows"]:
+        pe = r["parts_embedded"]
+        mask_bytes = sum(v for k, v in pe.items() if k.startswith("masks/"))
+        parts.append([r["collection"], *(f"{8 * pe.get(k, 0) / r['params']:.2f}" for k in ("base", "merged")),
+                      f"{8 * mask_bytes / r['params'] / r['tasks']:.3f}", mb(pe.get("exact", 0)), mb(pe.get("metadata", 0))])
     return f"""Each column is how many times smaller than the raw safetensors files of the T tasks (higher is
 better), all measured in one run on the same files; λ = {s['lam']}, TA merge. zstd and ZipNN compress each
 checkpoint file whole (ZipNN is lossless; tallstore rebuilds the TALL approximation θ₀ + m_t ⊙ τ_MTL).
@@ -342,7 +385,8 @@ curves). Each configuration is packed by a fresh child process (λ = {p['lam']},
 {p['workers']} worker threads) after its input files were evicted from the page cache. Peak anonymous RSS
 (`RssAnon`, sampled every 20 ms) is the memory packing holds; `VmHWM` also counts pages of the
 memory-mapped inputs that were touched and not yet dropped, which the kernel reclaims under pressure.
-A child that only imports torch and tallstore peaks at {b['peak_anon_mib']:,.0f} MiB anonymous, {b['vm_hwm_mib']:,.0f} MiB VmHWM.
+A child that only imports torch and tallstore peaks at {b['peak_anon_mib']:,.0f} MiB anonymous,
+{b['vm_hwm_mib']:,.0f} MiB VmHWM.
 
 {table(["params", "T", "dtype", "input GB", "seconds", "input GB/s", "peak anon RSS MiB", "VmHWM MiB"], rows)}
 
@@ -372,8 +416,8 @@ def remote_section(r: dict[str, Any], out: Path, doc: Path) -> str:
     per = [[x["task"], mb(x["fetched_bytes"]), mb(x["merged_bytes"]), f"{x['mask_bytes'] / 1e6:.3f}",
             f"{x['ratio']:.4f}", x["foreign_mask_bytes"]] for x in r["per_task"]]
     tm = [[x["base"], x["concurrency"], f"{x['open_seconds']:.2f}", f"{x['load_seconds']:.2f}"] for x in r["timings"]]
-    return f"""Generated {r['params'] / 1e6:.1f}M-parameter fp32 collection, T = {r['tasks']}, packed to moto's S3 server on localhost
-(`benchmarks/remote_reads.py`). ratio = bytes fetched to open the archive and load one task ÷ (stored merged
+    return f"""Generated {r['params'] / 1e6:.1f}M-parameter fp32 collection, T = {r['tasks']}, packed to moto's S3 server
+on localhost (`benchmarks/remote_reads.py`). ratio = bytes fetched to open the archive and load one task ÷ (stored merged
 vector + that task's mask); other tasks' masks fetched must be 0. Worst ratio {r['worst_ratio']:.4f}.
 
 {table(["task", "fetched MB", "merged MB", "mask MB", "ratio", "other tasks' mask bytes"], per)}
@@ -429,9 +473,11 @@ def plot_size(s: dict[str, Any], out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(10, 4))
     w = 0.8 / len(keys)
     for i, k in enumerate(keys):
-        ax.bar([j + i * w for j in range(len(s["rows"]))], [r["times_smaller"][k] for r in s["rows"]], w, label=SIZE_COLUMNS[k])
+        ax.bar([j + i * w for j in range(len(s["rows"]))], [r["times_smaller"][k] for r in s["rows"]], w,
+               label=SIZE_COLUMNS[k])
     ax.axhline(SIZE_TARGET, color="r", ls="--", lw=0.8, label=f"target {SIZE_TARGET:g}× (T=20 fp32, embedded)")
-    ax.set_xticks([j + 0.4 - w / 2 for j in range(len(s["rows"]))], [r["collection"] for r in s["rows"]], rotation=12, fontsize=7)
+    ax.set_xticks([j + 0.4 - w / 2 for j in range(len(s["rows"]))], [r["collection"] for r in s["rows"]],
+                  rotation=12, fontsize=7)
     ax.set_ylabel("raw ÷ stored (× smaller)")
     ax.set_title("Stored size of T checkpoints")
     ax.legend(fontsize=7)
@@ -442,7 +488,8 @@ def plot_masks(s: dict[str, Any], out: Path) -> Path:
     """Mask bits per parameter against the entropy of each task's density."""
     fig, ax = plt.subplots(figsize=(5, 4))
     for r in s["rows"]:
-        ax.scatter([x["entropy_bits"] for x in r["per_task"]], [x["mask_bits_per_param"] for x in r["per_task"]], s=12, label=r["collection"])
+        pt = r["per_task"]
+        ax.scatter([x["entropy_bits"] for x in pt], [x["mask_bits_per_param"] for x in pt], s=12, label=r["collection"])
     ax.plot([0, 1], [0, 1], "k-", lw=0.8, label="= H(p_t)")
     ax.plot([0, 1], [0, ENTROPY_TARGET], "r--", lw=0.8, label=f"{ENTROPY_TARGET}× H(p_t)")
     ax.set_xlabel("H(p_t), bits per parameter")
@@ -492,7 +539,8 @@ def plot_pack(p: dict[str, Any], out: Path) -> Path:
         bx.plot([r["tasks"] for r in g], [r["vm_hwm_mib"] for r in g], "x:", color=f"C{i}", label=f"{n / 1e6:.0f}M VmHWM")
     top = max(r["input_bytes"] for r in p["rows"]) / 1e9
     fit = p["fit"]
-    ax.plot([0, top], [fit["a_seconds"], fit["a_seconds"] + fit["b_seconds_per_gb"] * top], "k--", lw=0.8, label=f"fit, R²={fit['r2']:.3f}")
+    ax.plot([0, top], [fit["a_seconds"], fit["a_seconds"] + fit["b_seconds_per_gb"] * top], "k--", lw=0.8,
+            label=f"fit, R²={fit['r2']:.3f}")
     ax.set_xlabel("input GB (base + T tasks)")
     ax.set_ylabel("pack seconds")
     ax.legend(fontsize=7)
@@ -518,10 +566,11 @@ SECTIONS: list[tuple[str, str, Callable[[dict[str, Any], Path, Path], str]]] = [
 def write(out: Path, quick: bool) -> list[Path]:
     """Write RESULTS.md (the full run's at ``benchmarks/RESULTS.md``), summary.md and plots."""
     res = load(out)
+    results_path = out / "RESULTS.md" if quick else HERE / "RESULTS.md"
     summary = table(["claim", "measured", "target / reference", ""], summary_rows(res))
     summary_path = out / "summary.md"
-    summary_path.write_text(f"<!-- generated by benchmarks/report.py from {out.relative_to(HERE.parent)}/*.json -->\n{summary}\n")
-    results_path = out / "RESULTS.md" if quick else HERE / "RESULTS.md"
+    summary_path.write_text(f"<!-- generated by benchmarks/report.py from {shown(out)}/*.json -->\n"
+                            f"{provenance(res, results_path)}\n\n{summary}\n")
     parts = [
         "# tallstore benchmark results" + (" (quick smoke configuration)" if quick else ""),
         f"Generated by `benchmarks/report.py` from `{out.relative_to(HERE.parent)}/*.json`; do not edit by hand. "

@@ -39,8 +39,23 @@ linear probe on the frozen base, then trained with the encoder (LP-FT), so that
 in for a paper's zero-shot baseline, since the base has no classifier of its own
 -- measures what fine-tuning the encoder added.
 
+Cache layout (default ``benchmarks/.cache/zoo/``; ``--quick`` uses ``quick/`` in it)::
+
+    base.safetensors         the base encoder's 103 tensors (fp32, BERT key names; the
+                             package file's non-persistent ``embeddings.position_ids``
+                             buffer is left out)
+    tasks/<task>.safetensors base keys + head.weight/head.bias, fine-tuned
+    val/<task>.safetensors   tokenized, length-sorted validation set used by evaluate
+    config.json, manifest.json
+
+The pooler (``pooler.dense.*``) is unused by mean pooling and so stays bit-identical
+to the base in every task file; every other tensor moves (AdamW weight decay touches
+even unused embedding rows). Builds are deterministic: rerunning gives byte-identical
+files.
+
 Build everything and print the table with ``python -m benchmarks.zoo``
-(``--quick`` builds a 3-task, few-step variant for smoke tests, cached apart).
+(``--quick`` builds a 3-task, few-step variant for smoke tests, cached apart; its
+128-example validation sets make its accuracies noisy).
 """
 
 from __future__ import annotations
@@ -62,16 +77,22 @@ import subprocess
 import time
 import zlib
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModel,
+    AutoTokenizer,
+    BertConfig,
+    BertModel,
+    PreTrainedTokenizerBase,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +126,7 @@ class BuildConfig:
 
 
 FULL = BuildConfig(max_len=64, train_max=2000, val_max=500, epochs=2)
-QUICK = BuildConfig(max_len=32, train_max=256, val_max=128, epochs=1)
+QUICK = BuildConfig(max_len=32, train_max=512, val_max=128, epochs=2)
 
 
 @dataclass
@@ -537,7 +558,8 @@ def _build_task(spec: TaskSpec, root: Path, cfg: BuildConfig, tokenizer: PreTrai
     state["head.weight"] = head.weight.detach().contiguous()
     state["head.bias"] = head.bias.detach().contiguous()
     file, val_file = f"tasks/{spec.name}.safetensors", f"val/{spec.name}.safetensors"
-    save_file(state, root / file, metadata={"task": spec.name, "labels": json.dumps(data.label_names)})
+    # One metadata key only: safetensors writes several in arbitrary order, breaking byte-identity.
+    save_file(state, root / file, metadata={"labels": json.dumps(data.label_names)})
     save_file(val_tensors, root / val_file)
 
     finetuned = _accuracy(encoder, state["head.weight"], state["head.bias"], val_tensors)
@@ -626,7 +648,7 @@ def _table(zoo: Zoo) -> str:
                      f"{e['majority_acc']:.3f}", f"{e['zero_shot_acc']:.3f}",
                      f"{e['finetuned_acc']:.3f}", f"{e['build_seconds']:.0f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
 
 
 def main(argv: list[str] | None = None) -> None:
