@@ -87,6 +87,11 @@ def duration(seconds: float) -> str:
     return f"{m} min {s:02d} s" if m else f"{s} s"
 
 
+def braces(values: Sequence[float]) -> str:
+    """``[0.2, 0.3]`` → ``{0.2, 0.3}``."""
+    return "{" + ", ".join(f"{v:g}" for v in values) + "}"
+
+
 def mark(ok: bool | None) -> str:
     """A met/missed mark."""
     return "–" if ok is None else ("met" if ok else "**missed**")
@@ -270,7 +275,7 @@ encoder with the task's fine-tuned head (the base has no classifier of its own).
 {table(["task", "data", "source package", "classes", "train", "val", "majority class", "build s"], zt)}
 
 **Rebuilt from the archive** — accuracy (normalized = rebuilt ÷ fine-tuned). λ search grid
-{f['lam_grid']} scored by validation accuracy (the paper's rule, `lam="search"`); `auto` scores by
+{braces(f['lam_grid'])} scored by validation accuracy (the paper's rule, `lam="search"`); `auto` scores by
 weight-space cosine (no data); fixed λ = {f['fixed_lam']}. Paper reference: {pct(lo)}–{pct(hi)} normalized accuracy.
 
 {table(["task", "zero-shot", "fine-tuned", *(names[v] for v in variants)], rebuilt)}
@@ -279,8 +284,8 @@ weight-space cosine (no data); fixed λ = {f['fixed_lam']}. Paper reference: {pc
 
 {table(["task", *(names[v] for v in variants)], lams)}
 
-**One merged model for all tasks** (each task evaluated with its own head; α from {f['alpha_grid']} by the mean
-accuracy; Consensus uses the searched-λ masks, k = {f['k']}). Accuracy (normalized to fine-tuned):
+**One merged model for all tasks** (each task evaluated with its own head; α from {braces(f['alpha_grid'])} by the
+mean accuracy; Consensus uses the searched-λ masks, k = {f['k']}). Accuracy (normalized to fine-tuned):
 
 {table(["task", "fine-tuned", *MERGED_LABELS.values()], merged)}
 
@@ -544,6 +549,7 @@ def plot_pack(p: dict[str, Any], out: Path) -> Path:
     ax.set_xlabel("input GB (base + T tasks)")
     ax.set_ylabel("pack seconds")
     ax.legend(fontsize=7)
+    bx.axhline(p["baseline"]["peak_anon_mib"], color="k", ls="--", lw=0.8, label="imports only (anon)")
     bx.set_xlabel("T")
     bx.set_ylabel("peak RSS of the pack process, MiB")
     bx.set_ylim(bottom=0)
