@@ -68,7 +68,7 @@ def child(out: str, base: str, tasks: dict[str, str]) -> None:
 
 def spawn(out: Path, base: Path | None, tasks: dict[str, Path]) -> dict[str, Any]:
     """Run ``child`` in a new process, sampling its anonymous RSS; its report plus the peak."""
-    args = [sys.executable, "-m", "benchmarks.bench_pack", "--child", str(out), str(base or ""),
+    args = [sys.executable, "-W", "ignore", "-m", "benchmarks.bench_pack", "--child", str(out), str(base or ""),
             json.dumps({k: str(v) for k, v in tasks.items()})]
     proc = subprocess.Popen(args, cwd=HERE.parent, stdout=subprocess.PIPE, text=True)
     peak_anon = 0

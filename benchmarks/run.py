@@ -28,7 +28,7 @@ def run_remote(cfg: Config) -> dict[str, Any]:
     from . import remote_reads  # starts moto: imported only when run
 
     params_m, n_tasks, repeats = (12.0, 3, 1) if cfg.quick else (22.0, 8, 2)
-    return remote_reads.run(cfg.work / "remote", params_m, n_tasks, 20.0, [1, 8, 64], repeats)
+    return remote_reads.run(cfg.work, params_m, n_tasks, 20.0, [1, 8, 64], repeats)
 
 
 MODULES: dict[str, Callable[[Config], dict[str, Any]]] = {

@@ -142,12 +142,14 @@ def masked_block(spec: PackSpec, kp: KeyPlan, index: int) -> MaskedBlock:
         ctx.array(fmt.base_path(kp.node))[a * row : b * row] = dtypes.to_storage(base)
     T = tasks.shape[0]
     sq_err = np.zeros(T)
+    tau_sq = np.zeros(T)
     digests = []
     crcs = []
-    for t in range(T):
+    for t in range(T):  # one task at a time: float64 temporaries stay at one row's size
         rebuilt = torch.where(masks[t], merged, base_t)
         diff = rebuilt.to(torch.float64) - tasks[t].to(torch.float64)
         sq_err[t] = float(diff.square().sum())
+        tau_sq[t] = float(tau[t].to(torch.float64).square().sum())
         digests.append(block_digest(rebuilt))
         crcs.append(block_crc(rebuilt))
     return MaskedBlock(
@@ -160,7 +162,7 @@ def masked_block(spec: PackSpec, kp: KeyPlan, index: int) -> MaskedBlock:
         task_crcs=crcs,
         ones=masks.sum(dim=1).numpy().astype(np.int64),
         sq_err=sq_err,
-        tau_sq=tau.to(torch.float64).square().sum(dim=1).numpy(),
+        tau_sq=tau_sq,
         nonzero=nonzero,
     )
 
