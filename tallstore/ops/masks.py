@@ -15,9 +15,16 @@ def task_vectors(base: torch.Tensor, tasks: torch.Tensor) -> torch.Tensor:
 
 
 def tall_masks(tau: torch.Tensor, tau_mtl: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    """``m_t = |τ_t| > λ_t · |τ_MTL − τ_t|`` (strict, elementwise) as a ``(T, n)`` bool tensor."""
-    residual = (tau_mtl.unsqueeze(0) - tau).abs_().mul_(lam.to(torch.float32).view(-1, 1))
-    return tau.abs() > residual
+    """``m_t = |τ_t| > λ_t · |τ_MTL − τ_t|`` (strict, elementwise) as a ``(T, n)`` bool tensor.
+
+    Computed one task at a time so temporaries stay at one row's size, not ``(T, n)``.
+    """
+    lam32 = lam.to(torch.float32)
+    masks = torch.empty(tau.shape, dtype=torch.bool)
+    for t in range(tau.shape[0]):
+        residual = (tau_mtl - tau[t]).abs_().mul_(lam32[t])
+        torch.gt(tau[t].abs(), residual, out=masks[t])
+    return masks
 
 
 def merged_weights(
@@ -29,13 +36,13 @@ def merged_weights(
     task's own weight ``θ_t``, so those rebuilds are bit-exact instead of suffering the rounding
     of ``θ₀ + (θ_t − θ₀)``; elsewhere it is ``θ₀ + τ_MTL`` computed in float32, then cast.
     """
-    dtype = tasks.dtype
-    merged = (base.to(torch.float32) + tau_mtl).to(dtype)
-    hit = (tau == tau_mtl.unsqueeze(0)) & (tau != 0)
-    if bool(hit.any()):
-        first = hit.to(torch.uint8).argmax(dim=0, keepdim=True)
-        own = tasks.gather(0, first).squeeze(0)
-        merged = torch.where(hit.any(dim=0), own, merged)
+    merged = (base.to(torch.float32) + tau_mtl).to(tasks.dtype)
+    taken = torch.zeros(tau_mtl.shape, dtype=torch.bool)
+    for t in range(tau.shape[0]):  # task order: the first task that matches wins
+        hit = (tau[t] == tau_mtl) & (tau[t] != 0) & ~taken
+        if bool(hit.any()):
+            merged = torch.where(hit, tasks[t], merged)
+            taken |= hit
     return merged
 
 
