@@ -9,6 +9,7 @@ the completeness marker once every unit has succeeded. A unit that raises is ret
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,12 @@ if TYPE_CHECKING:
 
 DEFAULT_RETRIES = 2
 STOP_TIMEOUT_S = 600
+POLL_S = 0.05
+
+
+def _executing(dask_worker: Any) -> int:
+    """How many tasks this worker is executing right now (run on each worker by ``client.run``)."""
+    return len(dask_worker.state.executing)
 
 
 class DaskExecutor:
@@ -44,13 +51,16 @@ class DaskExecutor:
                 self._stop(list(futures))
 
     def _stop(self, futures: list[Any]) -> None:
-        """Cancel the queued units and wait for the running ones, so no write lands after a failure."""
-        from distributed import wait
+        """Cancel the outstanding units, then wait until no worker still executes one.
 
+        A cancelled unit that had already started keeps running on its worker (Dask cannot
+        interrupt it) and may still write; the pack's clean-up must come after it.
+        """
         with suppress(OSError, TimeoutError):  # a lost cluster must not hide the pack's own error
-            running = {k for keys in self.client.processing().values() for k in keys}
-            self.client.cancel([f for f in futures if f.key not in running])
-            wait([f for f in futures if f.key in running], timeout=STOP_TIMEOUT_S)
+            self.client.cancel(futures)
+            deadline = time.monotonic() + STOP_TIMEOUT_S
+            while any(self.client.run(_executing).values()) and time.monotonic() < deadline:
+                time.sleep(POLL_S)
 
     def broadcast(self, fn: Callable[..., Any], *args: Any) -> None:
         fn(*args)
