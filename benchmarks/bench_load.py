@@ -1,21 +1,33 @@
 """One-task load time: tallstore vs safetensors and ZipNN, warm and cold, and its growth with T.
 
-Every load ends with the task's tensors copied into preallocated model parameters (``copy_``),
-which is what loading a model means:
+Every load ends with the task's tensors in preallocated model parameters (``target``: one empty
+tensor per checkpoint tensor, same name, dtype and shape), which is what loading a model means:
 
-- ``safetensors``: ``safetensors.torch.load_file`` of the original checkpoint, then the copy;
+- ``safetensors``: ``safetensors.torch.load_file`` of the original checkpoint, then ``copy_``
+  into the parameters (what ``safetensors.torch.load_model`` does);
 - ``safetensors_lazy``: ``load_file`` alone (memory-mapped tensors: no weight bytes are read);
 - ``zipnn``: read the ZipNN-compressed checkpoint, decompress it (ZipNN's default threads), view
-  its tensors in place, then the copy;
-- ``tallstore``: ``tallstore.open(archive, base=...)`` then ``arc[task].state_dict()`` (rebuild
-  and CRC check), then the copy; base external (a safetensors file on the same disk);
+  its tensors in place, then ``copy_``;
+- ``tallstore``: ``tallstore.open(archive, base=...)`` then ``arc[task].load_into(target)``: the
+  task is rebuilt (and CRC-checked) directly into the parameters, no intermediate tensors and no
+  extra copy; base external (a safetensors file on the same disk);
 - ``tallstore_opened``: the same with the archive already open (no manifest read or base probe);
-- ``tallstore_embedded``: ``tallstore.open(archive)`` of an archive with the base embedded.
+- ``tallstore_embedded``: ``tallstore.open(archive)`` of an archive with the base embedded, then
+  ``load_into``;
+- ``tallstore_state_dict``: ``tallstore.open(archive, base=...)`` then ``arc[task].state_dict()``
+  (fresh tensors) and ``copy_``, shown to make the cost of that extra allocation and copy visible.
 
-Warm: one untimed call each, then ``repeats`` rounds in which every method runs once (side by
-side, so load on the machine hits all alike); the best time of each. Cold: ``cold_repeats``
-rounds, each call preceded by evicting the files it reads (checkpoint, ZipNN file, archive, base)
-from the page cache (``POSIX_FADV_DONTNEED``); the median.
+Every tallstore method runs once per codec profile (``tallstore.storage.codecs.PRESETS``: the
+default "fast", lz4hc weights, and "compact", zstd weights), each profile packing its own
+archives of the same collection; the default profile's keys are the names above, another
+profile's end in ``_<profile>`` (``tallstore_compact``...). ``profiles`` in the results records
+each profile's codec settings and key suffix; ``by_profile`` in a row its archive sizes and ratios.
+
+Warm: one untimed call each, then ``repeats`` rounds in which every method of every profile runs
+once (side by side, so load on the machine hits all alike); the best time of each. Cold:
+``cold_repeats`` rounds, each call preceded by evicting the files it reads (checkpoint, ZipNN
+file, archive, base) from the page cache (``POSIX_FADV_DONTNEED``); the median. Before timing,
+each profile's ``load_into`` is checked to give exactly the tensors of ``state_dict()``.
 """
 
 from __future__ import annotations
@@ -37,7 +49,8 @@ from .common import (
     PACK_SECONDS,
     Collection,
     Config,
-    archive,
+    Profile,
+    codec_profiles,
     evict,
     files_under,
     main_dtype,
@@ -49,7 +62,8 @@ from .common import (
 )
 
 NAME = "load"
-METHODS = ("safetensors", "safetensors_lazy", "zipnn", "tallstore", "tallstore_opened", "tallstore_embedded")
+BASELINES = ("safetensors", "safetensors_lazy", "zipnn")
+VARIANTS = ("tallstore", "tallstore_opened", "tallstore_embedded", "tallstore_state_dict")  # per codec profile
 SF_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
@@ -88,20 +102,46 @@ def tensors_in(buf: bytearray) -> dict[str, torch.Tensor]:
 Loads = dict[str, tuple[Callable[[], Any], list[Path]]]  # method: (load, the files it reads)
 
 
-def loaders(coll: Collection, task: str, ext: Path, emb: Path, znn: Path, target: dict[str, torch.Tensor]) -> Loads:
-    """Each method's load of ``task`` into ``target`` and the files it reads."""
+def loaders(coll: Collection, task: str, znn: Path, target: dict[str, torch.Tensor],
+            archives: dict[Profile, tuple[Path, Path]]) -> Loads:
+    """Each method's load of ``task`` into ``target`` and the files it reads; ``archives``:
+    each profile's (external, embedded) archive. Each tallstore variant's profiles run adjacent."""
     src = coll.tasks[task]
     code = main_dtype(src)
-    opened = tallstore.open(ext, base=coll.base)
-    return {
+    fns: Loads = {
         "safetensors": (lambda: copy_into(target, load_file(src)), [src]),
         "safetensors_lazy": (lambda: load_file(src), [src]),
         "zipnn": (lambda: copy_into(target, tensors_in(zipnn_decompress(znn, code))), [znn]),
-        "tallstore": (lambda: copy_into(target, tallstore.open(ext, base=coll.base)[task].state_dict()),
-                      [ext, coll.base]),
-        "tallstore_opened": (lambda: copy_into(target, opened[task].state_dict()), [ext, coll.base]),
-        "tallstore_embedded": (lambda: copy_into(target, tallstore.open(emb)[task].state_dict()), [emb]),
     }
+    per = {p: tallstore_loaders(coll, task, ext, emb, target) for p, (ext, emb) in archives.items()}
+    for v in VARIANTS:
+        for p, loads in per.items():
+            fns[v + p.suffix] = loads[v]
+    return fns
+
+
+def tallstore_loaders(coll: Collection, task: str, ext: Path, emb: Path, target: dict[str, torch.Tensor]) -> Loads:
+    """The tallstore variants' loads of ``task`` from one profile's archives."""
+    opened = tallstore.open(ext, base=coll.base)
+    return {
+        "tallstore": (lambda: tallstore.open(ext, base=coll.base)[task].load_into(target), [ext, coll.base]),
+        "tallstore_opened": (lambda: opened[task].load_into(target), [ext, coll.base]),
+        "tallstore_embedded": (lambda: tallstore.open(emb)[task].load_into(target), [emb]),
+        "tallstore_state_dict": (lambda: copy_into(target, tallstore.open(ext, base=coll.base)[task].state_dict()),
+                                 [ext, coll.base]),
+    }
+
+
+def check_load_into(coll: Collection, task: str, ext: Path, target: dict[str, torch.Tensor]) -> None:
+    """``load_into`` must leave in ``target`` exactly the tensors ``state_dict()`` returns."""
+    view = tallstore.open(ext, base=coll.base)[task]
+    for t in target.values():
+        t.zero_()
+    view.load_into(target)
+    want = view.state_dict()
+    bad = [k for k in target if k not in want or not torch.equal(target[k], want[k])]
+    if bad or len(want) != len(target):
+        raise AssertionError(f"{ext.name}: load_into differs from state_dict() for {bad[:3] or 'the key set'}")
 
 
 def time_side_by_side(fns: Loads, repeats: int, cold_repeats: int) -> dict[str, dict[str, float]]:
@@ -124,15 +164,26 @@ def time_side_by_side(fns: Loads, repeats: int, cold_repeats: int) -> dict[str, 
     return {"warm": warm, "cold": {m: statistics.median(v) for m, v in cold.items() if v}}
 
 
-def measure(work: Path, coll: Collection, repeats: int, cold_repeats: int) -> dict[str, Any]:
-    """Load the first task of ``coll`` every way, warm and cold; what one task reads."""
+def measure(work: Path, coll: Collection, profiles: list[Profile], repeats: int, cold_repeats: int) -> dict[str, Any]:
+    """Load the first task of ``coll`` every way and from every profile's archives, warm and cold."""
     task = next(iter(coll.tasks))
-    ext = archive(work, coll, embed_base=False)
-    emb = archive(work, coll, embed_base=True)
+    archives = {p: (p.archive(work, coll, embed_base=False), p.archive(work, coll, embed_base=True)) for p in profiles}
     znn = zipnn_file(work, coll.tasks[task])
     target = empty_like_checkpoint(coll.tasks[task])
-    times = time_side_by_side(loaders(coll, task, ext, emb, znn, target), repeats, cold_repeats)
-    masks_all = tree_bytes(ext / "masks")
+    for ext, _ in archives.values():
+        check_load_into(coll, task, ext, target)
+    times = time_side_by_side(loaders(coll, task, znn, target, archives), repeats, cold_repeats)
+    by_profile = {}
+    for p, (ext, emb) in archives.items():
+        by_profile[p.name] = {
+            "archive_bytes": tree_bytes(ext),
+            "embedded_bytes": tree_bytes(emb),
+            "archive_files": len(files_under(ext)),
+            "pack_seconds": PACK_SECONDS.get(str(ext)),
+            **ratios(times, p.suffix),
+        }
+    default = profiles[0]
+    ext = archives[default][0]
     return {
         "collection": coll.label,
         "tag": coll.tag,
@@ -142,18 +193,27 @@ def measure(work: Path, coll: Collection, repeats: int, cold_repeats: int) -> di
         "task": task,
         "checkpoint_bytes": coll.tasks[task].stat().st_size,
         "zipnn_bytes": znn.stat().st_size,
-        "archive_bytes": tree_bytes(ext),
         "mask_bytes_task": tree_bytes(ext / "masks" / "0"),
-        "mask_bytes_all": masks_all,
-        "archive_files": len(files_under(ext)),
-        "pack_seconds": PACK_SECONDS.get(str(ext)),
+        "mask_bytes_all": tree_bytes(ext / "masks"),
         **times,
-        "ratio_warm": _ratio(times["warm"], "tallstore", "safetensors"),
-        "ratio_warm_opened": _ratio(times["warm"], "tallstore_opened", "safetensors"),
-        "ratio_warm_vs_zipnn": _ratio(times["warm"], "tallstore", "zipnn"),
-        "ratio_cold": _ratio(times["cold"], "tallstore", "safetensors"),
-        "ratio_cold_vs_zipnn": _ratio(times["cold"], "tallstore", "zipnn"),
+        "by_profile": by_profile,
+        # the default profile's figures under the names they had before profiles were measured
+        **{k: by_profile[default.name][k] for k in ("archive_bytes", "archive_files", "pack_seconds")},
+        **{k: v for k, v in by_profile[default.name].items() if k.startswith("ratio_")},
     }
+
+
+def ratios(times: dict[str, dict[str, float]], suffix: str) -> dict[str, float | None]:
+    """One profile's warm and cold tallstore load times ÷ safetensors' (and ÷ ZipNN's)."""
+    out = {}
+    for ph in ("warm", "cold"):
+        t = times[ph]
+        out[f"ratio_{ph}"] = _ratio(t, "tallstore" + suffix, "safetensors")
+        out[f"ratio_{ph}_opened"] = _ratio(t, "tallstore_opened" + suffix, "safetensors")
+        out[f"ratio_{ph}_embedded"] = _ratio(t, "tallstore_embedded" + suffix, "safetensors")
+        out[f"ratio_{ph}_state_dict"] = _ratio(t, "tallstore_state_dict" + suffix, "safetensors")
+        out[f"ratio_{ph}_vs_zipnn"] = _ratio(t, "tallstore" + suffix, "zipnn")
+    return out
 
 
 def _ratio(times: dict[str, float], a: str, b: str) -> float | None:
@@ -175,11 +235,16 @@ def collections(cfg: Config) -> list[Collection]:
 def run(cfg: Config) -> dict[str, Any]:
     """Measure every collection; JSON-ready results."""
     repeats, cold_repeats = (3, 1) if cfg.quick else (7, 3)
+    profiles = codec_profiles()
     rows = []
     for coll in collections(cfg):
-        rows.append(measure(cfg.work, coll, repeats, cold_repeats))
+        rows.append(measure(cfg.work, coll, profiles, repeats, cold_repeats))
         r = rows[-1]
-        print(f"  {r['collection']}: tallstore {r['warm']['tallstore'] * 1e3:.0f} ms, safetensors "
-              f"{r['warm']['safetensors'] * 1e3:.0f} ms, ZipNN {r['warm']['zipnn'] * 1e3:.0f} ms warm "
-              f"(×{r['ratio_warm']:.2f}); cold ×{r['ratio_cold']:.2f}", flush=True)
-    return {"repeats": repeats, "cold_repeats": cold_repeats, "methods": list(METHODS), "rows": rows}
+        w = r["warm"]
+        each = ", ".join(f"{p.name} {w['tallstore' + p.suffix] * 1e3:.0f} ms (×{r['by_profile'][p.name]['ratio_warm']:.2f}, "
+                         f"cold ×{r['by_profile'][p.name]['ratio_cold'] or math.nan:.2f})" for p in profiles)
+        print(f"  {r['collection']}: safetensors {w['safetensors'] * 1e3:.0f} ms, ZipNN {w['zipnn'] * 1e3:.0f} ms warm; "
+              f"tallstore {each}", flush=True)
+    methods = [*BASELINES, *(v + p.suffix for v in VARIANTS for p in profiles)]
+    return {"repeats": repeats, "cold_repeats": cold_repeats, "methods": methods,
+            "profiles": {p.name: p.record() for p in profiles}, "default_profile": profiles[0].name, "rows": rows}

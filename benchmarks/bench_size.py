@@ -14,12 +14,21 @@ Measured side by side on one collection at a time (λ = ``common.LAM`` = 0.4, TA
 - ``paper_accounting``: the TALL paper's uncompressed count, θ₀ and τ_MTL at the tasks' width
   plus one bit per parameter per task: ``(2·w + T)·P`` bits.
 
+The ``tallstore_*`` and ``bound_*`` sizes are measured for every codec profile
+(``tallstore.storage.codecs.PRESETS``: the default "fast", lz4hc weights, and "compact", zstd
+weights), each profile packing its own archives of the same collection: the default profile's
+keys are the names above, another profile's end in ``_<profile>`` (``tallstore_embedded_compact``);
+``profiles`` in the results records each profile's codec settings and key suffix, ``by_profile``
+in a row each profile's bytes by role. Masks always use zstd, so they are the same under every
+profile: ``masks_identical`` says whether their stored bytes are, file for file.
+
 Mask bits per parameter of task t = stored bytes of ``masks/<t>`` (chunks and array metadata)
-× 8 ÷ masked parameters (``stats.masked_params``).
+× 8 ÷ masked parameters (``stats.masked_params``), from the default profile's external archive.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -32,7 +41,8 @@ from .common import (
     LAM,
     Collection,
     Config,
-    archive,
+    Profile,
+    codec_profiles,
     entropy_bits,
     synthetic,
     tree_bytes,
@@ -60,12 +70,21 @@ def parts(path: Path) -> dict[str, int]:
     return out
 
 
-def measure(work: Path, coll: Collection) -> dict[str, Any]:
-    """Every size of ``coll``, its per-task mask statistics, and ratios to the raw size."""
-    ext = archive(work, coll, embed_base=False)
-    emb = archive(work, coll, embed_base=True)
+def mask_digests(path: Path) -> dict[str, str]:
+    """SHA-1 of every stored file under an archive's ``masks/``, by path inside it."""
+    root = path / "masks"
+    return {str(f.relative_to(root)): hashlib.sha1(f.read_bytes()).hexdigest()
+            for f in sorted(root.rglob("*")) if f.is_file()}
+
+
+def measure(work: Path, coll: Collection, profiles: list[Profile]) -> dict[str, Any]:
+    """Every size of ``coll`` under every profile, its per-task mask statistics, and ratios to the raw size."""
+    archives = {p: (p.archive(work, coll, embed_base=False), p.archive(work, coll, embed_base=True)) for p in profiles}
+    default = profiles[0]
+    ext = archives[default][0]
     arc = tallstore.open(ext, base=coll.base)
-    p_ext, p_emb = parts(ext), parts(emb)
+    by_profile = {p.name: {"parts_external": parts(e), "parts_embedded": parts(m)} for p, (e, m) in archives.items()}
+    p_ext = by_profile[default.name]["parts_external"]
     T = len(coll.tasks)
     tasks = []
     for t, name in enumerate(arc.tasks):
@@ -79,24 +98,30 @@ def measure(work: Path, coll: Collection) -> dict[str, Any]:
             "masked_params": st["masked_params"], "rebuild_error": st["rebuild_error"],
         })
     mask_bound = sum(r["entropy_bits"] * r["masked_params"] / 8 for r in tasks)
-    bound_ext = mask_bound + p_ext.get("merged", 0) + p_ext.get("exact", 0)
+    masks = [mask_digests(e) for e, _ in archives.values()]
     sizes = {
         "raw": coll.raw_bytes,
         "zstd": sum(zstd_bytes(f) for f in coll.tasks.values()),
         "zipnn": sum(zipnn_file(work, f).stat().st_size for f in coll.tasks.values()),
-        "tallstore_external": tree_bytes(ext),
-        "tallstore_external_plus_base": tree_bytes(ext) + coll.base.stat().st_size,
-        "tallstore_embedded": tree_bytes(emb),
-        "bound_external": bound_ext,
-        "bound_embedded": bound_ext + p_emb.get("base", 0),
-        "paper_accounting": (2 * DTYPE_BITS[coll.dtype] + T) * coll.params / 8,
     }
+    for prof, (e, m) in archives.items():
+        pe, pm = by_profile[prof.name]["parts_external"], by_profile[prof.name]["parts_embedded"]
+        bound_ext = mask_bound + pe.get("merged", 0) + pe.get("exact", 0)
+        sizes |= {
+            "tallstore_external" + prof.suffix: tree_bytes(e),
+            "tallstore_external_plus_base" + prof.suffix: tree_bytes(e) + coll.base.stat().st_size,
+            "tallstore_embedded" + prof.suffix: tree_bytes(m),
+            "bound_external" + prof.suffix: bound_ext,
+            "bound_embedded" + prof.suffix: bound_ext + pm.get("base", 0),
+        }
+    sizes["paper_accounting"] = (2 * DTYPE_BITS[coll.dtype] + T) * coll.params / 8
     return {
         "collection": coll.label, "tag": coll.tag, "dtype": coll.dtype, "params": coll.params, "tasks": T,
         "lam": LAM, "base_bytes": coll.base.stat().st_size, "sizes": sizes,
         "fraction_of_raw": {k: v / sizes["raw"] for k, v in sizes.items()},
         "times_smaller": {k: sizes["raw"] / v for k, v in sizes.items()},
-        "parts_external": p_ext, "parts_embedded": p_emb, "per_task": tasks,
+        "parts_external": p_ext, "parts_embedded": by_profile[default.name]["parts_embedded"],
+        "by_profile": by_profile, "masks_identical": all(d == masks[0] for d in masks), "per_task": tasks,
         "masks_vs_entropy_max": max((r["vs_entropy"] for r in tasks if r["vs_entropy"]), default=None),
     }
 
@@ -111,12 +136,16 @@ def collections(cfg: Config) -> list[Collection]:
 
 def run(cfg: Config) -> dict[str, Any]:
     """Measure every collection; JSON-ready results."""
+    profiles = codec_profiles()
     rows = []
     for coll in collections(cfg):
-        rows.append(measure(cfg.work, coll))
+        rows.append(measure(cfg.work, coll, profiles))
         r = rows[-1]
         x = r["times_smaller"]
-        print(f"  {r['collection']}: embedded {x['tallstore_embedded']:.2f}× smaller, external "
-              f"{x['tallstore_external']:.2f}×, ZipNN {x['zipnn']:.2f}×, zstd {x['zstd']:.2f}×; masks ≤ "
-              f"{r['masks_vs_entropy_max']:.3f}× H(p)", flush=True)
-    return {"lam": LAM, "rows": rows}
+        each = "; ".join(f"{p.name}: embedded {x['tallstore_embedded' + p.suffix]:.2f}× smaller, external "
+                         f"{x['tallstore_external' + p.suffix]:.2f}×" for p in profiles)
+        print(f"  {r['collection']}: {each}; ZipNN {x['zipnn']:.2f}×, zstd {x['zstd']:.2f}×; masks ≤ "
+              f"{r['masks_vs_entropy_max']:.3f}× H(p){'' if r['masks_identical'] else ' (masks DIFFER between profiles)'}",
+              flush=True)
+    return {"lam": LAM, "profiles": {p.name: p.record() for p in profiles}, "default_profile": profiles[0].name,
+            "rows": rows}

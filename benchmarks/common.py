@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import functools
 import hashlib
@@ -134,6 +135,41 @@ def archive(work: Path, coll: Collection, embed_base: bool = False, name: str = 
     PACK_SECONDS[key] = time.perf_counter() - t
     _PACKED[key] = dict(options)
     return path
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A weight codec profile of ``tallstore.storage.codecs.PRESETS``, as the benchmarks pack it."""
+
+    name: str  # the preset's name ("fast", "compact")
+    codecs: Any  # its ``tallstore.storage.codecs.Codecs``
+    default: bool  # equal to the library's default ``Codecs()``: packed without a ``codecs=`` argument
+
+    @property
+    def suffix(self) -> str:
+        """What this profile's result keys end with: nothing for the default (keys keep their old names)."""
+        return "" if self.default else f"_{self.name}"
+
+    def archive(self, work: Path, coll: Collection, embed_base: bool = False) -> Path:
+        """``coll`` packed with this profile's codecs (the default one under the unsuffixed archive name)."""
+        if self.default:
+            return archive(work, coll, embed_base=embed_base)
+        return archive(work, coll, embed_base=embed_base, name=self.name, codecs=self.codecs)
+
+    def record(self) -> dict[str, Any]:
+        """JSON-ready: the codec settings, whether they are the default, the result keys' suffix."""
+        return {**dataclasses.asdict(self.codecs), "default": self.default, "suffix": self.suffix}
+
+
+def codec_profiles() -> list[Profile]:
+    """Every codec preset, the library's default first (a "default" profile if no preset is it)."""
+    from tallstore.storage.codecs import PRESETS, Codecs
+
+    default = Codecs()
+    profiles = [Profile(n, c, c == default) for n, c in PRESETS.items()]
+    if not any(p.default for p in profiles):
+        profiles.append(Profile("default", default, True))
+    return sorted(profiles, key=lambda p: not p.default)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

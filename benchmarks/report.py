@@ -7,7 +7,7 @@ import os
 import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import matplotlib
 
@@ -26,17 +26,48 @@ RSS_FLAT_TARGET = 1.5  # "flat in model size": peak RSS of the largest model wit
 PAPER_NORMALIZED = (0.992, 0.997)
 SELECTIONS = {"fixed": "λ=0.4", "search": "searched λ", "auto": "auto λ"}
 MERGED_LABELS = {"ta": "TA", "ties": "TIES", "consensus_ta": "Consensus TA", "consensus_ties": "Consensus TIES"}
-SIZE_COLUMNS = {
-    "zstd": "zstd -3", "zipnn": "ZipNN", "tallstore_external": "tallstore, base external",
-    "tallstore_external_plus_base": "tallstore + base file", "tallstore_embedded": "tallstore, base embedded",
-    "bound_external": "bound, external", "bound_embedded": "bound, embedded",
-    "paper_accounting": "paper's count (2w+T)·P bits",
+SIZE_SHARED = {"zstd": "zstd -3", "zipnn": "ZipNN"}  # the same for every codec profile
+SIZE_PROFILE = {  # measured per codec profile (key + the profile's suffix)
+    "tallstore_external": "tallstore, base external", "tallstore_external_plus_base": "tallstore + base file",
+    "tallstore_embedded": "tallstore, base embedded", "bound_external": "bound, external",
+    "bound_embedded": "bound, embedded",
 }
-LOAD_COLUMNS = {
-    "safetensors": "safetensors", "safetensors_lazy": "safetensors lazy", "zipnn": "ZipNN",
+SIZE_COLUMNS = {**SIZE_SHARED, **SIZE_PROFILE, "paper_accounting": "paper's count (2w+T)·P bits"}
+LOAD_SHARED = {"safetensors": "safetensors", "safetensors_lazy": "safetensors lazy", "zipnn": "ZipNN"}
+LOAD_PROFILE = {  # measured per codec profile (key + the profile's suffix)
     "tallstore": "tallstore", "tallstore_opened": "tallstore (open archive)",
-    "tallstore_embedded": "tallstore (embedded base)",
+    "tallstore_embedded": "tallstore (embedded base)", "tallstore_state_dict": "tallstore state_dict + copy",
 }
+LOAD_COLUMNS = {**LOAD_SHARED, **LOAD_PROFILE}
+
+
+class Profile(NamedTuple):
+    """A weight codec profile as a module's results record it."""
+
+    name: str
+    label: str  # "fast (lz4hc 5, default)"
+    suffix: str  # what its result keys end with
+
+
+def profiles(d: dict[str, Any]) -> list[Profile]:
+    """The codec profiles of a module's results, the default first; results from before profiles were
+    measured hold one, the then default codecs, not recorded."""
+    got = d.get("profiles")
+    if not got:
+        return [Profile("default", "default codecs (not recorded)", "")]
+    return [Profile(n, f"{n} ({c['weight_cname']} {c['weight_level']}{', default' if c['default'] else ''})", c["suffix"])
+            for n, c in sorted(got.items(), key=lambda kv: not kv[1]["default"])]
+
+
+def ratio(r: dict[str, Any], phase: str, a: str, b: str) -> float | None:
+    """Time of method ``a`` ÷ time of ``b`` in one load row and phase, or None where one was not measured."""
+    t = r.get(phase) or {}
+    return t[a] / t[b] if a in t and b in t else None
+
+
+def by_profile(r: dict[str, Any], p: Profile) -> dict[str, Any]:
+    """A row's figures for one profile (the row itself for results from before profiles were measured)."""
+    return r.get("by_profile", {}).get(p.name, r)
 
 
 def load(out: Path) -> Results:
@@ -120,18 +151,21 @@ def summary_fidelity(f: dict[str, Any]) -> list[list[str]]:
 
 
 def summary_size(s: dict[str, Any]) -> list[list[str]]:
-    """Times smaller than raw at T=20 fp32 and on the real zoo; masks against their entropy."""
+    """Times smaller than raw at T=20 fp32 (per codec profile) and on the real zoo; masks against their entropy."""
+    profs = profiles(s)
     rows = []
     for r in s["rows"]:
         x = r["times_smaller"]
         if r["dtype"] == "float32" and r["tasks"] >= 20:
-            rows.append([f"Archive vs raw, {r['collection']}, base embedded",
-                         f"{x['tallstore_embedded']:.2f}× smaller (ZipNN {x['zipnn']:.2f}×, zstd {x['zstd']:.2f}×)",
-                         f"≥ {SIZE_TARGET:g}×", mark(x["tallstore_embedded"] >= SIZE_TARGET)])
+            for p in profs:
+                got = x["tallstore_embedded" + p.suffix]
+                rows.append([f"Archive vs raw, {r['collection']}, base embedded, {p.label}",
+                             f"{got:.2f}× smaller (ZipNN {x['zipnn']:.2f}×, zstd {x['zstd']:.2f}×)",
+                             f"≥ {SIZE_TARGET:g}×", mark(got >= SIZE_TARGET)])
         elif r["tag"].startswith("zoo"):
-            rows.append([f"Archive vs raw, {r['collection']}",
-                         f"{x['tallstore_embedded']:.2f}× smaller embedded, {x['tallstore_external']:.2f}× external "
-                         f"(ZipNN {x['zipnn']:.2f}×)", "–", "–"])
+            each = "; ".join(f"{p.name}: {x['tallstore_embedded' + p.suffix]:.2f}× smaller embedded, "
+                             f"{x['tallstore_external' + p.suffix]:.2f}× external" for p in profs)
+            rows.append([f"Archive vs raw, {r['collection']}", f"{each} (ZipNN {x['zipnn']:.2f}×)", "–", "–"])
     worst = max(s["rows"], key=lambda r: r["masks_vs_entropy_max"])
     rows.append([f"Mask bits per parameter ÷ H(p_t), worst task ({worst['collection']})",
                  f"{worst['masks_vs_entropy_max']:.3f}", f"≤ {ENTROPY_TARGET}",
@@ -140,26 +174,42 @@ def summary_size(s: dict[str, Any]) -> list[list[str]]:
 
 
 def summary_load(d: dict[str, Any]) -> list[list[str]]:
-    """One-task load against safetensors (real zoo and worst case); growth with T."""
+    """One-task load against safetensors per codec profile (real zoo and worst case); growth with T."""
     rows_l = d["rows"]
+    profs = profiles(d)
     zoo = next((r for r in rows_l if r["tag"].startswith("zoo")), rows_l[0])
-    worst = max(rows_l, key=lambda r: r["ratio_warm"])
-    rows = [[f"One-task load ÷ safetensors load, warm ({zoo['collection']})",
-             f"{times(zoo['ratio_warm'])} (open archive: {times(zoo['ratio_warm_opened'])}; "
-             f"÷ ZipNN {times(zoo['ratio_warm_vs_zipnn'])})", f"≤ ×{LOAD_TARGET:g}", mark(zoo["ratio_warm"] <= LOAD_TARGET)],
-            [f"One-task load ÷ safetensors load, warm, worst collection ({worst['collection']})",
-             times(worst["ratio_warm"]), f"≤ ×{LOAD_TARGET:g}", mark(worst["ratio_warm"] <= LOAD_TARGET)]]
-    cold = [r for r in rows_l if r["ratio_cold"] is not None]
-    if cold:
-        c = max(cold, key=lambda r: r["ratio_cold"])
-        rows.append([f"One-task load ÷ safetensors load, cold, worst collection ({c['collection']})",
-                     times(c["ratio_cold"]), "–", "–"])
-    growth = load_growth(rows_l)
-    if growth:
-        rows.append([f"tallstore load time T={growth['t_max']} ÷ T={growth['t_min']} ({growth['label']}, warm)",
-                     f"{times(growth['ratio'])} ({times(growth['ratio_opened'])} with the archive open)",
-                     f"does not grow with T (≤ ×{GROWTH_TARGET})", mark(growth["ratio"] <= GROWTH_TARGET)])
+    target = f"≤ ×{LOAD_TARGET:g}"
+    rows = []
+    for p in profs:
+        warm = ratio(zoo, "warm", "tallstore" + p.suffix, "safetensors")
+        sd = ratio(zoo, "warm", "tallstore_state_dict" + p.suffix, "safetensors")
+        rows.append([f"One-task load ÷ safetensors load, warm ({zoo['collection']}), {p.label}",
+                     f"{times(warm)} (open archive: {times(ratio(zoo, 'warm', 'tallstore_opened' + p.suffix, 'safetensors'))}"
+                     + ("" if sd is None else f"; state_dict + copy: {times(sd)}")
+                     + f"; ÷ ZipNN {times(ratio(zoo, 'warm', 'tallstore' + p.suffix, 'zipnn'))})",
+                     target, mark(None if warm is None else warm <= LOAD_TARGET)])
+    for p in profs:
+        worst, got = _worst(rows_l, "warm", p)
+        rows.append([f"One-task load ÷ safetensors load, warm, worst collection ({worst['collection']}), {p.label}",
+                     times(got), target, mark(got <= LOAD_TARGET)])
+    for p in profs:
+        if any(ratio(r, "cold", "tallstore" + p.suffix, "safetensors") is not None for r in rows_l):
+            worst, got = _worst(rows_l, "cold", p)
+            rows.append([f"One-task load ÷ safetensors load, cold, worst collection ({worst['collection']}), {p.label}",
+                         times(got), "–", "–"])
+    for p in profs:
+        growth = load_growth(rows_l, p)
+        if growth:
+            rows.append([f"tallstore load time T={growth['t_max']} ÷ T={growth['t_min']} ({growth['label']}, warm), {p.label}",
+                         f"{times(growth['ratio'])} ({times(growth['ratio_opened'])} with the archive open)",
+                         f"does not grow with T (≤ ×{GROWTH_TARGET})", mark(growth["ratio"] <= GROWTH_TARGET)])
     return rows
+
+
+def _worst(rows: list[dict[str, Any]], phase: str, p: Profile) -> tuple[dict[str, Any], float]:
+    """The row with the largest tallstore ÷ safetensors time of one profile and phase, and that ratio."""
+    got = [(r, ratio(r, phase, "tallstore" + p.suffix, "safetensors")) for r in rows]
+    return max(((r, x) for r, x in got if x is not None), key=lambda rx: rx[1])
 
 
 def summary_pack(p: dict[str, Any]) -> list[list[str]]:
@@ -175,8 +225,8 @@ def summary_pack(p: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-def load_growth(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Warm tallstore load time at the largest T ÷ at the smallest, within one synthetic model."""
+def load_growth(rows: list[dict[str, Any]], p: Profile) -> dict[str, Any] | None:
+    """Warm tallstore load time (one profile) at the largest T ÷ at the smallest, within one synthetic model."""
     groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
     for r in rows:
         if r["tag"].startswith("syn"):
@@ -185,9 +235,9 @@ def load_growth(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     if not best or len(best) < 2:
         return None
     lo, hi = min(best, key=lambda r: r["tasks"]), max(best, key=lambda r: r["tasks"])
-    return {"t_min": lo["tasks"], "t_max": hi["tasks"], "ratio": hi["warm"]["tallstore"] / lo["warm"]["tallstore"],
-            "ratio_opened": hi["warm"]["tallstore_opened"] / lo["warm"]["tallstore_opened"],
-            "label": f"{hi['params'] / 1e6:.0f}M {hi['dtype']}"}
+    a, b = "tallstore" + p.suffix, "tallstore_opened" + p.suffix
+    return {"t_min": lo["tasks"], "t_max": hi["tasks"], "ratio": hi["warm"][a] / lo["warm"][a],
+            "ratio_opened": hi["warm"][b] / lo["warm"][b], "label": f"{hi['params'] / 1e6:.0f}M {hi['dtype']}"}
 
 
 def rss_flatness(p: dict[str, Any]) -> dict[str, Any] | None:
@@ -297,9 +347,16 @@ reported validation split (the zoo has no separate test split).
 
 
 def size_section(s: dict[str, Any], out: Path, doc: Path) -> str:
-    """Stored sizes against raw, zstd, ZipNN and the entropy bound; masks against H(p_t)."""
-    rows = [[r["collection"], f"{r['params'] / 1e6:.1f}M", mb(r["sizes"]["raw"]),
-             *(f"{r['times_smaller'][k]:.2f}×" for k in SIZE_COLUMNS)] for r in s["rows"]]
+    """Stored sizes against raw, zstd, ZipNN and the entropy bound, per codec profile; masks against H(p_t)."""
+    profs = profiles(s)
+    rows = []
+    for r in s["rows"]:
+        x = r["times_smaller"]
+        for i, p in enumerate(profs):
+            shared = [r["collection"], f"{r['params'] / 1e6:.1f}M", mb(r["sizes"]["raw"])] if i == 0 else ["", "", ""]
+            rows.append([*shared, p.label, *(f"{x[k]:.2f}×" if i == 0 else "" for k in SIZE_SHARED),
+                         *(f"{x[k + p.suffix]:.2f}×" for k in SIZE_PROFILE),
+                         f"{x['paper_accounting']:.2f}×" if i == 0 else ""])
     masks = []
     for r in s["rows"]:
         pt = r["per_task"]
@@ -317,54 +374,115 @@ def size_section(s: dict[str, Any], out: Path, doc: Path) -> str:
               f"{x['vs_entropy']:.3f}", f"{x['rebuild_error']:.3f}"] for x in zoo["per_task"]])
     parts = []
     for r in s["rows"]:
-        pe = r["parts_embedded"]
-        mask_bytes = sum(v for k, v in pe.items() if k.startswith("masks/"))
-        parts.append([r["collection"], *(f"{8 * pe.get(k, 0) / r['params']:.2f}" for k in ("base", "merged")),
-                      f"{8 * mask_bytes / r['params'] / r['tasks']:.3f}", mb(pe.get("exact", 0)), mb(pe.get("metadata", 0))])
+        for i, p in enumerate(profs):
+            pe = by_profile(r, p)["parts_embedded"]
+            mask_bytes = sum(v for k, v in pe.items() if k.startswith("masks/"))
+            parts.append([r["collection"] if i == 0 else "", p.label,
+                          *(f"{8 * pe.get(k, 0) / r['params']:.2f}" for k in ("base", "merged")),
+                          f"{8 * mask_bytes / r['params'] / r['tasks']:.3f}", mb(pe.get("exact", 0)),
+                          mb(pe.get("metadata", 0))])
+    if "profiles" not in s:
+        codecs = "These results predate codec profiles: one archive per collection, with the then default codecs."
+    else:
+        codecs = (f"Each collection is packed once per weight codec profile ({', '.join(p.label for p in profs)}; "
+                  "`tallstore.storage.codecs.PRESETS`), from the same inputs in the same run; profiles differ only in "
+                  "how weights (base, merged vector, exact tensors) are compressed. " + profile_sizes(s, profs))
+    if "profiles" not in s:
+        same = ""
+    elif all(r.get("masks_identical") for r in s["rows"]):
+        same = " Masks always use zstd: their stored bytes are identical, file for file, under every profile (checked)."
+    else:
+        bad = [r["collection"] for r in s["rows"] if not r.get("masks_identical")]
+        same = f" **Mask bytes differ between profiles** for {', '.join(bad)} (masks should always use zstd)."
     return f"""Each column is how many times smaller than the raw safetensors files of the T tasks (higher is
 better), all measured in one run on the same files; λ = {s['lam']}, TA merge. zstd and ZipNN compress each
 checkpoint file whole (ZipNN is lossless; tallstore rebuilds the TALL approximation θ₀ + m_t ⊙ τ_MTL).
 "bound" = the archive's stored merged vector and exact tensors (plus the stored base, embedded) with every mask at
 its entropy H(p_t) bits per parameter. The paper's count is uncompressed: θ₀ and τ_MTL at the tasks' width plus
-one bit per parameter per task (w = 32 for fp32, 16 for bf16).
+one bit per parameter per task (w = 32 for fp32, 16 for bf16). {codecs}
 
-{table(["collection", "params", "raw MB", *SIZE_COLUMNS.values()], rows)}
+{table(["collection", "params", "raw MB", "weight codecs", *SIZE_SHARED.values(), *SIZE_PROFILE.values(),
+        SIZE_COLUMNS["paper_accounting"]], rows)}
 
 **Masks against their entropy** (mask bits per parameter = stored bytes of `masks/<t>` × 8 ÷ masked
 parameters; H(p_t) is the entropy of an i.i.d. mask of density p_t, so a mask with structure — whole rows
-left unchanged — can go below it; target ≤ {ENTROPY_TARGET}×):
+left unchanged — can go below it; target ≤ {ENTROPY_TARGET}×).{same}
 
 {table(["collection", "density p_t", "mean H(p_t) bits", "mean bits/param", "bits ÷ H(p_t), min–max"], masks)}{detail}
 
 Where the bytes go (embedded archive, bits per model parameter; masks per task):
 
-{table(["collection", "base", "merged", "mask per task", "exact MB", "metadata MB"], parts)}
+{table(["collection", "weight codecs", "base", "merged", "mask per task", "exact MB", "metadata MB"], parts)}
 
 {img('size', plot_size(s, out), doc)} {img('masks', plot_masks(s, out), doc)}
 """
 
 
+def profile_sizes(s: dict[str, Any], profs: list[Profile]) -> str:
+    """How much bigger than each other profile's archives the default profile's are (range over collections)."""
+    first, others = profs[0], profs[1:]
+    out = []
+    for q in others:
+        ranges = []
+        for k, what in (("tallstore_embedded", "embedded"), ("tallstore_external", "external")):
+            d = [r["sizes"][k + first.suffix] / r["sizes"][k + q.suffix] - 1 for r in s["rows"]]
+            ranges.append(f"{100 * min(d):+.1f}% to {100 * max(d):+.1f}% {what}")
+        out.append(f"{first.name} archives vs {q.name}: {', '.join(ranges)} (over the collections below).")
+    return " ".join(out)
+
+
 def load_section(d: dict[str, Any], out: Path, doc: Path) -> str:
-    """Warm and cold one-task load times against safetensors and ZipNN; load time against T."""
+    """Warm and cold one-task load times against safetensors and ZipNN, per codec profile; load time against T."""
+    profs = profiles(d)
+
     def rows(phase: str) -> list[list[str]]:
-        return [[r["collection"], *(ms(r[phase].get(k)) for k in LOAD_COLUMNS),
-                 times(r[f"ratio_{phase}"]), times(r[f"ratio_{phase}_vs_zipnn"])] for r in d["rows"] if r[phase]]
-    header = ["collection", *(f"{v} ms" for v in LOAD_COLUMNS.values()), "tallstore ÷ safetensors", "tallstore ÷ ZipNN"]
+        got = []
+        for r in d["rows"]:
+            if not r[phase]:
+                continue
+            for i, p in enumerate(profs):
+                got.append([r["collection"] if i == 0 else "", p.label,
+                            *(ms(r[phase].get(k)) if i == 0 else "" for k in LOAD_SHARED),
+                            *(ms(r[phase].get(k + p.suffix)) for k in LOAD_PROFILE),
+                            times(ratio(r, phase, "tallstore" + p.suffix, "safetensors")),
+                            times(ratio(r, phase, "tallstore_opened" + p.suffix, "safetensors")),
+                            times(ratio(r, phase, "tallstore" + p.suffix, "zipnn"))])
+        return got
+    header = ["collection", "weight codecs", *(f"{v} ms" for v in LOAD_COLUMNS.values()), "tallstore ÷ safetensors",
+              "(open archive) ÷ safetensors", "tallstore ÷ ZipNN"]
     synth = [r for r in d["rows"] if r["tag"].startswith("syn")]
-    by_t = [[r["collection"], r["tasks"], ms(r["warm"]["tallstore"]), ms(r["cold"].get("tallstore")),
-             mb(r["mask_bytes_task"]), mb(r["mask_bytes_all"]), mb(r["archive_bytes"])] for r in synth]
+    by_t = [[r["collection"], r["tasks"],
+             *(c for p in profs for c in (ms(r["warm"].get("tallstore" + p.suffix)),
+                                          ms(r["cold"].get("tallstore" + p.suffix)),
+                                          mb(by_profile(r, p)["archive_bytes"]))),
+             mb(r["mask_bytes_task"]), mb(r["mask_bytes_all"])] for r in synth]
+    by_t_header = ["collection", "T", *(c for p in profs for c in (f"{p.name} warm ms", f"{p.name} cold ms",
+                                                                  f"{p.name} archive MB")),
+                   "mask MB read", "all masks MB"]
     cold = "" if not any(r["cold"] for r in d["rows"]) else f"""
 **Cold** (median of {d['cold_repeats']}; each call after its files — checkpoint, ZipNN file, archive, base — were
 evicted from the page cache with `POSIX_FADV_DONTNEED`, so they are read from disk):
 
 {table(header, rows("cold"))}
 """
-    return f"""A load = the first task's tensors in preallocated model parameters (`copy_`), which is what loading
-a model means: `safetensors` = `load_file` of the original checkpoint + copy; `safetensors lazy` =
-`load_file` alone (memory-mapped, no weight bytes read: shown for reference only); `ZipNN` = read and
-decompress the ZipNN file, view its tensors in place, copy; `tallstore` = `tallstore.open(archive, base=...)`
-+ `arc[task].state_dict()` (rebuild, CRC check) + copy; `(open archive)` without the `open`; `(embedded
-base)` opens a self-contained archive. Target: tallstore ≤ ×{LOAD_TARGET:g} safetensors.
+    if "profiles" not in d:
+        how = ("`tallstore` = `tallstore.open(archive, base=...)` + `arc[task].state_dict()` (rebuild, CRC check) + "
+               "copy; `(open archive)` without the `open`; `(embedded base)` opens a self-contained archive. These "
+               "results predate codec profiles and `load_into`: one archive per collection, with the then default "
+               "codecs.")
+    else:
+        how = ("`tallstore` = `tallstore.open(archive, base=...)` + `arc[task].load_into(params)` (rebuilds the task, "
+               "CRC-checked, directly into the preallocated parameters: no fresh tensors, no copy); `(open archive)` "
+               "without the `open`; `(embedded base)` opens a self-contained archive; `state_dict + copy` = "
+               "`open` + `arc[task].state_dict()` + copy (fresh tensors, then the copy `load_into` avoids). "
+               f"Every tallstore method runs once per weight codec profile ({', '.join(p.label for p in profs)}; "
+               "`tallstore.storage.codecs.PRESETS`), each from its own archives of the same collection, in the same "
+               "rounds as safetensors and ZipNN (whose columns are shown once per collection).")
+    return f"""A load = the first task's tensors in preallocated model parameters, which is what loading a model
+means: `safetensors` = `load_file` of the original checkpoint + copy (`copy_`, what `safetensors.torch.load_model`
+does); `safetensors lazy` = `load_file` alone (memory-mapped, no weight bytes read: shown for reference only);
+`ZipNN` = read and decompress the ZipNN file, view its tensors in place, copy; {how}
+Target: tallstore ≤ ×{LOAD_TARGET:g} safetensors.
 
 **Warm** (best of {d['repeats']} rounds, every method once per round, after one untimed call each):
 
@@ -372,7 +490,7 @@ base)` opens a self-contained archive. Target: tallstore ≤ ×{LOAD_TARGET:g} s
 {cold}
 **Load time against T** (only the task's own mask is read: `mask MB read` vs all masks):
 
-{table(["collection", "T", "tallstore warm ms", "tallstore cold ms", "mask MB read", "all masks MB", "archive MB"], by_t)}
+{table(by_t_header, by_t)}
 
 {img('load', plot_load(d, out), doc)}
 """
@@ -473,19 +591,25 @@ def plot_fidelity(f: dict[str, Any], out: Path) -> Path:
 
 
 def plot_size(s: dict[str, Any], out: Path) -> Path:
-    """Times smaller than raw, per method and collection."""
-    keys = ["zstd", "zipnn", "tallstore_external", "tallstore_embedded", "bound_embedded"]
-    fig, ax = plt.subplots(figsize=(10, 4))
+    """Times smaller than raw, per method, codec profile and collection."""
+    profs = profiles(s)
+    many = len(profs) > 1
+    keys = [(k, SIZE_COLUMNS[k], f"C{c}", "") for c, k in enumerate(SIZE_SHARED)]  # key, label, colour, hatch
+    keys += [(k + p.suffix, SIZE_PROFILE[k] + (f" [{p.name}]" if many else ""), f"C{c}", ("", "//", "..", "xx")[i % 4])
+             for c, k in enumerate(("tallstore_external", "tallstore_embedded", "bound_embedded"), len(SIZE_SHARED))
+             for i, p in enumerate(profs)]
+    fig, ax = plt.subplots(figsize=(11, 4.2))
     w = 0.8 / len(keys)
-    for i, k in enumerate(keys):
+    for i, (k, label, colour, hatch) in enumerate(keys):
         ax.bar([j + i * w for j in range(len(s["rows"]))], [r["times_smaller"][k] for r in s["rows"]], w,
-               label=SIZE_COLUMNS[k])
+               label=label, color=colour, hatch=hatch, edgecolor="white" if hatch else None)
     ax.axhline(SIZE_TARGET, color="r", ls="--", lw=0.8, label=f"target {SIZE_TARGET:g}× (T=20 fp32, embedded)")
     ax.set_xticks([j + 0.4 - w / 2 for j in range(len(s["rows"]))], [r["collection"] for r in s["rows"]],
                   rotation=12, fontsize=7)
     ax.set_ylabel("raw ÷ stored (× smaller)")
-    ax.set_title("Stored size of T checkpoints")
-    ax.legend(fontsize=7)
+    ax.set_title("Stored size of T checkpoints" + (" (weight codec profile in brackets, hatched: not the default)"
+                                                   if many else ""))
+    ax.legend(fontsize=6, ncol=2)
     return _save(fig, out, "size.png")
 
 
@@ -504,16 +628,20 @@ def plot_masks(s: dict[str, Any], out: Path) -> Path:
 
 
 def plot_load(d: dict[str, Any], out: Path) -> Path:
-    """Warm and cold load times per collection; tallstore load time against T."""
-    keys = ["safetensors", "zipnn", "tallstore", "tallstore_opened"]
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [3, 1]})
+    """Warm and cold load times per collection and codec profile; tallstore load time against T."""
+    profs = profiles(d)
+    many = len(profs) > 1
+    keys = [(k, LOAD_COLUMNS[k]) for k in ("safetensors", "zipnn")]
+    keys += [(k + p.suffix, LOAD_PROFILE[k] + (f" [{p.name}]" if many else ""))
+             for k in ("tallstore", "tallstore_opened") for p in profs]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.4), gridspec_kw={"width_ratios": [3, 1]})
     rows = d["rows"]
     w = 0.8 / (2 * len(keys))
-    for i, k in enumerate(keys):
+    for i, (k, label) in enumerate(keys):
         for ph, hatch in (("warm", ""), ("cold", "//")):
             off = (2 * i + (ph == "cold")) * w
             ax.bar([j + off for j in range(len(rows))], [1e3 * r[ph].get(k, 0) for r in rows], w, hatch=hatch,
-                   color=f"C{i}", alpha=1.0 if ph == "warm" else 0.5, label=f"{LOAD_COLUMNS[k]} ({ph})")
+                   color=f"C{i}", alpha=1.0 if ph == "warm" else 0.5, label=f"{label} ({ph})")
     ax.set_xticks([j + 0.4 - w / 2 for j in range(len(rows))], [r["collection"] for r in rows], rotation=12, fontsize=7)
     ax.set_ylabel("one-task load, ms")
     ax.legend(fontsize=6, ncol=2)
@@ -521,9 +649,11 @@ def plot_load(d: dict[str, Any], out: Path) -> Path:
     for r in rows:
         if r["tag"].startswith("syn"):
             groups.setdefault(f"{r['params'] / 1e6:.0f}M {r['dtype']}", []).append(r)
-    for label, g in groups.items():
+    for gi, (label, g) in enumerate(groups.items()):
         g = sorted(g, key=lambda r: r["tasks"])
-        bx.plot([r["tasks"] for r in g], [1e3 * r["warm"]["tallstore"] for r in g], "o-", label=f"{label} warm")
+        for p, style in zip(profs, ("o-", "s--", "^:", "v-.")):
+            bx.plot([r["tasks"] for r in g], [1e3 * r["warm"]["tallstore" + p.suffix] for r in g], style,
+                    color=f"C{gi}", label=f"{label} warm" + (f" [{p.name}]" if many else ""))
     bx.set_xlabel("T (tasks in the archive)")
     bx.set_ylabel("tallstore one-task load, ms")
     bx.set_ylim(bottom=0)

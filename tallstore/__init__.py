@@ -20,12 +20,14 @@ from .errors import (
     TallstoreError,
 )
 from .api import pack
+from .storage.codecs import Codecs
 
 __all__ = [
     "Archive",
     "ArchiveError",
     "BaseMismatchError",
     "CheckpointError",
+    "Codecs",
     "CorruptArchiveError",
     "MergeError",
     "OutputExistsError",

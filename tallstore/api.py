@@ -25,7 +25,7 @@ def pack(
     ``"search"`` (``evaluate(task_name, state_dict) -> score`` picks from ``lam_grid``).
     Options: ``merge`` (``"ta"``, or ``"ties"`` with ``ties_top``), ``lam_grid``, ``evaluate``,
     ``embed_base``, ``exact`` (glob patterns stored exactly), ``overwrite``, ``allow_nonfinite``,
-    ``block_elems``, ``workers``, ``codecs``, ``progress``, ``client`` (a ``dask.distributed``
+    ``block_elems``, ``workers``, ``codecs`` (``"fast"``, ``"compact"`` or a ``Codecs``), ``progress``, ``client`` (a ``dask.distributed``
     client: pack units run as Dask tasks on its workers).
     """
     loc = packer.pack(out, base, tasks, lam=lam, storage_options=storage_options, **options)

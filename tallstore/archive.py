@@ -7,29 +7,30 @@ CRC-32C recorded at pack time, so corruption or a wrong base never yields silent
 
 from __future__ import annotations
 
-import bisect
+import json
 import os
 import warnings
 from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 import zarr
+from zarr.abc.store import Store
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
 
-from . import dtypes
+from . import dtypes, loading
 from .base import BaseSource, CheckpointBase, EmbeddedBase
 from .checkpoint import TensorInfo, open_checkpoint
 from .checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, save
-from .digests import block_crc, checkpoint_fingerprint, probe
+from .digests import checkpoint_fingerprint, probe
 from .errors import ArchiveError, BaseMismatchError, CorruptArchiveError, TallstoreError
-from .geometry import block_ranges
 from .storage import format as fmt
 from .storage import schema
-from .storage.strict import StrictStore, read_error
-from .storage.reading import coalesce, read_many
+from .storage.chunks import fast_codec
+from .storage.strict import StrictStore
 from .storage.stores import is_url, local_path, open_store, read_concurrency
 
 if TYPE_CHECKING:
@@ -58,37 +59,83 @@ def open(
     store = StrictStore(open_store(
         location, read_only=True, storage_options=storage_options, limit=read_concurrency(location, concurrency),
     ))
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            root = zarr.open_group(store, mode="r", zarr_format=3)
-        attrs = dict(root.attrs)
-    except Exception as e:  # whatever a damaged root zarr.json makes zarr raise
-        raise ArchiveError(f"{where}: not a readable tallstore archive ({type(e).__name__})") from None
-    manifest = fmt.check_manifest(attrs, where)
+    doc = _root_document(store, where)
+    manifest = fmt.check_manifest(doc["attributes"], where)
     schema.check_manifest(manifest, where)
     base_at = base if base is not None or manifest["base"].get("embedded") else manifest["base"].get("location")
     return Archive(
-        where, root, manifest, base, storage_options=storage_options,
+        where, store, doc, manifest, base, storage_options=storage_options,
         concurrency=read_concurrency(location, concurrency, base_at),
     )
+
+
+def _root_document(store: Store, where: str) -> dict[str, Any]:
+    """The root group's ``zarr.json``, read as plain JSON (one request, no zarr objects built)."""
+    try:
+        buf = sync(store.get("zarr.json", default_buffer_prototype()))
+        doc = json.loads(buf.to_bytes()) if buf is not None else None
+    except Exception as e:  # whatever an unreachable store or a damaged document raises
+        raise ArchiveError(f"{where}: not a readable tallstore archive ({type(e).__name__})") from None
+    if doc is None:
+        raise ArchiveError(f"{where}: not a readable tallstore archive (no zarr.json)")
+    if not isinstance(doc, dict) or doc.get("zarr_format") != 3 or doc.get("node_type") != "group":
+        raise ArchiveError(f"{where}: not a readable tallstore archive (its root is not a Zarr v3 group)")
+    if not isinstance(doc.get("attributes", {}), dict):
+        raise ArchiveError(f"{where}: not a readable tallstore archive (malformed attributes)")
+    doc.setdefault("attributes", {})
+    return doc
 
 
 class Archive(Mapping[str, "TaskView"]):
     """A packed collection: ``arc.tasks``, ``arc[name]``, ``arc.extract(name, out)``."""
 
     def __init__(
-        self, location: str, root: zarr.Group, manifest: dict[str, Any], base: Any, *,
+        self, location: str, store: Store, root_document: dict[str, Any], manifest: dict[str, Any], base: Any, *,
         storage_options: dict[str, Any] | None = None, concurrency: int | None = None,
     ) -> None:
         self.location = location
         self.storage_options = storage_options
         self.concurrency = concurrency
-        self.root = root
+        self.store = store
+        self.local_root: Path | None = None if is_url(location) else local_path(location)
         self.manifest = manifest
         self.entries: dict[str, dict[str, Any]] = {e["key"]: e for e in manifest["tensors"]}
         self._task_attrs: dict[int, dict[str, Any]] = {}
+        self._codecs: dict[str, str | None] = {}
+        consolidated = root_document.get("consolidated_metadata")
+        nodes = consolidated.get("metadata") if isinstance(consolidated, dict) else None
+        self._nodes: dict[str, Any] | None = nodes if isinstance(nodes, dict) else None
         self.base = self._open_base(base)
+
+    @cached_property
+    def root(self) -> zarr.Group:
+        """The archive's root as a zarr group (opened on first use: loads do not need it)."""
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return zarr.open_group(self.store, mode="r", zarr_format=3)
+        except Exception as e:  # whatever a damaged hierarchy makes zarr raise
+            raise CorruptArchiveError(f"{self.location}: not a readable Zarr hierarchy ({type(e).__name__})") from None
+
+    def chunk_codec(self, path: str, storage: Any, numel: int, chunk: int) -> str | None:
+        """How to decode the chunks of the flat array at ``path`` (checked once per archive):
+        ``"blosc"``/``"zstd"`` for the archive's own layout, ``None`` to read it through zarr."""
+        if path not in self._codecs:
+            meta = self.array_meta(path)
+            codec = fast_codec(meta, chunk) if meta is not None else None
+            if meta is not None:
+                schema.check_array_meta(meta, path, storage, numel, codecs_known=codec is not None)
+            self._codecs[path] = codec
+        return self._codecs[path]
+
+    def array_meta(self, path: str) -> dict[str, Any] | None:
+        """The consolidated ``zarr.json`` document of the node at ``path``, if the root carries one."""
+        if self._nodes is None:
+            return None
+        meta = self._nodes.get(path)
+        if meta is None:
+            raise CorruptArchiveError(f"{path} is missing")
+        return meta
 
     @property
     def tasks(self) -> list[str]:
@@ -112,7 +159,8 @@ class Archive(Mapping[str, "TaskView"]):
         """The recorded attributes of task ``index`` (key listing, files, statistics)."""
         if index not in self._task_attrs:
             try:
-                attrs = self.root[fmt.task_group(index)].attrs[fmt.ATTR]
+                node = self.array_meta(fmt.task_group(index))
+                attrs = node["attributes"][fmt.ATTR] if node is not None else self.root[fmt.task_group(index)].attrs[fmt.ATTR]
             except Exception as e:
                 raise CorruptArchiveError(f"{self.location}: task {index} metadata is missing ({e})") from None
             self._task_attrs[index] = schema.check_task_attrs(attrs, self.manifest, self.entries, index, self.location)
@@ -142,7 +190,7 @@ class Archive(Mapping[str, "TaskView"]):
     def _open_base(self, base: Any) -> BaseSource:
         b = self.manifest["base"]
         if base is None and b.get("embedded"):
-            return EmbeddedBase(self.root, self.entries)
+            return EmbeddedBase(self)
         if base is None:
             recorded = b.get("location")
             if not recorded or (not is_url(recorded) and not Path(recorded).exists()):
@@ -204,6 +252,42 @@ class TaskView(Mapping[str, torch.Tensor]):
         """Every tensor of the task, in the original key order, dtypes and shapes."""
         return self._load(list(self._listing))
 
+    def load_into(self, target: Mapping[str, torch.Tensor] | torch.nn.Module, *, strict: bool = True) -> None:
+        """Rebuild the task directly into existing tensors (a module's parameters and buffers, say).
+
+        Like ``safetensors.torch.load_model``: ``target`` names preallocated tensors of the task's
+        dtypes and shapes, which are overwritten in place; contiguous CPU tensors receive the
+        decoded bits with no intermediate copy. ``strict``: the keys must be exactly the task's.
+        """
+        tensors = dict(target.state_dict(keep_vars=True) if isinstance(target, torch.nn.Module) else target)
+        missing = [k for k in self._listing if k not in tensors]
+        extra = [k for k in tensors if k not in self._listing]
+        if strict and (missing or extra):
+            raise KeyError(
+                f"target does not match task {self.name!r}: "
+                + "; ".join(f"{what}: {', '.join(ks[:5])}{' …' if len(ks) > 5 else ''}"
+                            for what, ks in (("missing", missing), ("unexpected", extra)) if ks)
+            )
+        direct: dict[str, torch.Tensor] = {}
+        staged: dict[str, torch.Tensor] = {}
+        for key, t in tensors.items():
+            if key not in self._listing:
+                continue
+            info = self.info(key)
+            if t.dtype != info.dtype.torch or tuple(t.shape) != info.shape:
+                raise TallstoreError(
+                    f"target tensor {key!r} is {t.dtype} {tuple(t.shape)}; task {self.name!r} stores "
+                    f"{info.dtype.torch} {info.shape}"
+                )
+            t = t.detach()
+            if t.device.type == "cpu" and t.is_contiguous():
+                direct[key] = t.view(-1)
+            else:
+                staged[key] = t
+        loading.load(self.archive, self.index, self._listing, direct)
+        for key, got in self._load(list(staged)).items():
+            staged[key].copy_(got)
+
     def save(
         self, out: str | os.PathLike[str], *, overwrite: bool = False,
         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
@@ -213,121 +297,7 @@ class TaskView(Mapping[str, torch.Tensor]):
         return save(out, items, self.__getitem__, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
 
     def _load(self, keys: list[str]) -> dict[str, torch.Tensor]:
-        arc = self.archive
-        reads: list[tuple[zarr.Array, Any]] = []
-        slots: dict[str, list[int]] = {}
-        masks: dict[str, tuple[int, int]] = {}
-        key: str | None = None
-        try:
-            for key in keys:
-                src = self._listing[key][3]
-                node = arc.entries[key]["node"]
-                if src == fmt.SOURCE_MASKED:
-                    e = arc.entries[key]
-                    d = dtypes.by_name(e["dtype"])
-                    n = TensorInfo(d, tuple(e["shape"])).numel
-                    lo = e["mask_offset"]
-                    slots[key] = [len(reads)]
-                    reads.append((schema.open_array(arc.root, fmt.merged_path(node), d.storage, n), slice(None)))
-                    masks[key] = (lo, lo + (n + 7) // 8)
-                elif src == fmt.SOURCE_EXACT:
-                    info = self.info(key)
-                    slots[key] = [len(reads)]
-                    path = fmt.exact_path(node, self.index)
-                    reads.append((schema.open_array(arc.root, path, info.dtype.storage, info.numel), slice(None)))
-            key = None
-            data = self._read_with_masks(reads, slots, masks)
-        except Exception as e:
-            if isinstance(e, TallstoreError) and not isinstance(e, CorruptArchiveError):
-                raise
-            raise self._corrupt(key if key is not None else self._failing_key(keys, reads, slots, masks), e) from None
-        with ThreadPoolExecutor(max_workers=arc.concurrency or 2) as pool:
-            built = list(pool.map(lambda k: self._build(k, [data[i] for i in slots.get(k, [])]), keys))
-        return dict(zip(keys, built))
-
-    def _read_with_masks(
-        self, reads: list[tuple[zarr.Array, Any]], slots: dict[str, list[int]], masks: dict[str, tuple[int, int]],
-    ) -> list[np.ndarray]:
-        """Run ``reads`` plus this task's mask ranges, each mask chunk fetched once; fill ``slots``."""
-        if not masks:
-            return read_many(reads)
-        arr = self._mask_array()
-        runs = coalesce(masks.values(), arr.chunks[0])
-        first = len(reads)
-        data = read_many([*reads, *((arr, slice(a, b)) for a, b in runs)])
-        starts = [a for a, _ in runs]
-        for key, (lo, hi) in masks.items():
-            r = bisect.bisect_right(starts, lo) - 1
-            slots[key].append(len(data))
-            data.append(data[first + r][lo - starts[r] : hi - starts[r]])
-        return data
-
-    def _mask_array(self) -> zarr.Array:
-        return schema.open_array(
-            self.archive.root, fmt.mask_path(self.index), np.dtype(np.uint8), self.archive.manifest["mask"]["nbytes"]
-        )
-
-    def _failing_key(
-        self, keys: list[str], reads: list[tuple[zarr.Array, Any]], slots: dict[str, list[int]],
-        masks: dict[str, tuple[int, int]],
-    ) -> str | None:
-        """The first of ``keys`` whose stored data cannot be read, tried one tensor at a time."""
-        for k in keys:
-            try:
-                read_many([reads[i] for i in slots.get(k, [])[:1]])
-                if k in masks:
-                    self._mask_array()[slice(*masks[k])]
-            except Exception:
-                return k
-        return None
-
-    def _corrupt(self, key: str | None, e: BaseException) -> CorruptArchiveError:
-        """A one-line error naming the archive, the task and, when known, the tensor."""
-        what = f"tensor {key!r} of task {self.name!r}" if key is not None else f"task {self.name!r}"
-        detail = str(e) if isinstance(e, TallstoreError) else read_error(e)
-        return CorruptArchiveError(f"{self.archive.location}: {what}: stored data is unreadable or corrupt ({detail})")
-
-    def _build(self, key: str, arrays: list[np.ndarray]) -> torch.Tensor:
-        row = self._listing[key]
-        info = TensorInfo(dtypes.by_name(row[1]), tuple(row[2]))
-        src = row[3]
-        try:
-            if src == fmt.SOURCE_EXACT:
-                out = dtypes.from_storage(arrays[0], info.dtype, info.shape)
-            else:
-                base = self.archive.base.read(key).reshape(-1).to(info.dtype.torch)
-                if src == fmt.SOURCE_BASE:
-                    out = base.reshape(info.shape)
-                else:
-                    out = _rebuild(base, *arrays).view(info.dtype.torch).reshape(info.shape)
-        except Exception as e:
-            if isinstance(e, TallstoreError) and not isinstance(e, CorruptArchiveError):
-                raise
-            raise self._corrupt(key, e) from None
-        self._verify(key, info, out, row[5])
+        """Fresh tensors for ``keys``, rebuilt in place."""
+        out = {k: torch.empty(self.info(k).shape, dtype=self.info(k).dtype.torch) for k in keys}
+        loading.load(self.archive, self.index, self._listing, {k: t.view(-1) for k, t in out.items()})
         return out
-
-    def _verify(self, key: str, info: TensorInfo, t: torch.Tensor, crcs: list[int]) -> None:
-        flat = t.reshape(-1)
-        row = info.row_numel
-        got = [block_crc(flat[a * row : b * row]) for a, b in block_ranges(info, self.archive.manifest["block_elems"])]
-        if got != crcs:
-            raise CorruptArchiveError(
-                f"{self.archive.location}: tensor {key!r} of task {self.name!r} does not match its "
-                "recorded checksum (corrupt or missing data, or a modified base)"
-            )
-
-
-def _rebuild(base: torch.Tensor, xor: np.ndarray, mask_bytes: np.ndarray) -> torch.Tensor:
-    """Bits of ``θ̂_t``: ``bits(θ₀) XOR (stored XOR where the mask is set)``, in two in-place passes.
-
-    Unpacking the complemented mask bytes gives "keep the base" directly; the decoded ``merged``
-    buffer is reused as the output, so no full-size temporary is allocated.
-    """
-    bb = dtypes.bits(base)
-    keep_base = np.unpackbits(~mask_bytes, count=bb.numel(), bitorder=fmt.BITORDER).view(bool)
-    if not xor.flags.writeable:
-        xor = xor.copy()
-    delta = torch.from_numpy(xor.view(bb.numpy().dtype))
-    delta.masked_fill_(torch.from_numpy(keep_base), 0)
-    return delta.bitwise_xor_(bb)

@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
-import zarr
 
 from . import dtypes
 from .checkpoint import Checkpoint, TensorInfo
 from .storage import format as fmt
 from .storage import schema
 
+if TYPE_CHECKING:
+    from .archive import Archive
+
 
 class BaseSource(Protocol):
-    """Reads whole base tensors by name."""
+    """Reads base tensors by name, whole or by dim-0 rows."""
 
-    def read(self, key: str) -> torch.Tensor:
-        """The base tensor ``key``."""
+    def read(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` of the base tensor ``key`` (all of it by default)."""
 
 
 class CheckpointBase:
@@ -26,23 +28,25 @@ class CheckpointBase:
     def __init__(self, ckpt: Checkpoint) -> None:
         self.ckpt = ckpt
 
-    def read(self, key: str) -> torch.Tensor:
-        return self.ckpt.read(key)
+    def read(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        return self.ckpt.read(key, start, stop)
 
 
 class EmbeddedBase:
     """A base stored inside the archive (``--embed-base``)."""
 
-    def __init__(self, root: zarr.Group, entries: dict[str, dict]) -> None:
-        self.root = root
-        self.entries = entries
+    def __init__(self, archive: Archive) -> None:
+        self.archive = archive
 
-    def read(self, key: str) -> torch.Tensor:
-        e = self.entries[key]
+    def read(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        e = self.archive.entries[key]
         d = dtypes.by_name(e["base_dtype"])
         shape = tuple(e["shape"])
         info = TensorInfo(d, shape)
-        if info.numel == 0:
-            return torch.empty(shape, dtype=d.torch)
-        arr = schema.open_array(self.root, fmt.base_path(e["node"]), d.storage, info.numel)
-        return dtypes.from_storage(arr[...], d, shape)
+        stop = info.rows if stop is None else min(stop, info.rows)
+        rows = (max(0, stop - start), *shape[1:]) if shape else ()
+        if info.numel == 0 or (shape and stop <= start):
+            return torch.empty(rows, dtype=d.torch)
+        arr = schema.open_array(self.archive.root, fmt.base_path(e["node"]), d.storage, info.numel)
+        row = info.row_numel
+        return dtypes.from_storage(arr[start * row : stop * row], d, rows)

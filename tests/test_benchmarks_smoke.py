@@ -14,7 +14,7 @@ pytest.importorskip("matplotlib")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import bench_load, bench_pack, bench_size, report  # noqa: E402
-from benchmarks.common import Collection, entropy_bits, param_count  # noqa: E402
+from benchmarks.common import Collection, codec_profiles, entropy_bits, param_count  # noqa: E402
 
 
 def tiny_collection(folder: Path, n_tasks: int = 3) -> Collection:
@@ -35,15 +35,19 @@ def tiny_collection(folder: Path, n_tasks: int = 3) -> Collection:
 
 def test_measure_and_report(tmp_path: Path) -> None:
     coll = tiny_collection(tmp_path)
-    size = bench_size.measure(tmp_path, coll)
+    profiles = codec_profiles()
+    size = bench_size.measure(tmp_path, coll, profiles)
     assert size["sizes"]["raw"] == coll.raw_bytes
     assert 0 < size["fraction_of_raw"]["tallstore_external"] < size["fraction_of_raw"]["tallstore_embedded"] < 1
     assert all(0 < r["density"] < 1 and r["mask_bits_per_param"] > 0 for r in size["per_task"])
-    load = bench_load.measure(tmp_path, coll, repeats=1, cold_repeats=1)
-    assert set(load["warm"]) == set(bench_load.METHODS) == set(load["cold"])
-    assert load["ratio_warm"] > 0 and load["mask_bytes_task"] < load["mask_bytes_all"]
-    text = report.size_section({"lam": size["lam"], "rows": [size]}, tmp_path, tmp_path)
-    text += report.load_section({"repeats": 1, "cold_repeats": 1, "rows": [load]}, tmp_path, tmp_path)
+    assert set(size["by_profile"]) == {p.name for p in profiles}
+    load = bench_load.measure(tmp_path, coll, profiles, repeats=1, cold_repeats=1)
+    assert set(load["warm"]) == set(load["cold"]) >= {"safetensors", "zipnn", "tallstore", "tallstore_state_dict"}
+    assert all(load["by_profile"][p.name]["ratio_warm"] > 0 for p in profiles)
+    assert load["mask_bytes_task"] < load["mask_bytes_all"]
+    meta = {"profiles": {p.name: p.record() for p in profiles}}
+    text = report.size_section({"lam": size["lam"], "rows": [size], **meta}, tmp_path, tmp_path)
+    text += report.load_section({"repeats": 1, "cold_repeats": 1, "rows": [load], **meta}, tmp_path, tmp_path)
     assert "tiny float32" in text and (tmp_path / "size.png").exists() and (tmp_path / "load.png").exists()
 
 

@@ -7,7 +7,7 @@ any order. Units are plain functions of picklable arguments, so any engine can r
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, Protocol
 
 Job = tuple[Any, Callable[..., Any], tuple[Any, ...]]
@@ -24,7 +24,11 @@ class Executor(Protocol):
 
 
 class ThreadExecutor:
-    """Jobs on a local thread pool (numpy, torch, zstd and hashing release the GIL)."""
+    """Jobs on a local thread pool (numpy, torch, zstd and hashing release the GIL).
+
+    At most ``2 × workers`` jobs are submitted ahead, and a result is dropped as soon as it is
+    yielded: memory holds a few units' results, not every result of the pack.
+    """
 
     def __init__(self, workers: int = 2) -> None:
         self.workers = max(1, workers)
@@ -33,11 +37,26 @@ class ThreadExecutor:
         fn(*args)
 
     def run(self, jobs: Sequence[Job]) -> Iterator[tuple[Any, Any]]:
+        pending = iter(jobs)
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            futures: dict[Future[Any], Any] = {pool.submit(fn, *args): tag for tag, fn, args in jobs}
+            in_flight: dict[Future[Any], Any] = {}
+
+            def submit_next() -> None:
+                job = next(pending, None)
+                if job is not None:
+                    tag, fn, args = job
+                    in_flight[pool.submit(fn, *args)] = tag
+
             try:
-                for f in as_completed(futures):
-                    yield futures[f], f.result()
+                for _ in range(2 * self.workers):
+                    submit_next()
+                while in_flight:
+                    done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                    for f in done:
+                        tag = in_flight.pop(f)
+                        result = f.result()
+                        submit_next()
+                        yield tag, result
             finally:
-                for f in futures:
+                for f in in_flight:
                     f.cancel()

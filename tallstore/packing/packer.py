@@ -30,7 +30,7 @@ from ..geometry import DEFAULT_BLOCK_ELEMS, chunk_elems
 from ..ops import merges, ties
 from ..storage import format as fmt
 from ..storage.arrays import create_masks, create_weights
-from ..storage.codecs import Codecs
+from ..storage.codecs import Codecs, preset
 from ..storage.stores import is_url, local_path, open_store
 from .executors import Executor, Job, ThreadExecutor
 from .inputs import InputSpec
@@ -77,7 +77,7 @@ def pack(
     allow_nonfinite: bool = False,
     block_elems: int = DEFAULT_BLOCK_ELEMS,
     workers: int = 2,
-    codecs: Codecs = Codecs(),
+    codecs: Codecs | str = "fast",
     storage_options: dict[str, Any] | None = None,
     progress: Progress | None = None,
     on_start: Callable[[int], None] | None = None,
@@ -91,8 +91,11 @@ def pack(
     last two choosing from ``lam_grid`` (see :mod:`tallstore.lam_select`); ``merge="ties"`` trims
     each task to its top ``ties_top`` percent.
     Units run on ``executor``, else on the Dask ``client``'s workers, else on ``workers`` threads.
-    ``storage_options`` apply to every URL: the output's and the inputs'.
+    ``storage_options`` apply to every URL: the output's and the inputs'. ``codecs``: a preset
+    name (``"fast"``: LZ4HC weights, the quickest loads; ``"compact"``: zstd, smallest) or a
+    :class:`~tallstore.storage.codecs.Codecs` value.
     """
+    codecs = preset(codecs) if isinstance(codecs, str) else codecs
     names = list(tasks)
     check_task_names(names)
     grid = lam_select.check(lam, lam_grid, evaluate)

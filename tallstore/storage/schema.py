@@ -202,23 +202,32 @@ def codec_names(meta: Any) -> list[str]:
     return out
 
 
-def check_array(node: Any, path: str, storage: np.dtype, numel: int) -> zarr.Array:
-    """``node`` if it is the flat array the manifest promises, decoded by spec codecs only.
+def check_array_meta(
+    meta: Any, path: str, storage: np.dtype, numel: int, *, codecs_known: bool = False,
+) -> dict[str, Any]:
+    """``meta`` (an array's ``zarr.json`` document) if it is the flat array the manifest promises,
+    decoded by spec codecs only (``codecs_known``: the caller has matched its codec chain already).
 
     Refusing non-spec codecs keeps decoding to plain, data-only transforms: nothing a crafted
     archive names (a pickle codec, say) is ever loaded to decode its bytes.
     """
+    if not isinstance(meta, dict) or meta.get("node_type") != "array":
+        raise CorruptArchiveError(f"{path} is not an array")
+    odd = [] if codecs_known else sorted(set(codec_names(meta.get("codecs", []))) - SPEC_CODECS)
+    if odd or meta.get("storage_transformers"):
+        raise CorruptArchiveError(f"{path} uses codec {odd[0] if odd else 'storage transformer'!r} outside the Zarr v3 spec; refusing to decode it")
+    shape, dtype = meta.get("shape"), meta.get("data_type")
+    if shape != [numel] or dtype != storage.name:
+        raise CorruptArchiveError(f"{path} holds {shape} {dtype}, expected ({numel},) {storage}")
+    return meta
+
+
+def check_array(node: Any, path: str, storage: np.dtype, numel: int) -> zarr.Array:
+    """``node`` if it is an array whose metadata passes :func:`check_array_meta`."""
     if not isinstance(node, zarr.Array):
         raise CorruptArchiveError(f"{path} is not an array")
     meta = node.metadata.to_dict()
-    names = codec_names(meta.get("codecs", []))
-    odd = sorted(set(names) - SPEC_CODECS)
-    if odd or meta.get("storage_transformers"):
-        raise CorruptArchiveError(f"{path} uses codec {odd[0] if odd else 'storage transformer'!r} outside the Zarr v3 spec; refusing to decode it")
-    if tuple(node.shape) != (numel,) or np.dtype(node.dtype) != storage:
-        raise CorruptArchiveError(
-            f"{path} holds {node.shape} {np.dtype(node.dtype)}, expected ({numel},) {storage}"
-        )
+    check_array_meta({**meta, "data_type": np.dtype(node.dtype).name, "shape": list(node.shape)}, path, storage, numel)
     return node
 
 
