@@ -197,7 +197,7 @@ def measure(work: Path, coll: Collection, profiles: list[Profile], repeats: int,
         "mask_bytes_all": tree_bytes(ext / "masks"),
         **times,
         "by_profile": by_profile,
-        # the default profile's figures under the names they had before profiles were measured
+        # the default profile's figures also at the top level (bench_core reads them)
         **{k: by_profile[default.name][k] for k in ("archive_bytes", "archive_files", "pack_seconds")},
         **{k: v for k, v in by_profile[default.name].items() if k.startswith("ratio_")},
     }

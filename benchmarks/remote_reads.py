@@ -13,19 +13,16 @@ on 127.0.0.1, started here, whose middleware counts the bytes it serves per obje
   with the base on S3 too (moto copies a whole object to serve any range of it, so that case
   mostly measures moto: its cost per ranged GET of the base is reported alongside).
 
-Run: ``python -m benchmarks.remote_reads`` (``--quick`` for a small model). Writes
-``benchmarks/results/remote_reads.json``. moto on localhost is not S3: the times show how
-concurrency hides latency, not what a real bucket delivers.
+Run: ``python -m benchmarks.run --only remote`` (``--quick`` for a small model); results in
+``benchmarks/results/remote.json``. moto on localhost is not S3: the times show how concurrency
+hides latency, not what a real bucket delivers.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -41,7 +38,6 @@ from .synthetic import write_collection
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from s3server import S3Server  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 ARCHIVE_BUCKET = "archives"
 MODEL_BUCKET = "models"
 
@@ -152,37 +148,3 @@ def _ranged_get_seconds(fs: Any, path: str, repeats: int = 5) -> float:
 def _max_repeat(keys: dict[str, int], sizes: dict[str, int]) -> float:
     """The most times one object's bytes were served (1.0: every object fetched once)."""
     return max((b / sizes[k] for k, b in keys.items() if sizes.get(k)), default=0.0)
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run, print a summary and save ``remote_reads.json``."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="small model, 3 tasks, one repeat")
-    p.add_argument("--params-m", type=float, default=22.0)
-    p.add_argument("--tasks", type=int, default=8)
-    p.add_argument("--latency-ms", type=float, default=20.0)
-    p.add_argument("--concurrency", default="1,8,64")
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--work", type=Path, default=None)
-    args = p.parse_args(argv)
-    if args.quick:
-        args.params_m, args.tasks, args.repeats = 12.0, 3, 1
-    with tempfile.TemporaryDirectory() as tmp:
-        res = run(args.work or Path(tmp), args.params_m, args.tasks, args.latency_ms,
-                  [int(c) for c in args.concurrency.split(",")], args.repeats)
-    for r in res["per_task"]:
-        print(f"{r['task']}: fetched {r['fetched_bytes'] / 1e6:.2f} MB, merged {r['merged_bytes'] / 1e6:.2f} MB, "
-              f"mask {r['mask_bytes'] / 1e6:.3f} MB, exact {r['exact_bytes'] / 1e3:.1f} kB → ratio {r['ratio']:.4f} "
-              f"(other tasks' masks: {r['foreign_mask_bytes']} B)")
-    print(f"pack to S3: {res['pack_to_s3_seconds']:.1f} s; moto serves one 8-byte range of the base in "
-          f"{res['moto_ranged_get_of_base_seconds'] * 1e3:.0f} ms; with {res['latency_ms']:g} ms added per request:")
-    for t in res["timings"]:
-        print(f"  {t['base']:>10}, concurrency {t['concurrency']:>3}: open {t['open_seconds']:.2f} s, "
-              f"load {t['load_seconds']:.2f} s")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "remote_reads.json").write_text(json.dumps(res, indent=2) + "\n")
-    return res
-
-
-if __name__ == "__main__":
-    main()

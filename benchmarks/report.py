@@ -50,11 +50,8 @@ class Profile(NamedTuple):
 
 
 def profiles(d: dict[str, Any]) -> list[Profile]:
-    """The codec profiles of a module's results, the default first; results from before profiles were
-    measured hold one, the then default codecs, not recorded."""
-    got = d.get("profiles")
-    if not got:
-        return [Profile("default", "default codecs (not recorded)", "")]
+    """The codec profiles of a module's results, the default first."""
+    got = d["profiles"]
     return [Profile(n, f"{n} ({c['weight_cname']} {c['weight_level']}{', default' if c['default'] else ''})", c["suffix"])
             for n, c in sorted(got.items(), key=lambda kv: not kv[1]["default"])]
 
@@ -66,8 +63,8 @@ def ratio(r: dict[str, Any], phase: str, a: str, b: str) -> float | None:
 
 
 def by_profile(r: dict[str, Any], p: Profile) -> dict[str, Any]:
-    """A row's figures for one profile (the row itself for results from before profiles were measured)."""
-    return r.get("by_profile", {}).get(p.name, r)
+    """A row's figures for one profile."""
+    return r["by_profile"][p.name]
 
 
 def load(out: Path) -> Results:
@@ -381,15 +378,10 @@ def size_section(s: dict[str, Any], out: Path, doc: Path) -> str:
                           *(f"{8 * pe.get(k, 0) / r['params']:.2f}" for k in ("base", "merged")),
                           f"{8 * mask_bytes / r['params'] / r['tasks']:.3f}", mb(pe.get("exact", 0)),
                           mb(pe.get("metadata", 0))])
-    if "profiles" not in s:
-        codecs = "These results predate codec profiles: one archive per collection, with the then default codecs."
-    else:
-        codecs = (f"Each collection is packed once per weight codec profile ({', '.join(p.label for p in profs)}; "
+    codecs = (f"Each collection is packed once per weight codec profile ({', '.join(p.label for p in profs)}; "
                   "`tallstore.storage.codecs.PRESETS`), from the same inputs in the same run; profiles differ only in "
-                  "how weights (base, merged vector, exact tensors) are compressed. " + profile_sizes(s, profs))
-    if "profiles" not in s:
-        same = ""
-    elif all(r.get("masks_identical") for r in s["rows"]):
+              "how weights (base, merged vector, exact tensors) are compressed. " + profile_sizes(s, profs))
+    if all(r.get("masks_identical") for r in s["rows"]):
         same = " Masks always use zstd: their stored bytes are identical, file for file, under every profile (checked)."
     else:
         bad = [r["collection"] for r in s["rows"] if not r.get("masks_identical")]
@@ -465,19 +457,13 @@ evicted from the page cache with `POSIX_FADV_DONTNEED`, so they are read from di
 
 {table(header, rows("cold"))}
 """
-    if "profiles" not in d:
-        how = ("`tallstore` = `tallstore.open(archive, base=...)` + `arc[task].state_dict()` (rebuild, CRC check) + "
-               "copy; `(open archive)` without the `open`; `(embedded base)` opens a self-contained archive. These "
-               "results predate codec profiles and `load_into`: one archive per collection, with the then default "
-               "codecs.")
-    else:
-        how = ("`tallstore` = `tallstore.open(archive, base=...)` + `arc[task].load_into(params)` (rebuilds the task, "
-               "CRC-checked, directly into the preallocated parameters: no fresh tensors, no copy); `(open archive)` "
-               "without the `open`; `(embedded base)` opens a self-contained archive; `state_dict + copy` = "
-               "`open` + `arc[task].state_dict()` + copy (fresh tensors, then the copy `load_into` avoids). "
-               f"Every tallstore method runs once per weight codec profile ({', '.join(p.label for p in profs)}; "
-               "`tallstore.storage.codecs.PRESETS`), each from its own archives of the same collection, in the same "
-               "rounds as safetensors and ZipNN (whose columns are shown once per collection).")
+    how = ("`tallstore` = `tallstore.open(archive, base=...)` + `arc[task].load_into(params)` (rebuilds the task, "
+           "CRC-checked, directly into the preallocated parameters: no fresh tensors, no copy); `(open archive)` "
+           "without the `open`; `(embedded base)` opens a self-contained archive; `state_dict + copy` = "
+           "`open` + `arc[task].state_dict()` + copy (fresh tensors, then the copy `load_into` avoids). "
+           f"Every tallstore method runs once per weight codec profile ({', '.join(p.label for p in profs)}; "
+           "`tallstore.storage.codecs.PRESETS`), each from its own archives of the same collection, in the same "
+           "rounds as safetensors and ZipNN (whose columns are shown once per collection).")
     return f"""A load = the first task's tensors in preallocated model parameters, which is what loading a model
 means: `safetensors` = `load_file` of the original checkpoint + copy (`copy_`, what `safetensors.torch.load_model`
 does); `safetensors lazy` = `load_file` alone (memory-mapped, no weight bytes read: shown for reference only);
