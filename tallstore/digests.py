@@ -77,7 +77,7 @@ def probe(ckpt: Checkpoint) -> str:
     reads = [(k, r) for k, info in zip(keys, infos) if info.numel for r in sorted({0, info.rows // 2, info.rows - 1})]
 
     def row_digest(kr: tuple[str, int]) -> bytes:
-        return block_digest(ckpt.read(kr[0], kr[1], kr[1] + 1))
+        return hashlib.sha256(ckpt.read_bytes(kr[0], kr[1], kr[1] + 1)).digest()
 
     if any(is_url(f) for f in ckpt.files):
         with ThreadPoolExecutor(max_workers=PROBE_THREADS) as pool:

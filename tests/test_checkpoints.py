@@ -259,3 +259,20 @@ def test_garbage_torch_file_is_a_checkpoint_error(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError) as err:
         open_checkpoint(tmp_path / "m.bin")
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_read_bytes_are_the_stored_bytes_of_the_same_rows_as_read(tmp_path: Path, fmt: str) -> None:
+    from tallstore import dtypes
+
+    sd = {"m": torch.randn(5, 3), "s": torch.tensor(3.0), "h": torch.randn(4).to(torch.bfloat16),
+          "e": torch.empty(0, 2), "i": torch.arange(6).reshape(3, 2)}
+    path = tmp_path / f"x.{fmt}"
+    if fmt == "safetensors":
+        save_file(sd, path)
+    else:
+        torch.save(sd, path)
+    with open_checkpoint(path) as ck:
+        for key in sd:
+            for a, b in [(0, 1), (1, 2), (0, None), (2, 5)]:
+                assert ck.read_bytes(key, a, b) == dtypes.to_storage(ck.read(key, a, b)).tobytes(), (key, a, b)

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from .. import dtypes
 from ..dtypes import DType
 from ..errors import CheckpointError
 
@@ -52,6 +53,10 @@ class Checkpoint(ABC):
     @abstractmethod
     def read(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Rows ``[start, stop)`` along dim 0 of ``key`` (the whole tensor for a scalar)."""
+
+    def read_bytes(self, key: str, start: int = 0, stop: int | None = None) -> bytes:
+        """The raw little-endian bytes of rows ``[start, stop)`` of ``key`` (what digests hash)."""
+        return dtypes.to_storage(self.read(key, start, stop)).tobytes()
 
     @property
     @abstractmethod

@@ -7,6 +7,7 @@ file is a one-line :class:`CheckpointError`, not a panic from deep inside the Ru
 from __future__ import annotations
 
 import json
+import mmap
 import struct
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,8 @@ from .reader import Checkpoint, TensorInfo
 MAX_HEADER = 100 * 1024 * 1024
 
 
-def read_header(path: Path) -> dict[str, Any]:
-    """The validated JSON header of a safetensors file, keys in file order."""
+def read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The validated JSON header of a safetensors file (keys in file order) and where its data starts."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -30,7 +31,7 @@ def read_header(path: Path) -> dict[str, Any]:
             raw = f.read(n)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
-    return parse_header(raw, size, str(path))
+    return parse_header(raw, size, str(path)), 8 + n
 
 
 def header_length(head: bytes, size: int, where: str) -> int:
@@ -91,9 +92,11 @@ class SafetensorsCheckpoint(Checkpoint):
         self._paths = paths
         self._infos: dict[str, TensorInfo] = {}
         self._where: dict[str, int] = {}
+        self._offsets: dict[str, int] = {}
         self.keys = []
         for i, p in enumerate(paths):
-            for key, entry in read_header(p).items():
+            header, data_start = read_header(p)
+            for key, entry in header.items():
                 if key == "__metadata__" or (only is not None and only.get(key) != p.name):
                     continue
                 if key in self._infos:
@@ -101,8 +104,10 @@ class SafetensorsCheckpoint(Checkpoint):
                 d = dtypes.from_safetensors(entry["dtype"])
                 self._infos[key] = TensorInfo(d, tuple(entry["shape"]))
                 self._where[key] = i
+                self._offsets[key] = data_start + entry["data_offsets"][0]
                 self.keys.append(key)
         self._handles: list[Any] = [None] * len(paths)
+        self._maps: list[mmap.mmap | None] = [None] * len(paths)
 
     def info(self, key: str) -> TensorInfo:
         return self._infos[key]
@@ -125,9 +130,34 @@ class SafetensorsCheckpoint(Checkpoint):
             return h.get_tensor(key)
         return h.get_slice(key)[start:stop]
 
+    def read_bytes(self, key: str, start: int = 0, stop: int | None = None) -> bytes:
+        """Rows ``[start, stop)`` of ``key`` as stored, sliced from a memory map: no tensor built."""
+        info = self._infos[key]
+        row = info.row_numel * info.dtype.itemsize
+        if not info.shape:  # a scalar is read whole, like ``read``
+            start, stop = 0, 1
+        stop = info.rows if stop is None else min(stop, info.rows)
+        n = max(0, stop - start) * row
+        i = self._where[key]
+        if self._maps[i] is None:
+            try:
+                with open(self._paths[i], "rb") as f:
+                    self._maps[i] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError) as e:
+                raise CheckpointError(f"{self._paths[i]}: cannot read ({e})") from None
+        at = self._offsets[key] + start * row
+        got = self._maps[i][at : at + n]
+        if len(got) != n:
+            raise CheckpointError(f"{self._paths[i]}: tensor {key!r} is truncated")
+        return got
+
     @property
     def files(self) -> list[Path]:
         return list(self._paths)
 
     def close(self) -> None:
         self._handles = [None] * len(self._paths)
+        for m in self._maps:
+            if m is not None:
+                m.close()
+        self._maps = [None] * len(self._paths)
