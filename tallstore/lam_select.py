@@ -91,21 +91,27 @@ def cosine(dot: float, rebuilt_sq: float, tau_sq: float) -> float:
 
 
 def cosine_unit(spec: InputSpec, kp: KeyPlan, index: int, rule: str, params: dict[str, Any], grid: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """Per task and grid λ, this block's ``Σ m τ_MTL τ_t``, ``Σ m τ_MTL²``, ``Σ m``; and ``Σ τ_t²``."""
+    """Per task and grid λ, this block's ``Σ m τ_MTL τ_t``, ``Σ m τ_MTL²``, ``Σ m``; and ``Σ τ_t²``.
+
+    One task at a time, so the float64 temporaries stay at one row's size, not ``(T, n)``; the
+    masks are those of :func:`~tallstore.ops.masks.tall_masks`.
+    """
     _, _, tau = read_block(spec, kp, index)
     tau_mtl = merges.apply(rule, tau, params)
     T = tau.shape[0]
-    tau64 = tau.to(torch.float64)
     mtl64 = tau_mtl.to(torch.float64)
-    prod = (tau64 * mtl64).unsqueeze(2)
     mtl_sq = mtl64.square()
     sums = np.zeros((T, len(grid), 3))
-    for g, lam in enumerate(grid):
-        m = tall_masks(tau, tau_mtl, torch.full((T,), lam)).to(torch.float64)
-        sums[:, g, 0] = torch.bmm(m.unsqueeze(1), prod).view(T).numpy()
-        sums[:, g, 1] = (m @ mtl_sq).numpy()
-        sums[:, g, 2] = m.sum(dim=1).numpy()
-    return sums, tau64.square().sum(dim=1).numpy()
+    tau_sq = np.zeros(T)
+    for t in range(T):
+        tau64 = tau[t].to(torch.float64)
+        prod = tau64 * mtl64
+        tau_sq[t] = float(tau64.square().sum())
+        for g, lam in enumerate(grid):
+            m = tall_masks(tau[t : t + 1], tau_mtl, torch.tensor([lam]))[0]
+            m64 = m.to(torch.float64)
+            sums[t, g] = (float(torch.dot(m64, prod)), float(torch.dot(m64, mtl_sq)), np.count_nonzero(m.numpy()))
+    return sums, tau_sq
 
 
 def auto_scores(

@@ -10,8 +10,9 @@ import torch
 
 
 def task_vectors(base: torch.Tensor, tasks: torch.Tensor) -> torch.Tensor:
-    """``τ_t = θ_t − θ₀`` in float32 for a ``(T, n)`` stack of task weights."""
-    return tasks.to(torch.float32) - base.to(torch.float32)
+    """``τ_t = θ_t − θ₀`` in float32 for a ``(T, n)`` stack of task weights (subtracted in place:
+    one float32 ``(T, n)`` buffer)."""
+    return tasks.to(torch.float32, copy=True).sub_(base.to(torch.float32))
 
 
 def tall_masks(tau: torch.Tensor, tau_mtl: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:

@@ -68,7 +68,11 @@ def read_block(spec: InputSpec, kp: KeyPlan, index: int) -> tuple[torch.Tensor, 
     got = inputs(spec)
     a, b = kp.blocks[index]
     base = got.base.read(kp.key, a, b).reshape(-1)
-    tasks = torch.stack([ck.read(kp.key, a, b).reshape(-1) for ck in got.tasks])
+    first = got.tasks[0].read(kp.key, a, b).reshape(-1)
+    tasks = torch.empty((len(got.tasks), first.numel()), dtype=first.dtype)  # filled in place: no stack copy
+    tasks[0] = first
+    for t, ck in enumerate(got.tasks[1:], 1):
+        tasks[t] = ck.read(kp.key, a, b).reshape(-1)
     if not spec.allow_nonfinite:
         check_finite(base, kp.key, "the base")
         for name, t in zip(spec.names, tasks):

@@ -152,15 +152,16 @@ def masked_block(spec: PackSpec, kp: KeyPlan, index: int) -> MaskedBlock:
         tau_sq[t] = float(tau[t].to(torch.float64).square().sum())
         digests.append(block_digest(rebuilt))
         crcs.append(block_crc(rebuilt))
+    rows = masks.numpy()
     return MaskedBlock(
         key=kp.key,
         index=index,
-        mask_bytes=np.packbits(masks.numpy(), axis=1, bitorder=fmt.BITORDER),
+        mask_bytes=np.packbits(rows, axis=1, bitorder=fmt.BITORDER),
         base_digest=block_digest(base),
         base_crc=block_crc(base_t),
         task_digests=digests,
         task_crcs=crcs,
-        ones=masks.sum(dim=1).numpy().astype(np.int64),
+        ones=np.array([np.count_nonzero(r) for r in rows], dtype=np.int64),  # torch's bool sum makes a (T, n) int64
         sq_err=sq_err,
         tau_sq=tau_sq,
         nonzero=nonzero,
