@@ -89,13 +89,22 @@ class Counting:
         return self._stream(bucket, key if method == "GET" and key else None, body)
 
     def _stream(self, bucket: str, key: str | None, body: Iterable[bytes]) -> Iterator[bytes]:
+        """Count the body's bytes; the request stops counting as in flight before its last byte is
+        handed over, so a client that starts a new request once it has the whole body is never
+        seen overlapping this one."""
+        left = False
         try:
-            for piece in body:
+            pieces = list(body)
+            for i, piece in enumerate(pieces):
                 if key is not None:
                     self._add(bucket, "bytes", len(piece), key)
+                if i == len(pieces) - 1:
+                    self._leave(bucket)
+                    left = True
                 yield piece
         finally:
-            self._leave(bucket)
+            if not left:
+                self._leave(bucket)
             close = getattr(body, "close", None)
             if close is not None:
                 close()
