@@ -230,7 +230,8 @@ def test_loading_one_tensor_reads_only_that_tensors_arrays(collection: Callable[
 # --- what is stored exactly, and what costs nothing ------------------------------------------
 
 
-def test_tensors_that_cannot_be_masked_are_stored_exactly_per_task(tmp_path: Path) -> None:
+@pytest.mark.parametrize("embed", [False, True], ids=["external", "embedded"])
+def test_tensors_that_cannot_be_masked_are_stored_exactly_per_task(tmp_path: Path, embed: bool) -> None:
     g = torch.Generator().manual_seed(1)
     base = {"w": torch.randn(8, 8, generator=g), "ids": torch.arange(6), "reshaped": torch.randn(4, 6, generator=g),
             "only.base": torch.randn(5, generator=g), "flags": torch.tensor([True, False, True]), "empty": torch.zeros(0, 4)}
@@ -239,7 +240,7 @@ def test_tensors_that_cannot_be_masked_are_stored_exactly_per_task(tmp_path: Pat
          "flags": base["flags"].clone(), "empty": torch.zeros(0, 4)}
     b = {"w": base["w"] - 0.1, "ids": torch.arange(6) * 2, "reshaped": torch.randn(6, 4, generator=g),
          "head": torch.randn(2, 8, generator=g), "flags": torch.tensor([False, False, True]), "empty": torch.zeros(0, 4)}
-    arc = pack_dicts(tmp_path, base, {"a": a, "b": b})
+    arc = pack_dicts(tmp_path, base, {"a": a, "b": b}, embed_base=embed)
     kinds = {e["key"]: e["kind"] for e in arc.manifest["tensors"]}
     assert kinds == {"w": "masked"} | {k: "separate" for k in ("ids", "reshaped", "only.base", "flags", "empty", "head")}
     assert sources(arc, 0) == {"w": "masked", "ids": "base", "reshaped": "exact", "head": "exact", "only.base": "base",
@@ -250,6 +251,21 @@ def test_tensors_that_cannot_be_masked_are_stored_exactly_per_task(tmp_path: Pat
         got = arc[name].state_dict()
         assert set(got) == set(sd)
         assert_bitwise({k: got[k] for k in sd if k != "w"}, {k: v for k, v in sd.items() if k != "w"})
+
+
+def test_an_embedded_fp32_base_rebuilds_bf16_tasks_like_the_external_one(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(3)
+    base = {"w": torch.randn(40, 8, generator=g), "s": torch.tensor(2.5)}
+    tasks = {n: {"w": (base["w"] + 0.05 * torch.randn(40, 8, generator=g)).to(torch.bfloat16),
+                 "s": torch.tensor(2.5).to(torch.bfloat16)} for n in ("a", "b")}
+    (tmp_path / "ext").mkdir()
+    (tmp_path / "emb").mkdir()
+    ext = pack_dicts(tmp_path / "ext", base, tasks)
+    arc = pack_dicts(tmp_path / "emb", base, tasks, embed_base=True)
+    for n in tasks:
+        got = arc[n].state_dict()
+        assert got["w"].dtype == torch.bfloat16
+        assert_bitwise(got, ext[n].state_dict())
 
 
 def test_tasks_disagreeing_on_a_dtype_get_exact_copies(tmp_path: Path) -> None:
