@@ -24,9 +24,10 @@ STOP_TIMEOUT_S = 600
 POLL_S = 0.05
 
 
-def _executing(dask_worker: Any) -> int:
-    """How many tasks this worker is executing right now (run on each worker by ``client.run``)."""
-    return len(dask_worker.state.executing)
+def _holding(keys: list[Any], dask_worker: Any) -> int:
+    """How many of ``keys`` this worker still knows in any state: queued, running or finished
+    (run on each worker by ``client.run``)."""
+    return sum(1 for k in keys if k in dask_worker.state.tasks)
 
 
 class DaskExecutor:
@@ -51,15 +52,18 @@ class DaskExecutor:
                 self._stop(list(futures))
 
     def _stop(self, futures: list[Any]) -> None:
-        """Cancel the outstanding units, then wait until no worker still executes one.
+        """Cancel the outstanding units, then wait until no worker holds any of them.
 
         A cancelled unit that had already started keeps running on its worker (Dask cannot
-        interrupt it) and may still write; the pack's clean-up must come after it.
+        interrupt it) and may still write, and one still queued there may start before the
+        worker hears of the cancellation; the pack's clean-up must come after both. A worker
+        forgets a unit only once it is released and not running.
         """
+        keys = [f.key for f in futures]
         with suppress(OSError, TimeoutError):  # a lost cluster must not hide the pack's own error
             self.client.cancel(futures)
             deadline = time.monotonic() + STOP_TIMEOUT_S
-            while any(self.client.run(_executing).values()) and time.monotonic() < deadline:
+            while any(self.client.run(_holding, keys).values()) and time.monotonic() < deadline:
                 time.sleep(POLL_S)
 
     def broadcast(self, fn: Callable[..., Any], *args: Any) -> None:
