@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .archive import Archive
+from .storage import format as fmt
 from .storage.sizes import stored_bytes
 
 
@@ -37,6 +38,7 @@ def describe(arc: Archive, storage_options: dict[str, Any] | None = None) -> dic
             "bytes": base_bytes,
         },
         "tensors": len(m["tensors"]),
+        "weight_codec": weight_codec(arc),
         "archive_bytes": archive_bytes,
         "archive_parts": parts,
         "raw_task_bytes": raw,
@@ -44,3 +46,16 @@ def describe(arc: Archive, storage_options: dict[str, Any] | None = None) -> dic
         "ratio_with_base": raw / stored_total if stored_total else 0.0,
         "tasks": tasks,
     }
+
+
+def weight_codec(arc: Archive) -> str | None:
+    """How the merged weights are compressed (``"blosc lz4hc 5"``), from the first merged array's
+    metadata; ``None`` when the archive has no merged array or no consolidated metadata."""
+    node = next((e["node"] for e in arc.manifest["tensors"] if e["kind"] == fmt.KIND_MASKED), None)
+    meta = arc.array_meta(fmt.merged_path(node)) if node is not None else None
+    for codec in (meta or {}).get("codecs", []):
+        if isinstance(codec, dict) and codec.get("name") in ("blosc", "zstd", "gzip"):
+            conf = codec.get("configuration") or {}
+            detail = [str(conf[k]) for k in ("cname", "clevel", "level") if k in conf]
+            return " ".join([codec["name"], *detail])
+    return None

@@ -81,6 +81,20 @@ def test_pack_prints_a_summary_and_embeds_the_base_on_request(cli: Cli, collecti
     assert tallstore.open(tmp_path / "z.tall").manifest["base"]["embedded"] is True
 
 
+def test_pack_codecs_preset_is_recorded_and_shown_by_info(cli: Cli, collection: Callable[..., Collection], tmp_path: Path) -> None:
+    base, tasks = collection(2)
+    tasks_args = [a for n, p in tasks.items() for a in ("--task", f"{n}={p}")]
+    code, _, err = cli("pack", tmp_path / "c.tall", "--base", base, *tasks_args, "--codecs", "compact", "-q")
+    assert code == 0, err
+    code, out, _ = cli("info", tmp_path / "c.tall", "--json")
+    assert json.loads(out)["weight_codec"] == "blosc zstd 5"
+    code, out, _ = cli("info", tmp_path / "c.tall")
+    assert "weights compressed with blosc zstd 5" in " ".join(out.split())
+    code, out, err = cli("pack", tmp_path / "d.tall", "--base", base, *tasks_args, "--codecs", "tiny", "-q")
+    assert code != 0 and "unknown codec preset 'tiny'" in err and "Traceback" not in err
+    assert not (tmp_path / "d.tall").exists()
+
+
 def test_info_json_describes_the_archive(cli: Cli, packed: tuple[Path, Path, dict[str, Path]]) -> None:
     archive, base, _ = packed
     code, out, err = cli("info", archive, "--json")
@@ -91,6 +105,7 @@ def test_info_json_describes_the_archive(cli: Cli, packed: tuple[Path, Path, dic
     assert d["base"]["location"] == str(base.resolve())
     assert d["base"]["fingerprint"] == tallstore.open(archive).manifest["base"]["fingerprint"]
     assert all(0 < t["mask_density"] <= 1 for t in d["tasks"])
+    assert d["weight_codec"] == "blosc lz4hc 5"
 
 
 def test_info_prints_tables(cli: Cli, packed: tuple[Path, Path, dict[str, Path]]) -> None:

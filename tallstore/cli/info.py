@@ -28,6 +28,8 @@ def render(d: dict[str, Any]) -> None:
     c.print(f"[bold]{d['location']}[/bold]  format v{d['format_version']}  merge={rule}  "
             f"{d['tensors']} tensors")
     c.print(f"base: {'embedded' if base['embedded'] else base['location']}  {base['fingerprint']}")
+    if d.get("weight_codec"):
+        c.print(f"weights compressed with {d['weight_codec']}")
     t = Table("task", "λ", "mask density", "rebuild error", "exact MB", "raw MB")
     for task in d["tasks"]:
         t.add_row(task["name"], f"{task['lam']:.2f}", f"{task['mask_density']:.3f}",
