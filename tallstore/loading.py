@@ -64,6 +64,7 @@ class Chunks:
         self._regions: list[tuple[Any, slice]] = []
         self._where: dict[tuple[str, int], tuple[str | None, int, int]] = {}
         self._data: list[Any] = []
+        self._fetched = 0
 
     def add(self, path: str, storage: np.dtype, numel: int, chunk: int, index: int) -> None:
         """Plan to read chunk ``index`` of the flat array ``path`` (``numel`` elements in chunks of ``chunk``)."""
