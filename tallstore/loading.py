@@ -28,7 +28,7 @@ from .geometry import block_ranges, chunk_elems
 from .storage import format as fmt
 from .storage import schema
 from .storage.chunks import BUFFERS, chunk_key, decode_into, fetch, read_local
-from .storage.reading import coalesce
+from .storage.reading import coalesce, read_many
 from .storage.strict import read_error
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ class Chunks:
     Arrays in the archive's own layout are decoded straight from their stored objects
     (:mod:`~tallstore.storage.chunks`): read by the decoding thread itself from a local folder,
     or fetched beforehand in one concurrent round from a remote store. Any other spec layout is
-    read through zarr in that round.
+    read beforehand through zarr, also concurrently.
     """
 
     def __init__(self, archive: Archive) -> None:
@@ -83,8 +83,10 @@ class Chunks:
         """Fetch what the decoding threads will not read themselves, concurrently; failures are
         kept and raised where the chunk is used."""
         keys = [] if self._local is not None else self._keys
-        self._data = fetch(self.archive.store, keys, self._regions)
+        self._data = fetch(self.archive.store, keys)
         self._fetched = len(keys)
+        if self._regions:
+            self._data += read_many(self._regions, return_exceptions=True)
 
     def decode(self, path: str, index: int, out: np.ndarray) -> None:
         """Decode chunk ``index`` of ``path`` into ``out`` (its first ``out.size`` elements)."""

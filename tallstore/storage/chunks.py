@@ -115,10 +115,10 @@ def read_local(path: str, pool: BufferPool = BUFFERS) -> Iterator[memoryview]:
         os.close(fd)
 
 
-def fetch(store: Store, keys: Sequence[str], regions: Sequence[tuple[Any, Any]] = ()) -> list[Any]:
-    """The stored objects at ``keys``, then ``arr[sel]`` for each zarr ``(arr, sel)`` of ``regions``,
-    all requested concurrently in one round. A failed read is returned as its exception, so that
-    the caller can name what it was reading; an absent key is a :class:`CorruptArchiveError`."""
+def fetch(store: Store, keys: Sequence[str]) -> list[Any]:
+    """The stored objects at ``keys``, requested concurrently in one round. A failed read is
+    returned as its exception, so that the caller can name what it was reading; an absent key is
+    a :class:`CorruptArchiveError`."""
     proto = default_buffer_prototype()
 
     async def one(key: str) -> np.ndarray:
@@ -128,11 +128,9 @@ def fetch(store: Store, keys: Sequence[str], regions: Sequence[tuple[Any, Any]] 
         return buf.as_numpy_array()
 
     async def gather() -> list[Any]:
-        return await asyncio.gather(
-            *(one(k) for k in keys), *(a._async_array.getitem(sel) for a, sel in regions), return_exceptions=True,
-        )
+        return await asyncio.gather(*(one(k) for k in keys), return_exceptions=True)
 
-    return sync(gather()) if keys or regions else []
+    return sync(gather()) if keys else []
 
 
 def decode_into(data: np.ndarray, codec: str, out: np.ndarray, chunk_nbytes: int, key: str) -> None:

@@ -15,13 +15,14 @@ import zarr
 from zarr.core.sync import sync
 
 
-def read_many(arrays: Sequence[tuple[zarr.Array, Any]]) -> list[np.ndarray]:
-    """``[arr[sel] for arr, sel in arrays]``, fetched concurrently; errors propagate."""
+def read_many(arrays: Sequence[tuple[zarr.Array, Any]], *, return_exceptions: bool = False) -> list[Any]:
+    """``[arr[sel] for arr, sel in arrays]``, fetched concurrently. Errors propagate, or with
+    ``return_exceptions`` take the place of their result (so the caller can name what failed)."""
 
     async def gather() -> list[Any]:
-        return await asyncio.gather(*(a._async_array.getitem(sel) for a, sel in arrays))
+        return await asyncio.gather(*(a._async_array.getitem(sel) for a, sel in arrays), return_exceptions=return_exceptions)
 
-    return [np.asarray(x) for x in sync(gather())]
+    return [x if isinstance(x, BaseException) else np.asarray(x) for x in sync(gather())]
 
 
 def coalesce(ranges: Iterable[tuple[int, int]], chunk: int) -> list[tuple[int, int]]:
