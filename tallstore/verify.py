@@ -301,23 +301,22 @@ def _compare(arc: "Archive", name: str, path: str, report: VerifyReport) -> Agai
             if ck.info(key) != view.info(key):
                 report.problems.append(f"{where}: tensor {key!r} has {ck.info(key)} in the original, {view.info(key)} rebuilt")
                 continue
+            want = ck.read(key)
+            masked = view._listing[key][3] == fmt.SOURCE_MASKED
+            if masked:
+                tau_sq += float((want.to(torch.float64) - arc.base.read(key).to(torch.float64)).square().sum())
             try:
                 got = view[key]
             except TallstoreError as e:
                 report.problems.append(str(e))
                 continue
-            want = ck.read(key)
             if np.array_equal(dtypes.to_storage(got), dtypes.to_storage(want)):
                 exact += 1
                 continue
             diff = got.to(torch.float64) - want.to(torch.float64)
             max_abs = max(max_abs, float(diff.abs().max()))
-            if view._listing[key][3] == fmt.SOURCE_MASKED:
+            if masked:
                 sq_err += float(diff.square().sum())
-        for key in (k for k in view if view._listing[k][3] == fmt.SOURCE_MASKED and k in ck):
-            if ck.info(key) == view.info(key):
-                tau = ck.read(key).to(torch.float64) - arc.base.read(key).to(torch.float64)
-                tau_sq += float(tau.square().sum())
         original = [{"name": f.name, "size": f.stat().st_size, "sha256": file_sha256(f)} for f in ck.files]
     rel = math.sqrt(sq_err / tau_sq) if tau_sq else (0.0 if sq_err == 0 else math.inf)
     return AgainstResult(
