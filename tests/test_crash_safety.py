@@ -172,16 +172,27 @@ def test_pack_killed_at_random_moments_never_leaves_a_partial_archive(
     assert published < 8
 
 
+def packed_before(inputs: tuple, tmp_path: Path) -> tuple[Path, dict]:  # type: ignore[type-arg]
+    """An archive already at ``tmp_path/arc`` (λ 0.2, unlike the repack) and its rebuilt tensors."""
+    base, tasks, _ = inputs
+    target = tmp_path / "arc"
+    tallstore.pack(target, base, tasks, lam=0.2)
+    return target, read_all(target)
+
+
+def killed_forced_repack(driver: Driver, argv: list, point: str) -> None:  # type: ignore[type-arg]
+    """Start ``pack --force`` and kill it at ``point``."""
+    driver.start(argv, pause=point)
+    driver.kill_at(point)
+
+
 def test_forced_repack_killed_between_renames_keeps_the_old_archive_whole(
     driver: Driver, inputs: tuple, tmp_path: Path,  # type: ignore[type-arg]
 ) -> None:
     base, tasks, reference = inputs
-    target = tmp_path / "arc"
-    tallstore.pack(target, base, tasks, lam=0.2)
-    old = read_all(target)
+    target, old = packed_before(inputs, tmp_path)
     argv = pack_argv(target, base, tasks, "--force")
-    driver.start(argv, pause="mid-replace")
-    driver.kill_at("mid-replace")
+    killed_forced_repack(driver, argv, "mid-replace")
     assert not assert_nothing_partial(target, reference)
     (kept,) = [p / "arc" for p in tmp_path.iterdir() if p.name.endswith(".old")]
     got = read_all(kept)
@@ -193,11 +204,8 @@ def test_forced_repack_killed_before_publishing_leaves_the_old_archive_in_place(
     driver: Driver, inputs: tuple, tmp_path: Path,  # type: ignore[type-arg]
 ) -> None:
     base, tasks, _ = inputs
-    target = tmp_path / "arc"
-    tallstore.pack(target, base, tasks, lam=0.2)
-    old = read_all(target)
-    driver.start(pack_argv(target, base, tasks, "--force"), pause="before-publish")
-    driver.kill_at("before-publish")
+    target, old = packed_before(inputs, tmp_path)
+    killed_forced_repack(driver, pack_argv(target, base, tasks, "--force"), "before-publish")
     got = read_all(target)
     assert all(same_bits(got[n], old[n]) for n in old)
 

@@ -57,6 +57,13 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("scratch")
 
 
+def fresh(folder: Path) -> Path:
+    """``folder``, emptied: hypothesis examples reuse one scratch folder per test."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    return folder
+
+
 @pytest.fixture(scope="module")
 def valid_task(inputs: tuple[Path, dict[str, Path]]) -> tuple[dict[str, Any], bytes]:
     """The header dict and data section of a valid task file."""
@@ -168,9 +175,7 @@ def test_malformed_task_file_fails_pack_cleanly_and_leaves_nothing(
     inputs: tuple[Path, dict[str, Path]], valid_task: tuple[dict[str, Any], bytes],
     scratch: Path, m: tuple[Any, ...], via_cli: bool,
 ) -> None:
-    work = scratch / "pack-bad"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
+    work = fresh(scratch / "pack-bad")
     bad = work / "bad.safetensors"
     bad.write_bytes(mutate(*valid_task, m))
     base, tasks = inputs
@@ -226,9 +231,7 @@ names = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_siz
 def test_any_tensor_name_round_trips_or_is_refused(
     inputs: tuple[Path, dict[str, Path]], scratch: Path, name: str, via_cli: bool,
 ) -> None:
-    work = scratch / "names"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
+    work = fresh(scratch / "names")
     base, tasks = inputs
     sd = load_file(tasks["t0"])
     sd[name] = torch.arange(5, dtype=torch.float32)
@@ -254,9 +257,7 @@ def test_nonfinite_values_are_refused_by_tensor_name_unless_allowed(
     inputs: tuple[Path, dict[str, Path]], scratch: Path,
     who: str, key: str, value: float, where: float, allow: bool, via_cli: bool,
 ) -> None:
-    work = scratch / "nonfinite"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
+    work = fresh(scratch / "nonfinite")
     base, tasks = inputs
     paths = {"base": base, **tasks}
     if key == "head" and who == "base":
@@ -294,9 +295,7 @@ def test_nonfinite_values_are_refused_by_tensor_name_unless_allowed(
 def test_shape_and_dtype_conflicts_between_tasks_are_stored_or_refused(
     inputs: tuple[Path, dict[str, Path]], scratch: Path, key: str, change: str, dtype: torch.dtype,
 ) -> None:
-    work = scratch / "conflict"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
+    work = fresh(scratch / "conflict")
     base, tasks = inputs
     sd = load_file(tasks["t1"])
     if change == "reshape":

@@ -79,6 +79,18 @@ def wide_collection(tmp_path: Path) -> tuple[Path, dict[str, Path]]:
     return tmp_path / "wbase.safetensors", tasks
 
 
+WideArchive = tuple[str, Path, dict[str, Path], tallstore.Archive]
+
+
+@pytest.fixture
+def wide_archive(wide_collection: tuple[Path, dict[str, Path]], s3_server: Any, s3_bucket: str) -> WideArchive:
+    """``wide_collection`` packed straight to S3 in 64K-element blocks: (url, base, tasks, archive)."""
+    base, tasks = wide_collection
+    url = f"{s3_bucket}/zoo.tall"
+    arc = tallstore.pack(url, base, tasks, storage_options=s3_server.storage_options, block_elems=1 << 16)
+    return url, base, tasks, arc
+
+
 def test_pack_to_s3_writes_the_archive_a_local_pack_writes(
     tmp_path: Path, collection: Callable[..., Any], s3_server: Any, s3_bucket: str,
 ) -> None:
@@ -94,12 +106,8 @@ def test_pack_to_s3_writes_the_archive_a_local_pack_writes(
         assert all(torch.equal(got[k], want[k]) for k in want)
 
 
-def test_loading_one_task_fetches_the_merged_vector_and_its_own_mask_only(
-    wide_collection: tuple[Path, dict[str, Path]], s3_server: Any, s3_bucket: str,
-) -> None:
-    base, tasks = wide_collection
-    url = f"{s3_bucket}/zoo.tall"
-    tallstore.pack(url, base, tasks, storage_options=s3_server.storage_options, block_elems=1 << 16)
+def test_loading_one_task_fetches_the_merged_vector_and_its_own_mask_only(wide_archive: WideArchive, s3_server: Any) -> None:
+    url, base, tasks, _ = wide_archive
     sizes = _sizes(s3_server, url)
     merged = sum(s for k, s in sizes.items() if k.startswith("tensors/") and "/merged/c/" in k)
     for t, name in enumerate(tasks):
@@ -113,12 +121,8 @@ def test_loading_one_task_fetches_the_merged_vector_and_its_own_mask_only(
         assert sum(fetched.values()) / (merged + mask) <= 1.05
 
 
-def test_reading_one_tensor_fetches_only_its_own_chunks(
-    wide_collection: tuple[Path, dict[str, Path]], s3_server: Any, s3_bucket: str,
-) -> None:
-    base, tasks = wide_collection
-    url = f"{s3_bucket}/zoo.tall"
-    arc = tallstore.pack(url, base, tasks, storage_options=s3_server.storage_options, block_elems=1 << 16)
+def test_reading_one_tensor_fetches_only_its_own_chunks(wide_archive: WideArchive, s3_server: Any) -> None:
+    url, _, _, arc = wide_archive
     view = arc["task2"]
     s3_server.reset()
     view["layer.0.weight"]
@@ -271,12 +275,8 @@ def test_opening_a_missing_remote_archive_is_a_clear_error(s3_server: Any, s3_bu
         tallstore.open(f"{s3_bucket}/nothing.tall", storage_options=s3_server.storage_options)
 
 
-def test_concurrency_caps_the_requests_in_flight(
-    wide_collection: tuple[Path, dict[str, Path]], s3_server: Any, s3_bucket: str,
-) -> None:
-    base, tasks = wide_collection
-    url = f"{s3_bucket}/zoo.tall"
-    tallstore.pack(url, base, tasks, storage_options=s3_server.storage_options, block_elems=1 << 16)
+def test_concurrency_caps_the_requests_in_flight(wide_archive: WideArchive, s3_server: Any, s3_bucket: str) -> None:
+    url, base, _, _ = wide_archive
     bucket = s3_bucket.removeprefix("s3://")
     s3_server.set_latency(20)
     seen = {}
