@@ -116,16 +116,13 @@ def read_local(path: str, pool: BufferPool = BUFFERS) -> Iterator[memoryview]:
 
 
 def fetch(store: Store, keys: Sequence[str]) -> list[Any]:
-    """The stored objects at ``keys``, requested concurrently in one round. A failed read is
-    returned as its exception, so that the caller can name what it was reading; an absent key is
-    a :class:`CorruptArchiveError`."""
+    """The stored objects at ``keys`` of an archive's :class:`~tallstore.storage.strict.StrictStore`
+    (which raises for an absent key), requested concurrently in one round. A failed read is
+    returned as its exception, so that the caller can name what it was reading."""
     proto = default_buffer_prototype()
 
     async def one(key: str) -> np.ndarray:
-        buf = await store.get(key, proto)
-        if buf is None:
-            raise CorruptArchiveError(f"chunk {key} is missing")
-        return buf.as_numpy_array()
+        return (await store.get(key, proto)).as_numpy_array()
 
     async def gather() -> list[Any]:
         return await asyncio.gather(*(one(k) for k in keys), return_exceptions=True)
