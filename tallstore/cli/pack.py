@@ -27,7 +27,7 @@ def pack(
     exact: Annotated[Optional[list[str]], typer.Option("--exact", help="Glob of tensor names to store exactly per task (e.g. 'classifier.*').")] = None,
     force: options.Force = False,
     allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Accept NaN/Inf weights instead of refusing.")] = False,
-    codecs: Annotated[str, typer.Option("--codecs", help="Weight compression: 'fast' (LZ4HC, default: quickest loads) or 'compact' (zstd: archive 1–7% smaller, warm loads 12–40% slower).")] = "fast",
+    codecs: Annotated[str, typer.Option("--codecs", help="Weight compression: 'fast' (LZ4HC, default: quickest loads) or 'compact' (zstd: a slightly smaller archive, slower loads).")] = "fast",
     workers: Annotated[int, typer.Option("--workers", min=1, help="Threads packing tensors in parallel.")] = 2,
     storage_option: options.StorageOptions = None,
     scheduler: Annotated[Optional[str], typer.Option("--scheduler", help="Pack on the Dask cluster whose scheduler is at this address (tcp://host:8786).")] = None,
