@@ -3,9 +3,9 @@
 Weights are stored as their bit patterns, so Blosc's shuffle groups the bytes of equal
 significance (sign/exponent bytes compress well) before the compressor. Two presets:
 ``fast`` (the default, LZ4HC) decodes faster than ``compact`` (zstd), which makes archives a
-little smaller; loading a task is bound by that decode (``benchmarks/`` measures both). Masks
-are packed bits, which zstd's entropy coder takes to within a few percent of the mask entropy. Masks use zstd's
-btultra levels (16+): at densities below ~0.2 the faster levels stay ~7% above the entropy
+little smaller; loading a task is bound by that decode (``benchmarks/`` measures both).
+Masks are packed bits, which zstd's entropy coder takes to within a few percent of the mask
+entropy. Masks use zstd's btultra levels (16+): at densities below ~0.2 the faster levels stay ~7% above the entropy
 (byte-wise Huffman), level 16 within ~2.5%; masks are 1/32 of fp32 weights, so the slower
 compression costs little pack time, and decompression is as fast.
 """
