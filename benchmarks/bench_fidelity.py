@@ -81,11 +81,12 @@ def run(cfg: Config) -> dict[str, Any]:
                 options["evaluate"] = zoo.evaluate
             path = archive(cfg.work, coll, name="" if name == "ta-fixed" else name, **options)
             arc = archives[name] = tallstore.open(path, base=coll.base)
-            packs[name] = {"seconds": PACK_SECONDS.get(str(path)), "lam_selection": arc.manifest.get("lam_selection")}
+            facts = arc.describe(sizes=False)
+            packs[name] = {"seconds": PACK_SECONDS.get(str(path)), "lam_selection": facts["lam_selection"]}
             for i, t in enumerate(arc.tasks):
-                stats = arc.task_attrs(i)["stats"]
+                stats = facts["tasks"][i]
                 per[t]["rebuilt"][name] = zoo.evaluate(t, arc[t].state_dict())
-                per[t]["lam"][name] = arc.manifest["lam"][i]
+                per[t]["lam"][name] = facts["lam"][i]
                 per[t]["density"][name] = stats["mask_density"]
                 per[t]["rebuild_error"][name] = stats["rebuild_error"]
             print(f"  {name}: λ {[per[t]['lam'][name] for t in tasks]}, normalized "

@@ -87,8 +87,9 @@ def measure(work: Path, coll: Collection, profiles: list[Profile]) -> dict[str, 
     p_ext = by_profile[default.name]["parts_external"]
     T = len(coll.tasks)
     tasks = []
+    facts = arc.describe(sizes=False)
     for t, name in enumerate(arc.tasks):
-        st = arc.task_attrs(t)["stats"]
+        st = facts["tasks"][t]
         p = st["mask_density"]
         mask_bytes = p_ext[f"masks/{t}"]
         bits = mask_bytes * 8 / st["masked_params"]

@@ -6,9 +6,7 @@ mapping of tensor names to tensors.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from .archive import Archive, TaskView, open
+from .api import pack
 from .errors import (
     ArchiveError,
     BaseMismatchError,
@@ -19,8 +17,11 @@ from .errors import (
     PlanError,
     TallstoreError,
 )
-from .api import pack
+from .reading.archive import Archive, TaskView, open
+from .reading.merging import MergedView
+from .reading.verify import VerifyReport
 from .storage.codecs import Codecs
+from .version import VERSION as __version__
 
 __all__ = [
     "Archive",
@@ -30,10 +31,12 @@ __all__ = [
     "Codecs",
     "CorruptArchiveError",
     "MergeError",
+    "MergedView",
     "OutputExistsError",
     "PlanError",
     "TallstoreError",
     "TaskView",
+    "VerifyReport",
     "open",
     "pack",
 ]

@@ -1,13 +1,18 @@
-"""The top-level ``pack``: pack a collection, then open the result."""
+"""The top-level ``pack``: every option explicit, validated once, then the archive opened."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from .archive import Archive, open
-from .packing import packer
+from .ops.ties import DEFAULT_TOP
+from .packing import driver
+from .packing.lam import DEFAULT_GRID, Evaluate
+from .packing.options import DEFAULT_LAM, Lam, PackOptions
+from .reading.archive import Archive, open
+from .storage.codecs import Codecs
+from .storage.geometry import DEFAULT_BLOCK_ELEMS
 
 
 def pack(
@@ -15,18 +20,41 @@ def pack(
     base: str | os.PathLike[str],
     tasks: Mapping[str, str | os.PathLike[str]],
     *,
-    lam: float | Mapping[str, float] | str = packer.DEFAULT_LAM,
+    lam: Lam = DEFAULT_LAM,
+    merge: str = "ta",
+    ties_top: float = DEFAULT_TOP,
+    lam_grid: Iterable[float] = DEFAULT_GRID,
+    evaluate: Evaluate | None = None,
+    embed_base: bool = False,
+    exact: Iterable[str] = (),
+    overwrite: bool = False,
+    allow_nonfinite: bool = False,
+    block_elems: int = DEFAULT_BLOCK_ELEMS,
+    workers: int = 2,
+    codecs: Codecs | str = "fast",
     storage_options: dict[str, Any] | None = None,
-    **options: Any,
+    progress: Callable[[int], None] | None = None,
+    client: Any = None,
 ) -> Archive:
     """Pack ``tasks`` (name → checkpoint path) fine-tuned from ``base`` into ``out``; open it.
 
-    ``lam``: one λ, a per-task mapping, ``"auto"`` (weight-space choice from ``lam_grid``) or
-    ``"search"`` (``evaluate(task_name, state_dict) -> score`` picks from ``lam_grid``).
-    Options: ``merge`` (``"ta"``, or ``"ties"`` with ``ties_top``), ``lam_grid``, ``evaluate``,
-    ``embed_base``, ``exact`` (glob patterns stored exactly), ``overwrite``, ``allow_nonfinite``,
-    ``block_elems``, ``workers``, ``codecs`` (``"fast"``, ``"compact"`` or a ``Codecs``), ``progress``, ``client`` (a ``dask.distributed``
-    client: pack units run as Dask tasks on its workers).
+    - ``lam``: one λ, a per-task mapping, ``"auto"`` (weight-space choice from ``lam_grid``) or
+      ``"search"`` (``evaluate(task_name, state_dict) -> score`` picks from ``lam_grid``);
+    - ``merge``: ``"ta"`` (τ_MTL = Σ τ_t) or ``"ties"`` (trimmed to the top ``ties_top`` percent);
+    - ``embed_base``: store the base inside (a self-contained archive);
+    - ``exact``: glob patterns of tensor names stored exactly per task;
+    - ``overwrite``: replace an existing archive at ``out``;
+    - ``allow_nonfinite``: accept NaN/Inf weights instead of refusing;
+    - ``block_elems``: row-block size (elements) for streaming and chunking;
+    - ``workers``: threads; ``client``: a ``dask.distributed`` client to run the pack units on;
+    - ``codecs``: ``"fast"`` (LZ4HC weights, quickest loads), ``"compact"`` (zstd) or a ``Codecs``;
+    - ``storage_options``: fsspec options for every URL (output and inputs);
+    - ``progress``: called with the input bytes processed as the pack goes.
     """
-    loc = packer.pack(out, base, tasks, lam=lam, storage_options=storage_options, **options)
+    options = PackOptions(
+        lam=lam, merge=merge, ties_top=ties_top, lam_grid=tuple(lam_grid), evaluate=evaluate, embed_base=embed_base,
+        exact=tuple(exact), overwrite=overwrite, allow_nonfinite=allow_nonfinite, block_elems=block_elems,
+        workers=workers, codecs=codecs,
+    )
+    loc = driver.pack(out, base, tasks, options, storage_options=storage_options, progress=progress, client=client)
     return open(loc, base=base, storage_options=storage_options)

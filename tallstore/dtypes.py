@@ -1,4 +1,4 @@
-"""Logical tensor dtypes and how each is stored: names, safetensors codes, numpy storage views.
+"""What a tensor is, known without its bytes: logical dtypes, their storage views, and shapes.
 
 Zarr 3 has no bfloat16, so every floating dtype is stored as the unsigned integer of its width
 (its bit pattern); the logical dtype is recorded next to it.
@@ -98,3 +98,32 @@ def from_storage(a: np.ndarray, d: DType, shape: tuple[int, ...]) -> torch.Tenso
 def bits(t: torch.Tensor) -> torch.Tensor:
     """The tensor's bit pattern as a same-width integer tensor (floats only)."""
     return t.view(_BITS_VIEW[t.element_size()])
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Dtype and shape of one stored tensor, known without reading its bytes."""
+
+    dtype: DType
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    @property
+    def rows(self) -> int:
+        """Length of dim 0 (1 for a scalar): the unit in which blocks are read."""
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_numel(self) -> int:
+        """Elements per row of dim 0."""
+        return self.numel // self.rows if self.rows else 0

@@ -19,7 +19,7 @@ from typing import Any
 import zarr
 
 import tallstore.checkpoint.writer as writer
-import tallstore.packing.packer as packer
+from tallstore.packing import driver, units
 from tallstore.cli import main
 
 
@@ -57,15 +57,15 @@ def before(fn: Callable[..., Any], point: str, nth: int = 0) -> Callable[..., An
 def install(point: str) -> None:
     """Make this process pause at ``point`` (a stage of pack, or of writing an output file)."""
     if point == "temp-created":
-        packer.Target.__enter__ = after(packer.Target.__enter__, point)
+        driver.Target.__enter__ = after(driver.Target.__enter__, point)
     elif point == "units-running":
-        packer.masked_block = before(packer.masked_block, point, nth=1)
+        units.MaskedBlock.run = before(units.MaskedBlock.run, point, nth=1)
     elif point == "before-marker":
-        packer._finish = before(packer._finish, point)
+        driver._finish = before(driver._finish, point)
     elif point == "marker-written":
         zarr.consolidate_metadata = after(zarr.consolidate_metadata, point)
     elif point == "before-publish":
-        writer.replace = before(writer.replace, point)
+        writer.replace = driver.replace = before(writer.replace, point)
     elif point == "mid-replace":
         publish = writer.replace
 
@@ -73,7 +73,7 @@ def install(point: str) -> None:
             os.replace = after(os.replace, point)  # zarr renames files too: only arm it here
             publish(src, dst)
 
-        writer.replace = replace
+        writer.replace = driver.replace = replace
     elif point == "output-half-written":
         original = writer.write_safetensors
 

@@ -70,15 +70,15 @@ def test_pack_with_global_and_per_task_lambda(cli: Cli, collection: Callable[...
     assert (code, out, err) == (0, "", "")
     arc = tallstore.open(tmp_path / "z.tall")
     assert arc.tasks == ["task0", "task1", "task2"]
-    assert arc.manifest["lam"] == pytest.approx([0.3, 0.3, 0.5])
-    assert arc.manifest["base"]["embedded"] is False
+    assert arc.describe(sizes=False)["lam"] == pytest.approx([0.3, 0.3, 0.5])
+    assert arc.describe(sizes=False)["base"]["embedded"] is False
 
 
 def test_pack_prints_a_summary_and_embeds_the_base_on_request(cli: Cli, collection: Callable[..., Collection], tmp_path: Path) -> None:
     base, tasks = collection(1)
     code, out, _ = cli("pack", tmp_path / "z.tall", "--base", base, "--task", f"only={tasks['task0']}", "--embed-base")
     assert code == 0 and "only" in out and "compression" in out
-    assert tallstore.open(tmp_path / "z.tall").manifest["base"]["embedded"] is True
+    assert tallstore.open(tmp_path / "z.tall").describe(sizes=False)["base"]["embedded"] is True
 
 
 def test_pack_codecs_preset_is_recorded_and_shown_by_info(cli: Cli, collection: Callable[..., Collection], tmp_path: Path) -> None:
@@ -103,7 +103,7 @@ def test_info_json_describes_the_archive(cli: Cli, packed: tuple[Path, Path, dic
     assert [t["name"] for t in d["tasks"]] == ["task0", "task1"]
     assert [t["lam"] for t in d["tasks"]] == [0.4, 0.4]
     assert d["base"]["location"] == str(base.resolve())
-    assert d["base"]["fingerprint"] == tallstore.open(archive).manifest["base"]["fingerprint"]
+    assert d["base"]["fingerprint"] == tallstore.open(archive).describe(sizes=False)["base"]["fingerprint"]
     assert all(0 < t["mask_density"] <= 1 for t in d["tasks"])
     assert d["weight_codec"] == "blosc lz4hc 5"
 
@@ -226,7 +226,7 @@ def test_wrong_base(cli: Cli, packed: tuple[Path, Path, dict[str, Path]], tmp_pa
     archive = packed[0]
     save_file(make_base(seed=5), tmp_path / "other.safetensors")
     line = assert_user_error(cli("extract", archive, "task0", "-o", tmp_path / "x.safetensors", "--base", tmp_path / "other.safetensors"),
-                             tallstore.open(archive).manifest["base"]["fingerprint"])
+                             tallstore.open(archive).describe(sizes=False)["base"]["fingerprint"])
     assert line.count("sha256:") == 2
 
 

@@ -14,7 +14,7 @@ from conftest import make_base, make_task
 from safetensors.torch import save_file
 
 import tallstore
-from tallstore.archive import Archive
+from tallstore import Archive
 
 THREADS = 8
 

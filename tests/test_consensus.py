@@ -76,7 +76,7 @@ def test_default_consensus_is_k_2_alpha_1_and_plain_ta_is_k_0(tmp_path: Path) ->
 def test_tensors_the_base_lacks_are_left_out_and_others_are_the_base_copy(tmp_path: Path) -> None:
     arc = hand_archive(tmp_path)
     view = arc.merge()
-    assert list(view) == arc.manifest["base"]["keys"]
+    assert list(view) == arc.describe(sizes=False)["base"]["keys"]
     assert set(view) == {"ids", "w"} and view.omitted == ["head"]
     assert "head" not in view
     with pytest.raises(KeyError, match="head"):
@@ -91,7 +91,7 @@ def test_unchanged_tensors_come_from_the_base_in_the_tasks_dtype(tmp_path: Path)
         sd["norm.weight"] = base["norm.weight"].clone()
     b, paths = save_collection(tmp_path / "in", base, {f"t{i}": sd for i, sd in enumerate(tasks)})
     arc = tallstore.pack(tmp_path / "z.tall", b, paths)
-    assert next(e for e in arc.manifest["tensors"] if e["key"] == "norm.weight")["kind"] == "base"
+    assert next(e for e in arc.describe(sizes=False)["tensors"] if e["key"] == "norm.weight")["kind"] == "base"
     assert torch.equal(arc.merge("consensus", k=0)["norm.weight"], base["norm.weight"])
 
 
@@ -125,23 +125,24 @@ def test_merges_match_the_reference_built_from_stored_theta_mtl(tmp_path: Path, 
 
 
 def test_merge_reads_one_tensor_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tallstore import merging
+    from tallstore.storage.chunks import Batch
 
     arc, _, _ = random_archive(tmp_path, torch.float32, "ta")
     calls: list[list[str]] = []
-    real = merging.read_many
+    real = Batch.fetch
 
-    def spy(reads: Any) -> Any:
-        calls.append([a.path for a, _ in reads])
-        return real(reads)
+    def spy(self: Batch) -> None:
+        calls.append(sorted({k.rsplit("/c/", 1)[0] for k in self._keys}))
+        real(self)
 
-    monkeypatch.setattr(merging, "read_many", spy)
+    monkeypatch.setattr(Batch, "fetch", spy)
     view = arc.merge("consensus")
     view["layer.0.attn.weight"]
     assert len(calls) == 1
-    merged = [p for p in calls[0] if p.endswith("/merged")]
+    paths = calls[0]
+    merged = [p for p in paths if p.endswith("/merged")]
     assert len(merged) == 1 and "layer.0.attn.weight" in merged[0]
-    assert sorted(p for p in calls[0] if p.startswith("masks/")) == [f"masks/{t}" for t in range(4)]
+    assert sorted(p for p in paths if p.startswith("masks/")) == [f"masks/{t}" for t in range(4)]
 
 
 # ---- output ------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Packing on Dask: a LocalCluster of 2 worker processes yields the archive a local pack does.
 
-Failure injection replaces the packer's block unit with functions of this module, which Dask
-ships to the workers by value (cloudpickle); markers on the shared disk make a unit fail once.
+Failure injection replaces the packer's block unit with subclasses defined in this module, which
+Dask ships to the workers by value (cloudpickle); markers on the shared disk make a unit fail once.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import functools
 import os
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,8 @@ import torch
 import tallstore
 from tallstore.cli import main
 from tallstore.errors import ArchiveError
-from tallstore.packing import packer, units
+from tallstore.packing import driver, units
+from tallstore.packing.options import PackOptions
 from tallstore.packing.dask_executor import DaskExecutor
 
 from archive_contents import archive_contents, assert_same_archive
@@ -61,8 +63,8 @@ def test_dask_pack_is_identical_to_local_pack(
     assert_same_archive(archive_contents(str(local)), archive_contents(str(dask)))
     arc = tallstore.open(dask)
     if options.get("merge") == "ties":
-        assert arc.manifest["merge"]["params"]["threshold"] == tallstore.open(local).manifest["merge"]["params"]["threshold"]
-        assert arc.manifest["lam_selection"]["method"] == "auto"
+        assert arc.describe(sizes=False)["merge"]["params"]["threshold"] == tallstore.open(local).describe(sizes=False)["merge"]["params"]["threshold"]
+        assert arc.describe(sizes=False)["lam_selection"]["method"] == "auto"
     assert torch.equal(arc["task1"]["layer.0.attn.weight"], tallstore.open(local)["task1"]["layer.0.attn.weight"])
 
 
@@ -71,53 +73,63 @@ def test_units_run_in_the_worker_processes(tmp_path: Path, collection: Any, clie
     seen: list[str] = []
 
     class Recording(DaskExecutor):
-        def run(self, jobs: Any) -> Iterator[tuple[Any, Any]]:
-            for tag, result in super().run([(t, _with_pid, (fn, *args)) for t, fn, args in jobs]):
+        def run(self, todo: Any) -> Iterator[tuple[Any, Any]]:
+            for wrapped, result in super().run([WithPid(u) for u in todo]):
                 seen.append(result[0])
-                yield tag, result[1]
+                yield wrapped.unit, result[1]
 
-    packer.pack(tmp_path / "a.tall", base, tasks, block_elems=64, executor=Recording(client))
+    driver.pack(tmp_path / "a.tall", base, tasks, PackOptions(block_elems=64), executor=Recording(client))
     workers = {str(pid) for pid in client.run(os.getpid).values()}
     assert seen and set(seen) <= workers
     assert str(os.getpid()) not in workers
 
 
-def _with_pid(fn: Any, *args: Any) -> tuple[str, Any]:
-    return str(os.getpid()), fn(*args)
+@dataclass(frozen=True)
+class WithPid:
+    """Runs ``unit`` and returns the worker's pid with its result."""
+
+    unit: Any
+
+    def run(self) -> tuple[str, Any]:
+        return str(os.getpid()), self.unit.run()
 
 
-def _fail_once(marker: str, spec: units.PackSpec, kp: Any, index: int) -> units.MaskedBlock:
-    """``masked_block``, except that the first call of the whole pack raises."""
-    try:
-        os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
-    except FileExistsError:
-        return units.masked_block(spec, kp, index)
-    raise RuntimeError("injected failure")
+@dataclass(frozen=True)
+class FailsOnce(units.MaskedBlock):
+    """A masked block unit, except that the first run of the whole pack raises or (``crash``)
+    kills its worker process; ``marker`` on the shared disk records that it happened."""
 
+    marker: str = ""
+    crash: bool = False
 
-def _crash_once(marker: str, spec: units.PackSpec, kp: Any, index: int) -> units.MaskedBlock:
-    """``masked_block``, except that the first call of the whole pack kills its worker process."""
-    try:
-        os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
-    except FileExistsError:
-        return units.masked_block(spec, kp, index)
-    os._exit(1)
-
-
-def _always_fail(spec: units.PackSpec, kp: Any, index: int) -> units.MaskedBlock:
-    if index == 1:
+    def run(self) -> Any:
+        try:
+            os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return super().run()
+        if self.crash:
+            os._exit(1)
         raise RuntimeError("injected failure")
-    return units.masked_block(spec, kp, index)
 
 
-@pytest.mark.parametrize("unit", [_fail_once, _crash_once], ids=["raises", "worker-dies"])
+@dataclass(frozen=True)
+class AlwaysFail(units.MaskedBlock):
+    """A masked block unit whose second block always raises."""
+
+    def run(self) -> Any:
+        if self.index == 1:
+            raise RuntimeError("injected failure")
+        return super().run()
+
+
+@pytest.mark.parametrize("crash", [False, True], ids=["raises", "worker-dies"])
 def test_failed_unit_is_run_again_and_the_archive_is_unchanged(
-    tmp_path: Path, collection: Any, client: Any, monkeypatch: pytest.MonkeyPatch, unit: Any,
+    tmp_path: Path, collection: Any, client: Any, monkeypatch: pytest.MonkeyPatch, crash: bool,
 ) -> None:
     base, tasks = collection(n_tasks=2)
     tallstore.pack(tmp_path / "local.tall", base, tasks, block_elems=64)
     marker = tmp_path / "failed-once"
-    monkeypatch.setattr(packer, "masked_block", functools.partial(unit, str(marker)))
+    monkeypatch.setattr(driver, "MaskedBlock", functools.partial(FailsOnce, marker=str(marker), crash=crash))
     tallstore.pack(tmp_path / "dask.tall", base, tasks, block_elems=64, client=client)
     assert marker.exists()
     assert_same_archive(archive_contents(str(tmp_path / "local.tall")), archive_contents(str(tmp_path / "dask.tall")))
@@ -127,7 +139,7 @@ def test_unit_failing_every_retry_fails_the_pack_and_leaves_no_archive(
     tmp_path: Path, collection: Any, client: Any, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     base, tasks = collection(n_tasks=2)
-    monkeypatch.setattr(packer, "masked_block", _always_fail)
+    monkeypatch.setattr(driver, "MaskedBlock", AlwaysFail)
     out = tmp_path / "zoo.tall"
     with pytest.raises(RuntimeError, match="injected failure"):
         tallstore.pack(out, base, tasks, block_elems=64, client=client)

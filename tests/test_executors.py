@@ -1,23 +1,37 @@
-"""The local thread executor: every job runs once, failures propagate, and it never runs far
+"""The local thread executor: every unit runs once, failures propagate, and it never runs far
 ahead of its consumer (so a pack holds a few units' results, not all of them)."""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
 from tallstore.packing.executors import ThreadExecutor
 
 
-def test_every_job_runs_once_and_yields_its_tag() -> None:
-    jobs = [(i, lambda x: x * x, (i,)) for i in range(50)]
-    got = dict(ThreadExecutor(3).run(jobs))
+@dataclass(frozen=True)
+class Call:
+    """A unit that calls ``fn(i)``."""
+
+    i: int
+    fn: Callable[[int], Any]
+
+    def run(self) -> Any:
+        return self.fn(self.i)
+
+
+def test_every_unit_runs_once_and_yields_itself_with_its_result() -> None:
+    units = [Call(i, lambda x: x * x) for i in range(50)]
+    got = {u.i: r for u, r in ThreadExecutor(3).run(units)}
     assert got == {i: i * i for i in range(50)}
 
 
-def test_jobs_start_at_most_twice_the_workers_ahead_of_the_consumer() -> None:
+def test_units_start_at_most_twice_the_workers_ahead_of_the_consumer() -> None:
     started: list[int] = []
     lock = threading.Lock()
 
@@ -28,15 +42,15 @@ def test_jobs_start_at_most_twice_the_workers_ahead_of_the_consumer() -> None:
 
     workers = 2
     consumed = 0
-    for _ in ThreadExecutor(workers).run([(i, job, (i,)) for i in range(40)]):
+    for _ in ThreadExecutor(workers).run([Call(i, job) for i in range(40)]):
         consumed += 1
-        time.sleep(0.002)  # a slow consumer: jobs would all have started by now without the window
+        time.sleep(0.002)  # a slow consumer: units would all have started by now without the window
         with lock:
             assert len(started) <= consumed + 2 * workers
     assert sorted(started) == list(range(40))
 
 
-def test_a_failing_job_propagates_and_cancels_the_rest() -> None:
+def test_a_failing_unit_propagates_and_cancels_the_rest() -> None:
     ran: list[int] = []
 
     def job(i: int) -> int:
@@ -46,5 +60,5 @@ def test_a_failing_job_propagates_and_cancels_the_rest() -> None:
         return i
 
     with pytest.raises(ValueError, match="boom"):
-        list(ThreadExecutor(2).run([(i, job, (i,)) for i in range(100)]))
+        list(ThreadExecutor(2).run([Call(i, job) for i in range(100)]))
     assert len(ran) < 100

@@ -22,8 +22,7 @@ from typer.testing import CliRunner
 import tallstore
 from tallstore import OutputExistsError, PlanError
 from tallstore.cli.app import _register_commands, app
-from tallstore.lam_select import DEFAULT_GRID, best, cosine
-from tallstore.summary import describe
+from tallstore.packing.lam import DEFAULT_GRID, best, cosine
 
 runner = CliRunner()
 _register_commands()
@@ -70,14 +69,14 @@ def test_auto_on_a_hand_example_picks_the_interior_and_the_edge(tmp_path: Path) 
     tasks = {"a": {"w": torch.tensor([1.0, 1.0])}, "b": {"w": torch.tensor([0.0, 2.0])}}
     b, paths = save_collection(tmp_path / "in", base, tasks)
     arc = tallstore.pack(tmp_path / "z.tall", b, paths, lam="auto")
-    sel = arc.manifest["lam_selection"]
+    sel = arc.describe(sizes=False)["lam_selection"]
     assert sel["method"] == "auto" and sel["criterion"] == "cosine" and sel["grid"] == list(DEFAULT_GRID)
     interior = 4 / math.sqrt(20)  # cos((1, 3), (1, 1))
     assert sel["scores"]["a"] == pytest.approx([interior] * 3 + [1 / math.sqrt(2)] * 2, abs=1e-12)
     assert sel["scores"]["b"] == pytest.approx([1.0] * 5, abs=1e-12)  # rebuild (0, 3) ∥ (0, 2)
     assert sel["density"]["a"] == [1.0, 1.0, 1.0, 0.5, 0.5]
-    assert arc.manifest["lam"] == [0.4, 0.6]  # ties → larger λ: 0.4 inside, 0.6 at the edge
-    assert [arc.task_attrs(i)["lam"] for i in range(2)] == [0.4, 0.6]
+    assert arc.describe(sizes=False)["lam"] == [0.4, 0.6]  # ties → larger λ: 0.4 inside, 0.6 at the edge
+    assert [arc.describe(sizes=False)["tasks"][i]["lam"] for i in range(2)] == [0.4, 0.6]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -86,7 +85,7 @@ def test_auto_scores_match_a_dense_cosine(tmp_path: Path, dtype: torch.dtype, ru
     b, paths, base, tasks = collection(tmp_path, dtype, 4)
     grid = (0.1, 0.3, 0.6, 1.0)
     arc = tallstore.pack(tmp_path / "z.tall", b, paths, lam="auto", lam_grid=grid, merge=rule, block_elems=40)
-    sel = arc.manifest["lam_selection"]
+    sel = arc.describe(sizes=False)["lam_selection"]
     dense = Dense(base, tasks, rule)
     for t in range(4):
         want = []
@@ -96,8 +95,8 @@ def test_auto_scores_match_a_dense_cosine(tmp_path: Path, dtype: torch.dtype, ru
             tau = dense.tau[t].double()
             want.append(float(r @ tau / (r.norm() * tau.norm())))
         assert sel["scores"][f"task{t}"] == pytest.approx(want, rel=1e-9)
-        assert arc.manifest["lam"][t] == best(grid, want)
-    assert describe(arc)["lam_selection"]["method"] == "auto"
+        assert arc.describe(sizes=False)["lam"][t] == best(grid, want)
+    assert arc.describe()["lam_selection"]["method"] == "auto"
 
 
 # ---- search ------------------------------------------------------------------------------------
@@ -126,8 +125,8 @@ def test_search_evaluates_exactly_what_extract_returns_for_each_lambda(tmp_path:
         assert list(sd) == list(want)
         for k in want:
             assert sd[k].dtype == want[k].dtype and torch.equal(bits(sd[k]), bits(want[k])), (name, lam, k)
-    assert arc.manifest["lam"] == [0.2, 0.6, 0.6]
-    sel = arc.manifest["lam_selection"]
+    assert arc.describe(sizes=False)["lam"] == [0.2, 0.6, 0.6]
+    sel = arc.describe(sizes=False)["lam_selection"]
     assert sel == {"method": "search", "criterion": "evaluate", "grid": [0.2, 0.6], "scores": table}
 
 
@@ -180,7 +179,7 @@ def test_cli_pack_lam_auto_records_and_info_shows_the_choice(tmp_path: Path) -> 
     r = runner.invoke(app, [*args, "--lam", "auto", "--lam-grid", "0.3,0.6", "--merge", "ties", "--ties-top", "30", "-q"])
     assert r.exit_code == 0, r.output
     arc = tallstore.open(out)
-    assert arc.manifest["lam_selection"]["grid"] == [0.3, 0.6] and arc.manifest["merge"]["params"]["top"] == 30.0
+    assert arc.describe(sizes=False)["lam_selection"]["grid"] == [0.3, 0.6] and arc.describe(sizes=False)["merge"]["params"]["top"] == 30.0
     r = runner.invoke(app, ["info", str(out)])
     assert "chosen per task by auto (cosine) from {0.3, 0.6}" in " ".join(r.output.split())
     assert "merge=ties (top 30%)" in r.output

@@ -1,5 +1,6 @@
-"""Loading a task: ``load_into`` preallocated tensors, the direct chunk decoder and its zarr fallback,
-and the weight codec presets. Every path must give the same bits as ``state_dict``."""
+"""Loading a task: ``load_into`` preallocated tensors, the chunk decoder for the archive's own chains
+and for any other spec layout, and the weight codec presets. Every path must give the same bits
+as ``state_dict``."""
 
 from __future__ import annotations
 
@@ -16,8 +17,17 @@ from zarr.codecs import Crc32cCodec, GzipCodec
 
 import tallstore
 from tallstore import Codecs, CorruptArchiveError, PlanError, TallstoreError
-from tallstore.storage import format as fmt
-from tallstore.storage.chunks import BLOSC, ZSTD, BufferPool, fast_codec
+from tallstore.storage import layout as fmt
+from tallstore.storage.chunks import BufferPool
+from tallstore.storage.codecs import ArrayFormat, Chain
+
+
+def node_of(arc: tallstore.Archive, key: str) -> str:
+    return next(e["node"] for e in arc.describe(sizes=False)["tensors"] if e["key"] == key)
+
+
+def consolidated(archive: Path, path: str) -> dict:
+    return json.loads((archive / "zarr.json").read_text())["consolidated_metadata"]["metadata"][path]
 
 
 def assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
@@ -117,16 +127,17 @@ def rewrite_with(archive: Path, path: str, compressors: list) -> None:
     zarr.consolidate_metadata(archive)
 
 
-def test_arrays_in_another_spec_layout_are_read_through_zarr(collection: Callable[..., Collection], tmp_path: Path) -> None:
+def test_arrays_in_another_spec_layout_are_read_by_the_general_decoder(collection: Callable[..., Collection], tmp_path: Path) -> None:
     base, tasks = collection(n_tasks=3)
     out = tmp_path / "a.tall"
     arc = tallstore.pack(out, base, tasks, block_elems=64)
     want = {name: arc[name].state_dict() for name in tasks}
-    node = arc.entries["embed.weight"]["node"]
+    node = node_of(arc, "embed.weight")
     rewrite_with(out, fmt.merged_path(node), [GzipCodec(level=1), Crc32cCodec()])
     rewrite_with(out, fmt.mask_path(1), [GzipCodec(level=1)])
     again = tallstore.open(out, base=base)
-    assert again.chunk_codec(fmt.merged_path(node), np.dtype("<u4"), 800, 64) is None
+    meta = consolidated(out, fmt.merged_path(node))
+    assert ArrayFormat.from_meta(meta, fmt.merged_path(node), np.dtype("<u4"), 800).chain.direct is None
     for name in tasks:
         assert_same(again[name].state_dict(), want[name])
     assert tallstore.open(out, base=base).verify().ok
@@ -141,7 +152,7 @@ def test_an_archive_without_consolidated_metadata_still_loads(collection: Callab
     del doc["consolidated_metadata"]
     (out / "zarr.json").write_text(json.dumps(doc))
     again = tallstore.open(out, base=base)
-    assert again.array_meta(fmt.mask_path(0)) is None
+    assert again._source.nodes is None
     assert_same(again["task1"].state_dict(), want)
 
 
@@ -149,7 +160,7 @@ def test_a_corrupt_chunk_is_reported_with_its_tensor(collection: Callable[..., C
     base, tasks = collection(n_tasks=2)
     out = tmp_path / "a.tall"
     arc = tallstore.pack(out, base, tasks, block_elems=64)
-    node = arc.entries["layer.0.mlp.weight"]["node"]
+    node = node_of(arc, "layer.0.mlp.weight")
     chunk = out / "tensors" / node / "merged" / "c" / "1"
     raw = bytearray(chunk.read_bytes())
     raw[20] ^= 0xFF
@@ -167,8 +178,7 @@ def test_codec_presets_store_the_same_bits_with_their_own_compressor(
     base, tasks = collection(n_tasks=2)
     ref = tallstore.pack(tmp_path / "ref.tall", base, tasks, codecs=Codecs(weight_cname="blosclz", weight_level=1))
     arc = tallstore.pack(tmp_path / f"{preset}.tall", base, tasks, codecs=preset)
-    meta = arc.array_meta(fmt.merged_path(arc.entries["embed.weight"]["node"]))
-    assert meta is not None
+    meta = consolidated(tmp_path / f"{preset}.tall", fmt.merged_path(node_of(arc, "embed.weight")))
     blosc = [c for c in meta["codecs"] if c["name"] == "blosc"][0]["configuration"]
     assert blosc["cname"] == {"fast": "lz4hc", "compact": "zstd"}[preset]
     for name in tasks:
@@ -192,16 +202,23 @@ def chain(*middle: dict) -> dict:
     }
 
 
+def direct(meta: dict) -> str | None:
+    return ArrayFormat.from_meta(meta, "x", np.dtype("<u4"), 10).chain.direct
+
+
 def test_only_the_archives_own_codec_chains_take_the_direct_decoder() -> None:
     blosc = {"name": "blosc", "configuration": {"cname": "lz4hc", "clevel": 5, "shuffle": "shuffle", "typesize": 4}}
-    assert fast_codec(chain(blosc), 4) == BLOSC
-    assert fast_codec(chain({"name": "zstd", "configuration": {"level": 3}}), 4) == ZSTD
-    assert fast_codec(chain(blosc), 8) is None
-    assert fast_codec(chain({"name": "gzip", "configuration": {"level": 1}}), 4) is None
-    assert fast_codec(chain(blosc, blosc), 4) is None
-    assert fast_codec({**chain(blosc), "chunk_key_encoding": {"name": "v2"}}, 4) is None
-    assert fast_codec({**chain(blosc), "codecs": [True, blosc, {"name": "crc32c"}]}, 4) is None
-    assert fast_codec({**chain(blosc), "storage_transformers": [{"name": "x"}]}, 4) is None
+    assert direct(chain(blosc)) == "blosc"
+    assert direct(chain({"name": "zstd", "configuration": {"level": 3}})) == "zstd"
+    assert ArrayFormat.from_meta(chain(blosc), "x", np.dtype("<u4"), 10).chunk == 4
+    assert direct(chain({"name": "gzip", "configuration": {"level": 1}})) is None
+    assert direct(chain(blosc, blosc)) is None
+    v2 = ArrayFormat.from_meta({**chain(blosc), "chunk_key_encoding": {"name": "v2"}}, "x", np.dtype("<u4"), 10)
+    assert v2.key(3) == "x/3"
+    with pytest.raises(CorruptArchiveError, match="no bytes or sharding codec"):
+        Chain.parse([True, blosc, {"name": "crc32c"}], 4, "x")
+    with pytest.raises(CorruptArchiveError, match="storage transformer"):
+        direct({**chain(blosc), "storage_transformers": [{"name": "x"}]})
 
 
 def test_buffer_pool_reuses_buffers_and_never_hands_one_out_twice() -> None:

@@ -19,8 +19,14 @@ from hypothesis.extra import numpy as hnp
 from safetensors.torch import save_file
 
 import tallstore
-from tallstore.ops.masks import merged_weights, rebuild, tall_masks, task_vectors
-from tallstore.ops.merges import apply as merge
+from tallstore import dtypes
+from tallstore.ops.kernel import pack_mask, rebuild_bits
+from tallstore.ops.masks import merged_weights, tall_masks, task_vectors
+from tallstore.ops.merges import rule
+
+
+def merge(name: str, tau: torch.Tensor, params: dict) -> torch.Tensor:
+    return rule(name).apply(tau, params)
 
 FLOAT_DTYPES = [pytest.param(d, id=str(d).removeprefix("torch.")) for d in (torch.float32, torch.bfloat16, torch.float16)]
 
@@ -42,12 +48,20 @@ def reference_masks(base: np.ndarray, tasks: list[np.ndarray], lams: list[float]
 
 
 def ops_rebuilds(base: torch.Tensor, tasks: torch.Tensor, lams: list[float]) -> torch.Tensor:
-    """Every task rebuilt through the package's pure ops, as the packer and reader combine them."""
+    """Every task rebuilt through the package's pure ops and the one rebuild kernel, as the packer,
+    the loader and the merge all combine them."""
     tau = task_vectors(base, tasks)
     mtl = merge("ta", tau, {})
     masks = tall_masks(tau, mtl, torch.tensor(lams))
     merged = merged_weights(base, tasks, tau, mtl)
-    return torch.stack([rebuild(base.to(tasks.dtype), m, merged) for m in masks])
+    d = dtypes.of_tensor(tasks)
+    base_bits = dtypes.to_storage(base.to(tasks.dtype))
+    out = []
+    for m in masks:
+        bits_ = dtypes.to_storage(merged) ^ base_bits
+        rebuild_bits(bits_, base_bits, pack_mask(m.numpy()))
+        out.append(dtypes.from_storage(bits_, d, tuple(merged.shape)))
+    return torch.stack(out)
 
 
 def bits(t: torch.Tensor) -> np.ndarray:
@@ -173,7 +187,7 @@ def pack_dicts(
 
 def stored_mask(arc: tallstore.Archive, task: int, key: str) -> np.ndarray:
     """Mask bits of ``key`` read straight from ``masks/<task>`` with plain zarr and numpy."""
-    entry = next(e for e in arc.manifest["tensors"] if e["key"] == key)
+    entry = next(e for e in arc.describe(sizes=False)["tensors"] if e["key"] == key)
     n = int(np.prod(entry["shape"], dtype=np.int64))
     group = zarr.open_group(arc.location, mode="r")
     raw = group[f"masks/{task}"][entry["mask_offset"] : entry["mask_offset"] + (n + 7) // 8]
@@ -204,7 +218,7 @@ def test_stored_masks_equal_the_reference(tmp_path: Path, dtype: torch.dtype) ->
     base, tasks = random_collection(dtype, n_tasks=5)
     lam = {"t0": 0.4, "t1": 0.1, "t2": 0.8, "t3": 0.0, "t4": 1.5}
     arc = pack_dicts(tmp_path, base, tasks, lam=lam, block_elems=40)
-    assert arc.manifest["lam"] == pytest.approx(list(lam.values()))
+    assert arc.describe(sizes=False)["lam"] == pytest.approx(list(lam.values()))
     checked = 0
     for key in base:
         ref = reference_masks(
@@ -229,7 +243,7 @@ def test_stored_masks_are_strict_at_ties_and_use_per_task_lambda(tmp_path: Path)
     assert stored_mask(arc, 1, "w").tolist() == [False, True, False, False]
     arc = pack_dicts(tmp_path, base, {"a": a, "b": b}, lam={"a": 0.49}, overwrite=True)
     assert stored_mask(arc, 0, "w").tolist() == [False, True, True, False]
-    assert arc.manifest["lam"] == pytest.approx([0.49, 0.4])
+    assert arc.describe(sizes=False)["lam"] == pytest.approx([0.49, 0.4])
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)

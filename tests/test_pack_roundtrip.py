@@ -82,11 +82,11 @@ def assert_bitwise(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) 
 
 
 def entry(arc: tallstore.Archive, key: str) -> dict:
-    return next(e for e in arc.manifest["tensors"] if e["key"] == key)
+    return next(e for e in arc.describe(sizes=False)["tensors"] if e["key"] == key)
 
 
 def sources(arc: tallstore.Archive, task: int) -> dict[str, str]:
-    return {row[0]: row[3] for row in arc.task_attrs(task)["tensors"]}
+    return {row["key"]: row["source"] for row in arc.describe(sizes=False)["tasks"][task]["tensors"]}
 
 
 # --- API basics ------------------------------------------------------------------------------
@@ -241,7 +241,7 @@ def test_tensors_that_cannot_be_masked_are_stored_exactly_per_task(tmp_path: Pat
     b = {"w": base["w"] - 0.1, "ids": torch.arange(6) * 2, "reshaped": torch.randn(6, 4, generator=g),
          "head": torch.randn(2, 8, generator=g), "flags": torch.tensor([False, False, True]), "empty": torch.zeros(0, 4)}
     arc = pack_dicts(tmp_path, base, {"a": a, "b": b}, embed_base=embed)
-    kinds = {e["key"]: e["kind"] for e in arc.manifest["tensors"]}
+    kinds = {e["key"]: e["kind"] for e in arc.describe(sizes=False)["tensors"]}
     assert kinds == {"w": "masked"} | {k: "separate" for k in ("ids", "reshaped", "only.base", "flags", "empty", "head")}
     assert sources(arc, 0) == {"w": "masked", "ids": "base", "reshaped": "exact", "head": "exact", "only.base": "base",
                                "flags": "base", "empty": "base"}
@@ -320,8 +320,8 @@ def test_external_base_is_recorded_by_absolute_path_and_used_by_default(
     base, tasks = collection(2)
     monkeypatch.chdir(tmp_path)
     arc = tallstore.pack("zoo.tall", base="base.safetensors", tasks=tasks)
-    assert arc.manifest["base"]["location"] == str(base.resolve())
-    assert arc.manifest["base"]["embedded"] is False
+    assert arc.describe(sizes=False)["base"]["location"] == str(base.resolve())
+    assert arc.describe(sizes=False)["base"]["embedded"] is False
     assert not list((tmp_path / "zoo.tall").rglob("base"))  # no base arrays inside
     want = arc["task0"].state_dict()
     moved = tmp_path / "elsewhere.safetensors"
@@ -335,8 +335,8 @@ def test_embedded_base_makes_the_archive_self_contained(collection: Callable[...
     base, tasks = collection(2)
     external = tallstore.pack(tmp_path / "ext.tall", base=base, tasks=tasks)
     embedded = tallstore.pack(tmp_path / "emb.tall", base=base, tasks=tasks, embed_base=True)
-    assert embedded.manifest["base"]["embedded"] is True
-    assert embedded.manifest["base"]["fingerprint"] == external.manifest["base"]["fingerprint"]
+    assert embedded.describe(sizes=False)["base"]["embedded"] is True
+    assert embedded.describe(sizes=False)["base"]["fingerprint"] == external.describe(sizes=False)["base"]["fingerprint"]
     wants = {t: external[t].state_dict() for t in tasks}
     base.unlink()
     reopened = tallstore.open(tmp_path / "emb.tall")
@@ -350,7 +350,7 @@ def test_wrong_base_is_refused_naming_both_fingerprints(tmp_path: Path) -> None:
     arc = pack_dicts(tmp_path, right, {"t": task})
     save(tmp_path / "other.safetensors", other)
     other_fp = tallstore.pack(tmp_path / "o.tall", base=tmp_path / "other.safetensors", tasks={"t": tmp_path / "t.safetensors"})
-    expected, got = arc.manifest["base"]["fingerprint"], other_fp.manifest["base"]["fingerprint"]
+    expected, got = arc.describe(sizes=False)["base"]["fingerprint"], other_fp.describe(sizes=False)["base"]["fingerprint"]
     assert expected != got and expected.startswith("sha256:")
     with pytest.raises(BaseMismatchError) as err:
         tallstore.open(tmp_path / "zoo.tall", base=tmp_path / "other.safetensors")
@@ -363,7 +363,7 @@ def test_base_with_other_tensors_is_a_wrong_base(tmp_path: Path) -> None:
     smaller = dict(base)
     del smaller["norm.weight"]
     save(tmp_path / "smaller.safetensors", smaller)
-    with pytest.raises(BaseMismatchError, match=arc.manifest["base"]["fingerprint"]):
+    with pytest.raises(BaseMismatchError, match=arc.describe(sizes=False)["base"]["fingerprint"]):
         tallstore.open(tmp_path / "zoo.tall", base=tmp_path / "smaller.safetensors")
 
 
@@ -451,7 +451,7 @@ def test_small_row_blocks_give_the_same_archive_contents_as_one_block(tmp_path: 
         sub = tmp_path / str(block_elems)
         sub.mkdir()
         arc = pack_dicts(sub, base, tasks, block_elems=block_elems)
-        assert arc.manifest["block_elems"] == block_elems
+        assert arc.describe(sizes=False)["block_elems"] == block_elems
         root = zarr.open_group(str(sub / "zoo.tall"), mode="r")
         masks = [root[f"masks/{t}"][:] for t in range(len(tasks))]
         merged = {k: root[f"tensors/{entry(arc, k)['node']}/merged"][:] for k in base}

@@ -23,8 +23,8 @@ from tallstore.checkpoint import open_checkpoint
 from tallstore.checkpoint.writer import save
 from tallstore.cli import main
 from tallstore.errors import ArchiveError, CheckpointError, OutputExistsError, TallstoreError
-from tallstore.packing import packer, units
-from tallstore.storage.reading import coalesce
+from tallstore.packing import units
+from tallstore.storage.chunks import coalesce
 from tallstore.storage.stores import read_concurrency
 
 from archive_contents import archive_contents, assert_same_archive
@@ -126,7 +126,7 @@ def test_reading_one_tensor_fetches_only_its_own_chunks(wide_archive: WideArchiv
     view = arc["task2"]
     s3_server.reset()
     view["layer.0.weight"]
-    node = arc.entries["layer.0.weight"]["node"]
+    node = next(e["node"] for e in arc.describe(sizes=False)["tensors"] if e["key"] == "layer.0.weight")
     fetched = set(_fetched(s3_server, url))
     assert fetched and all(k.startswith((f"tensors/{node}/merged/c/", "masks/2/c/")) for k in fetched)
 
@@ -141,9 +141,9 @@ def test_inputs_and_base_at_urls_pack_and_extract(
     from_paths = tallstore.pack(tmp_path / "paths.tall", base, tasks, block_elems=64)
     a, b = archive_contents(str(tmp_path / "urls.tall")), archive_contents(str(tmp_path / "paths.tall"))
     assert {k: v for k, v in a.items() if v[0] == "array"} == {k: v for k, v in b.items() if v[0] == "array"}
-    assert from_urls.manifest["base"]["location"] == base_url
-    assert from_urls.manifest["base"]["files"] == from_paths.manifest["base"]["files"]
-    assert from_urls.task_attrs(1)["tensors"] == from_paths.task_attrs(1)["tensors"]
+    assert from_urls.describe(sizes=False)["base"]["location"] == base_url
+    assert from_urls.describe(sizes=False)["base"]["files"] == from_paths.describe(sizes=False)["base"]["files"]
+    assert from_urls.describe(sizes=False)["tasks"][1]["tensors"] == from_paths.describe(sizes=False)["tasks"][1]["tensors"]
     reopened = tallstore.open(tmp_path / "urls.tall", storage_options=so)
     assert torch.equal(reopened["task1"]["embed.weight"], from_paths["task1"]["embed.weight"])
 
@@ -181,12 +181,14 @@ def test_failed_pack_to_s3_never_opens_as_complete(
 ) -> None:
     base, tasks = collection(n_tasks=2)
 
-    def broken(spec: units.PackSpec, kp: Any, index: int) -> units.MaskedBlock:
-        if index == 1:
-            raise RuntimeError("injected failure")
-        return units.masked_block(spec, kp, index)
+    run = units.MaskedBlock.run
 
-    monkeypatch.setattr(packer, "masked_block", broken)
+    def broken(unit: units.MaskedBlock) -> Any:
+        if unit.index == 1:
+            raise RuntimeError("injected failure")
+        return run(unit)
+
+    monkeypatch.setattr(units.MaskedBlock, "run", broken)
     url = f"{s3_bucket}/zoo.tall"
     with pytest.raises(RuntimeError, match="injected failure"):
         tallstore.pack(url, base, tasks, block_elems=64, storage_options=s3_server.storage_options)
@@ -203,7 +205,7 @@ def test_pack_refuses_to_replace_a_remote_archive_unless_asked(
     tallstore.pack(url, base, tasks, storage_options=so)
     with pytest.raises(OutputExistsError):
         tallstore.pack(url, base, tasks, storage_options=so)
-    assert tallstore.pack(url, base, tasks, storage_options=so, overwrite=True, lam=0.3).manifest["lam"] == [0.3]
+    assert tallstore.pack(url, base, tasks, storage_options=so, overwrite=True, lam=0.3).describe(sizes=False)["lam"] == [0.3]
 
 
 def test_remote_checkpoint_reads_rows_with_range_requests(
@@ -215,7 +217,7 @@ def test_remote_checkpoint_reads_rows_with_range_requests(
     with open_checkpoint(base) as local, open_checkpoint(url, s3_server.storage_options) as remote:
         assert remote.keys == local.keys
         assert [f.name for f in remote.files] == ["base.safetensors"]
-        assert remote.files[0].stat().st_size == base.stat().st_size
+        assert remote.files[0].size == base.stat().st_size
         s3_server.reset()
         rows = remote.read("embed.weight", 10, 20)
         assert torch.equal(rows, local.read("embed.weight", 10, 20))

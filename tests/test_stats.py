@@ -13,15 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zarr
 from conftest import make_base, make_task
 from tall_reference import HAND_COUNT, HAND_MASKS, hand_collection, save_collection
 from typer.testing import CliRunner
 
 import tallstore
-import tallstore.stats as stats_mod
+import tallstore.reading.stats as stats_mod
 from tallstore import TallstoreError
 from tallstore.cli.app import _register_commands, app
-from tallstore.stats import layer_of, mask_stats, natural_key, plot
+from tallstore.reading.stats import layer_of, natural_key, plot
 
 runner = CliRunner()
 _register_commands()
@@ -43,10 +44,10 @@ def random_archive(tmp_path: Path, n_tasks: int = 4) -> tallstore.Archive:
 
 def stored_masks(arc: tallstore.Archive) -> tuple[np.ndarray, list[tuple[str, int]]]:
     """``(T, n)`` mask bits of every maskable tensor in mask order, decoded from the arrays."""
-    entries = sorted((e for e in arc.manifest["tensors"] if e["kind"] != "separate"), key=lambda e: e["mask_offset"])
+    entries = sorted((e for e in arc.describe(sizes=False)["tensors"] if e["kind"] != "separate"), key=lambda e: e["mask_offset"])
     rows = []
     for t in range(len(arc)):
-        raw = arc.root[f"masks/{t}"][:]
+        raw = zarr.open_array(f"{arc.location}/masks/{t}", mode="r")[:]
         parts = []
         for e in entries:
             n = int(np.prod(e["shape"]))
@@ -56,7 +57,7 @@ def stored_masks(arc: tallstore.Archive) -> tuple[np.ndarray, list[tuple[str, in
 
 
 def test_hand_archive_statistics_are_the_hand_counts(tmp_path: Path) -> None:
-    s = mask_stats(hand_archive(tmp_path))
+    s = hand_archive(tmp_path).stats()
     assert s["masked_params"] == 8
     assert s["histogram"] == [2, 3, 2, 1] == np.bincount(HAND_COUNT, minlength=4).tolist()
     assert s["catastrophic"] == 2 / 8 and s["selfish"] == 3 / 8
@@ -72,7 +73,7 @@ def test_statistics_match_the_stored_mask_bits(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setattr(stats_mod, "WINDOW", window)
     monkeypatch.setattr(stats_mod, "PIECE", piece)
     arc = random_archive(tmp_path)
-    s = mask_stats(arc)
+    s = arc.stats()
     masks, keys = stored_masks(arc)
     count = masks.sum(axis=0)
     T, n = masks.shape
@@ -81,7 +82,7 @@ def test_statistics_match_the_stored_mask_bits(tmp_path: Path, monkeypatch: pyte
     assert s["catastrophic"] == pytest.approx((count == 0).mean()) and s["selfish"] == pytest.approx((count == 1).mean())
     assert list(s["density"].values()) == pytest.approx(masks.mean(axis=1).tolist())
     for t in range(T):
-        assert arc.task_attrs(t)["stats"]["mask_density"] == pytest.approx(s["density"][f"t{t}"])
+        assert arc.describe(sizes=False)["tasks"][t]["mask_density"] == pytest.approx(s["density"][f"t{t}"])
         assert s["selfish_by_task"][f"t{t}"] == pytest.approx((masks[t] & (count == 1)).sum() / n)
         for u in range(T):
             inter, union = (masks[t] & masks[u]).sum(), (masks[t] | masks[u]).sum()
@@ -97,7 +98,7 @@ def test_statistics_match_the_stored_mask_bits(tmp_path: Path, monkeypatch: pyte
 
 def test_a_single_task_archive_has_a_two_bin_histogram(tmp_path: Path) -> None:
     arc = random_archive(tmp_path, 1)
-    s = mask_stats(arc)
+    s = arc.stats()
     assert len(s["histogram"]) == 2 and s["jaccard"] == [[1.0]]
     assert s["selfish"] == s["density"]["t0"]
 
@@ -134,7 +135,7 @@ def test_cli_stats_json_and_a_png_plot(tmp_path: Path) -> None:
 
 
 def test_plot_without_matplotlib_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    s = mask_stats(hand_archive(tmp_path))
+    s = hand_archive(tmp_path).stats()
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(TallstoreError, match="needs matplotlib"):
         plot(s, tmp_path / "x.png")

@@ -24,10 +24,13 @@ import tallstore
 from tallstore import PlanError
 from tallstore.checkpoint import open_checkpoint
 from tallstore.ops import ties
-from tallstore.packing.executors import Job, ThreadExecutor
+from tallstore.ops.merges import Ties
+from tallstore.packing.executors import ThreadExecutor, Unit
+from tallstore.packing import driver
 from tallstore.packing.inputs import InputSpec, release
+from tallstore.packing.options import PackOptions
+from tallstore.packing.passes import tau_pass
 from tallstore.packing.plan import make_plan
-from tallstore.packing.ties_pass import ties_params
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -45,12 +48,11 @@ def pack(tmp_path: Path, base: dict, tasks: list[dict], **kw: Any) -> tallstore.
 
 
 class PickledReversed:
-    """An executor that ships every job through pickle (as Dask would) and runs them backwards."""
+    """An executor that ships every unit through pickle (as Dask would) and runs them backwards."""
 
-    def run(self, jobs: Sequence[Job]) -> Iterator[tuple[Any, Any]]:
-        for tag, fn, args in reversed(list(jobs)):
-            fn, args = pickle.loads(pickle.dumps((fn, args)))
-            yield tag, fn(*args)
+    def run(self, units: Sequence[Unit]) -> Iterator[tuple[Any, Any]]:
+        for unit in reversed(list(units)):
+            yield unit, pickle.loads(pickle.dumps(unit)).run()
 
     def broadcast(self, fn: Any, *args: Any) -> None:
         fn(*args)
@@ -66,7 +68,8 @@ def params_with(executor: Any, tmp_path: Path, top: float = 20.0, block_elems: i
         for ck in cks:
             ck.close()
     try:
-        return ties_params(plan, spec, executor, top)
+        numel = sum(kp.info.numel for kp in plan.masked())
+        return Ties(top).prepare(tau_pass(executor, spec, plan), numel, spec.names)
     finally:
         release(spec)
 
@@ -80,11 +83,10 @@ def test_entries_equal_to_the_threshold_are_all_kept(tmp_path: Path) -> None:
     t0 = {"a": torch.tensor([3.0, -3, 1, 1, 2, 2]), "b": torch.tensor([2.0, 0, 0, -3])}
     t1 = {"a": torch.tensor([0.5] * 6), "b": torch.tensor([0.25, 0.5, 0.5, 0.5])}
     arc = pack(tmp_path, base, [t0, t1], merge="ties", lam=0.4, block_elems=8)
-    p = arc.manifest["merge"]["params"]
+    p = arc.describe(sizes=False)["merge"]["params"]
     assert p["threshold"] == [3.0, 0.5] and p["kept"] == [3, 9] and p["numel"] == 10 and p["top"] == 20.0
     # τ̂_0 = (3,-3,0,0,0,0 | 0,0,0,-3), τ̂_1 = (.5 ×6 | 0,.5,.5,.5): sums (3.5,-2.5,.5,.5,.5,.5 | 0,.5,.5,-2.5)
-    mtl = ties.ties(torch.stack([torch.cat([t0["a"], t0["b"]]), torch.cat([t1["a"], t1["b"]])]),
-                    threshold=p["threshold"], majority_sign=p["majority_sign"])
+    mtl = Ties().apply(torch.stack([torch.cat([t0["a"], t0["b"]]), torch.cat([t1["a"], t1["b"]])]), p)
     assert p["majority_sign"] == 1
     assert mtl.tolist() == [3.5, -3.0, 0.5, 0.5, 0.5, 0.5, 0.0, 0.5, 0.5, -3.0]
     assert torch.equal(arc.merge("ties")["a"], mtl[:6]) and torch.equal(arc.merge("ties")["b"], mtl[6:])
@@ -116,7 +118,7 @@ def test_majority_zero_sum_is_resolved_across_tensors_and_blocks(tmp_path: Path)
     t0 = {"a": torch.tensor([4.0] + [0.0] * 7), "b": torch.full((16,), -1.0)}
     t1 = {"a": torch.tensor([-4.0] + [0.0] * 7), "b": torch.zeros(16)}
     arc = pack(tmp_path, base, [t0, t1], merge="ties", ties_top=100, lam=0.4, block_elems=8)
-    p = arc.manifest["merge"]["params"]
+    p = arc.describe(sizes=False)["merge"]["params"]
     assert p["majority_sign"] == -1 and p["threshold"] == [0.0, 0.0]
     merged = arc.merge("ties")["a"]
     assert merged[0].item() == -4.0
@@ -126,9 +128,9 @@ def test_top_100_keeps_everything_and_a_tiny_top_keeps_only_the_maximum(tmp_path
     base = {"w": torch.zeros(40)}
     t0 = {"w": torch.arange(40, dtype=torch.float32) - 20}  # |τ| max 20 once
     t1 = {"w": torch.ones(40)}
-    p = pack(tmp_path, base, [t0, t1], merge="ties", ties_top=100, lam=0.4).manifest["merge"]["params"]
+    p = pack(tmp_path, base, [t0, t1], merge="ties", ties_top=100, lam=0.4).describe(sizes=False)["merge"]["params"]
     assert p["threshold"] == [0.0, 0.0] and p["kept"] == [40, 40]
-    p = pack(tmp_path, base, [t0, t1], merge="ties", ties_top=1, lam=0.4).manifest["merge"]["params"]
+    p = pack(tmp_path, base, [t0, t1], merge="ties", ties_top=1, lam=0.4).describe(sizes=False)["merge"]["params"]
     assert p["threshold"] == [20.0, 1.0] and p["kept"] == [1, 40]
 
 
@@ -179,7 +181,7 @@ def test_ties_archive_rebuilds_match_the_dense_spec_reference(tmp_path: Path, dt
     lams = [0.2, 0.4, 0.5, 0.6]
     arc = pack(tmp_path, base, tasks, merge="ties", ties_top=top, lam=dict(zip([f"task{i}" for i in range(4)], lams)), block_elems=48)
     dense = Dense(base, tasks, "ties", top, lams)
-    p = arc.manifest["merge"]["params"]
+    p = arc.describe(sizes=False)["merge"]["params"]
     assert p["threshold"] == ties_thresholds(dense.tau, top)
     assert p["kept"] == [int((dense.tau[t].abs() >= p["threshold"][t]).sum()) for t in range(4)]
     for t in range(4):
@@ -206,7 +208,7 @@ def test_ties_result_does_not_depend_on_block_size(tmp_path: Path) -> None:
     base, tasks = random_collection(torch.float32, seed=5)
     small = pack(tmp_path / "s", base, tasks, merge="ties", block_elems=24)
     large = pack(tmp_path / "l", base, tasks, merge="ties", block_elems=1 << 20)
-    assert small.manifest["merge"] == large.manifest["merge"]
+    assert small.describe(sizes=False)["merge"] == large.describe(sizes=False)["merge"]
     for k in small.merge("ties"):
         assert torch.equal(small.merge("ties")[k], large.merge("ties")[k]), k
 
@@ -222,10 +224,20 @@ def test_pack_runs_the_threshold_pass_on_the_given_executor(tmp_path: Path) -> N
     seen: list[str] = []
 
     class Recording(PickledReversed):
-        def run(self, jobs: Sequence[Job]) -> Iterator[tuple[Any, Any]]:
-            seen.extend(fn.__name__ for _, fn, _ in jobs)
-            yield from super().run(jobs)
+        def run(self, units: Sequence[Unit]) -> Iterator[tuple[Any, Any]]:
+            seen.extend(_describe(u) for u in units)
+            yield from super().run(units)
 
     base, tasks = random_collection(torch.float32, 2)
-    pack(tmp_path, base, tasks, merge="ties", executor=Recording())
-    assert {"high_unit", "low_unit", "sign_unit", "masked_block"} <= set(seen)
+    b, paths = save_collection(tmp_path / "in", base, {f"task{i}": sd for i, sd in enumerate(tasks)})
+    driver.pack(tmp_path / "zoo.tall", b, paths, PackOptions(merge="ties"), executor=Recording())
+    assert {"high_histogram", "low_histogram", "trimmed_sign_counts", "MaskedBlock"} <= set(seen)
+
+
+def _describe(unit: Any) -> str:
+    """A pass unit by the function it runs on τ, any other unit by its class."""
+    fn = getattr(unit, "fn", None)
+    if fn is None:
+        return type(unit).__name__
+    inner = fn.args[0]
+    return getattr(inner, "func", inner).__name__

@@ -1,5 +1,6 @@
-"""Checkpoint I/O: lazy readers for safetensors files, HF folders and torch ``.bin``, and writers."""
+"""Checkpoint I/O: one lazy safetensors reader over byte-range sources, folders, ``.bin``, writers."""
 
-from .reader import Checkpoint, TensorInfo, open_checkpoint
+from .interface import Checkpoint
+from .opening import open_checkpoint
 
-__all__ = ["Checkpoint", "TensorInfo", "open_checkpoint"]
+__all__ = ["Checkpoint", "open_checkpoint"]

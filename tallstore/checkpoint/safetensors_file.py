@@ -1,37 +1,28 @@
 """Safetensors checkpoints (one file or several shards), validated and read lazily by row ranges.
 
-Headers are parsed and checked here before ``safe_open`` maps the file, so a truncated or lying
-file is a one-line :class:`CheckpointError`, not a panic from deep inside the Rust reader.
+One reader for local files and object stores: it reads through :class:`ByteSource` ranges. The
+header comes from one read (two for a header over 64 KiB) and is checked against the file size
+before any tensor is touched, so a truncated or lying file is a one-line
+:class:`CheckpointError`; each row range is one more read.
 """
 
 from __future__ import annotations
 
 import json
-import mmap
 import struct
-from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from safetensors import safe_open
 
 from .. import dtypes
+from ..dtypes import TensorInfo
 from ..errors import CheckpointError
-from .reader import Checkpoint, TensorInfo
+from .interface import Checkpoint
+from .sources import ByteSource
 
 MAX_HEADER = 100 * 1024 * 1024
-
-
-def read_header(path: Path) -> tuple[dict[str, Any], int]:
-    """The validated JSON header of a safetensors file (keys in file order) and where its data starts."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            n = header_length(f.read(8), size, str(path))
-            raw = f.read(n)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
-    return parse_header(raw, size, str(path)), 8 + n
+FIRST_READ = 64 * 1024
 
 
 def header_length(head: bytes, size: int, where: str) -> int:
@@ -53,11 +44,24 @@ def parse_header(raw: bytes, size: int, where: str) -> dict[str, Any]:
     if not isinstance(header, dict):
         raise CheckpointError(f"{where}: safetensors header is not a JSON object")
     data_size = size - 8 - len(raw)
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise CheckpointError(f"{where}: safetensors __metadata__ is not a map of strings")
     for key, entry in header.items():
         if key == "__metadata__":
             continue
         _check_entry(where, key, entry, data_size)
     return header
+
+
+def read_header(src: ByteSource) -> tuple[dict[str, Any], int]:
+    """The validated header of a safetensors file (keys in file order) and where its data starts."""
+    first = src.read(0, min(src.size, FIRST_READ)).tobytes()
+    n = header_length(first, src.size, src.location)
+    raw = first[8 : 8 + n]
+    if len(raw) < n:
+        raw += src.read(len(first), 8 + n - len(first)).tobytes()
+    return parse_header(raw, src.size, src.location), 8 + n
 
 
 def _check_entry(path: str, key: str, entry: Any, data_size: int) -> None:
@@ -85,79 +89,57 @@ def _check_entry(path: str, key: str, entry: Any, data_size: int) -> None:
 
 
 class SafetensorsCheckpoint(Checkpoint):
-    """One or more safetensors files read through memory-mapped ``safe_open``."""
+    """One or more safetensors files; ``only`` (an index's weight map) says which file owns a key."""
 
-    def __init__(self, paths: list[Path], only: dict[str, str] | None = None) -> None:
-        self.path = str(paths[0] if len(paths) == 1 else paths[0].parent)
-        self._paths = paths
+    def __init__(self, sources: list[ByteSource], path: str, only: dict[str, str] | None = None) -> None:
+        self.path = path
+        self._sources = sources
         self._infos: dict[str, TensorInfo] = {}
-        self._where: dict[str, int] = {}
-        self._offsets: dict[str, int] = {}
+        self._where: dict[str, tuple[int, int]] = {}
+        self.metadata: dict[str, dict[str, Any]] = {}
         self.keys = []
-        for i, p in enumerate(paths):
-            header, data_start = read_header(p)
-            for key, entry in header.items():
-                if key == "__metadata__" or (only is not None and only.get(key) != p.name):
-                    continue
-                if key in self._infos:
-                    raise CheckpointError(f"{self.path}: tensor {key!r} appears in two files")
-                d = dtypes.from_safetensors(entry["dtype"])
-                self._infos[key] = TensorInfo(d, tuple(entry["shape"]))
-                self._where[key] = i
-                self._offsets[key] = data_start + entry["data_offsets"][0]
-                self.keys.append(key)
-        self._handles: list[Any] = [None] * len(paths)
-        self._maps: list[mmap.mmap | None] = [None] * len(paths)
+        try:
+            for i, src in enumerate(sources):
+                header, data_start = read_header(src)
+                if "__metadata__" in header:
+                    self.metadata[src.name] = header["__metadata__"]
+                for key, entry in header.items():
+                    if key == "__metadata__" or (only is not None and only.get(key) != src.name):
+                        continue
+                    if key in self._infos:
+                        raise CheckpointError(f"{self.path}: tensor {key!r} appears in two files")
+                    self._infos[key] = TensorInfo(dtypes.from_safetensors(entry["dtype"]), tuple(entry["shape"]))
+                    self._where[key] = (i, data_start + entry["data_offsets"][0])
+                    self.keys.append(key)
+        except BaseException:
+            self.close()
+            raise
 
     def info(self, key: str) -> TensorInfo:
         return self._infos[key]
 
-    def _handle(self, i: int) -> Any:
-        h = self._handles[i]
-        if h is None:
-            try:
-                h = self._handles[i] = safe_open(str(self._paths[i]), framework="pt")
-            except Exception as e:  # the Rust reader's own errors: one line for the user
-                raise CheckpointError(f"{self._paths[i]}: cannot open safetensors ({e})") from None
-        return h
+    def _rows(self, key: str, start: int, stop: int | None) -> tuple[np.ndarray, TensorInfo, tuple[int, ...]]:
+        info = self._infos[key]
+        rows = info.rows
+        stop = rows if stop is None or not info.shape else min(stop, rows)
+        start = 0 if not info.shape else min(max(start, 0), stop)
+        shape = (stop - start, *info.shape[1:]) if info.shape else ()
+        row_bytes = info.row_numel * info.dtype.itemsize
+        i, offset = self._where[key]
+        data = self._sources[i].read(offset + start * row_bytes, (stop - start) * row_bytes)
+        return data, info, shape
 
     def read(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        info = self._infos[key]
-        h = self._handle(self._where[key])
-        if not info.shape:
-            return h.get_tensor(key)
-        if start == 0 and (stop is None or stop >= info.shape[0]):
-            return h.get_tensor(key)
-        return h.get_slice(key)[start:stop]
+        data, info, shape = self._rows(key, start, stop)
+        return dtypes.from_storage(data.view(info.dtype.storage), info.dtype, shape)
 
     def read_bytes(self, key: str, start: int = 0, stop: int | None = None) -> bytes:
-        """Rows ``[start, stop)`` of ``key`` as stored, sliced from a memory map: no tensor built."""
-        info = self._infos[key]
-        row = info.row_numel * info.dtype.itemsize
-        if not info.shape:  # a scalar is read whole, like ``read``
-            start, stop = 0, 1
-        stop = info.rows if stop is None else min(stop, info.rows)
-        n = max(0, stop - start) * row
-        i = self._where[key]
-        if self._maps[i] is None:
-            try:
-                with open(self._paths[i], "rb") as f:
-                    self._maps[i] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            except (OSError, ValueError) as e:
-                raise CheckpointError(f"{self._paths[i]}: cannot read ({e})") from None
-        at = self._offsets[key] + start * row
-        got = self._maps[i][at : at + n]
-        if len(got) != n:
-            raise CheckpointError(f"{self._paths[i]}: tensor {key!r} is truncated")
-        return got
+        return self._rows(key, start, stop)[0].tobytes()
 
     @property
-    def files(self) -> list[Path]:
-        return list(self._paths)
+    def files(self) -> list[ByteSource]:
+        return list(self._sources)
 
     def close(self) -> None:
-        self._handles = [None] * len(self._paths)
-        for m in self._maps:
-            if m is not None:
-                m.close()
-        self._maps = [None] * len(self._paths)
+        for src in self._sources:
+            src.close()

@@ -8,8 +8,10 @@ from pathlib import Path
 import torch
 
 from .. import dtypes
+from ..dtypes import TensorInfo
 from ..errors import CheckpointError
-from .reader import Checkpoint, TensorInfo
+from .interface import Checkpoint
+from .sources import ByteSource, LocalFile
 
 
 class TorchCheckpoint(Checkpoint):
@@ -18,6 +20,7 @@ class TorchCheckpoint(Checkpoint):
     def __init__(self, path: Path) -> None:
         self.path = str(path)
         self._path = path
+        self._file: LocalFile | None = None
         sd = self._load(path)
         if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
             sd = sd["state_dict"]
@@ -57,8 +60,12 @@ class TorchCheckpoint(Checkpoint):
         return t if t.dim() == 0 else t[start:stop]
 
     @property
-    def files(self) -> list[Path]:
-        return [self._path]
+    def files(self) -> list[ByteSource]:
+        if self._file is None:
+            self._file = LocalFile(self._path)
+        return [self._file]
 
     def close(self) -> None:
         self._sd = {}
+        if self._file is not None:
+            self._file.close()

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from .. import dtypes
+from ..dtypes import TensorInfo
 from ..errors import OutputExistsError
-from .reader import TensorInfo
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 INDEX = "model.safetensors.index.json"

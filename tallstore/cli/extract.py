@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from ..archive import open as open_archive
+from ..reading.archive import open as open_archive
 from . import options
 from .app import app
 
@@ -22,8 +22,8 @@ def extract(
     storage_option: options.StorageOptions = None,
 ) -> None:
     """Rebuild TASK (θ₀ + m_t ⊙ τ_MTL) and write it, one tensor at a time, atomically."""
-    arc = open_archive(archive, base=base, storage_options=options.storage_options(storage_option))
-    if task not in arc:
-        raise options.UsageError(f"no task {task!r} in {archive} (tasks: {', '.join(arc.tasks)})")
-    path = arc.extract(task, out, overwrite=force, max_shard_bytes=int(max_shard_gb * 1e9))
+    with open_archive(archive, base=base, storage_options=options.storage_options(storage_option)) as arc:
+        if task not in arc:
+            raise options.UsageError(f"no task {task!r} in {archive} (tasks: {', '.join(arc.tasks)})")
+        path = arc.extract(task, out, overwrite=force, max_shard_bytes=int(max_shard_gb * 1e9))
     print(f"wrote {path}")

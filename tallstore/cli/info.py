@@ -9,8 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..archive import open as open_archive
-from ..summary import describe
+from ..reading.archive import open as open_archive
 from . import options
 from .app import app
 
@@ -20,13 +19,13 @@ def _mb(n: int) -> str:
 
 
 def render(d: dict[str, Any]) -> None:
-    """Print a summary made by :func:`tallstore.summary.describe` as tables."""
+    """Print a summary made by :meth:`tallstore.Archive.describe` as tables."""
     c = Console()
     base = d["base"]
     top = d["merge"]["params"].get("top")
     rule = d["merge"]["rule"] + (f" (top {top:g}%)" if top is not None else "")
     c.print(f"[bold]{d['location']}[/bold]  format v{d['format_version']}  merge={rule}  "
-            f"{d['tensors']} tensors")
+            f"{len(d['tensors'])} tensors")
     c.print(f"base: {'embedded' if base['embedded'] else base['location']}  {base['fingerprint']}")
     if d.get("weight_codec"):
         c.print(f"weights compressed with {d['weight_codec']}")
@@ -56,7 +55,8 @@ def info(
 ) -> None:
     """Show tasks, λ, mask densities, rebuild errors, sizes and the compression ratio."""
     so = options.storage_options(storage_option)
-    d = describe(open_archive(archive, base=base, storage_options=so), so)
+    with open_archive(archive, base=base, storage_options=so) as arc:
+        d = arc.describe()
     if as_json:
         print(json.dumps(d, indent=2))
     else:

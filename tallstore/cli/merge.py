@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..archive import open as open_archive
+from ..reading.archive import open as open_archive
 from . import options
 from .app import app
 
@@ -24,9 +24,9 @@ def merge(
     storage_option: options.StorageOptions = None,
 ) -> None:
     """Write θ₀ + α·(m ⊙ τ_MTL) one tensor at a time; tensors the base lacks (heads) are left out."""
-    arc = open_archive(archive, base=base, storage_options=options.storage_options(storage_option))
-    view = arc.merge(method, k=k, alpha=alpha)
-    path = view.save(out, overwrite=force, max_shard_bytes=int(max_shard_gb * 1e9))
+    with open_archive(archive, base=base, storage_options=options.storage_options(storage_option)) as arc:
+        view = arc.merge(method, k=k, alpha=alpha)
+        path = view.save(out, overwrite=force, max_shard_bytes=int(max_shard_gb * 1e9))
     print(f"wrote {path} ({view.describe()}, {len(view)} tensors)")
     if view.omitted:
         print(f"left out {len(view.omitted)} task-specific tensors the base lacks: {', '.join(view.omitted)}")

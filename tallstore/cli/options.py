@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Optional
 
 import typer
 
 from ..errors import TallstoreError
-
+from ..packing.lam import DEFAULT_GRID
+from ..packing.options import DEFAULT_LAM
 
 ArchiveBase = Annotated[Optional[str], typer.Option("--base", help="Base checkpoint, if not embedded or moved.")]
 Force = Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")]
@@ -37,8 +39,6 @@ def pairs(values: list[str] | None, what: str) -> dict[str, str]:
 
 def storage_options(values: list[str] | None) -> dict[str, Any] | None:
     """``--storage-option key=value`` pairs for fsspec (JSON-ish scalars are converted)."""
-    import json
-
     raw = pairs(values, "--storage-option")
     if not raw:
         return None
@@ -53,8 +53,6 @@ def storage_options(values: list[str] | None) -> dict[str, Any] | None:
 
 def lams(values: list[str] | None, names: list[str]) -> dict[str, float]:
     """λ per task from ``--lam 0.3`` (every task) and/or ``--lam NAME=0.5`` (one task)."""
-    from ..packing.packer import DEFAULT_LAM
-
     plain = [v for v in values or [] if "=" not in v]
     per = pairs([v for v in values or [] if "=" in v], "--lam")
     if len(plain) > 1:
@@ -68,8 +66,6 @@ def lams(values: list[str] | None, names: list[str]) -> dict[str, float]:
 
 def grid(value: str | None) -> tuple[float, ...]:
     """``--lam-grid 0.2,0.3,0.4`` as floats (the default grid when not given)."""
-    from ..lam_select import DEFAULT_GRID
-
     if value is None:
         return DEFAULT_GRID
     try:

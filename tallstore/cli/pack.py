@@ -7,10 +7,13 @@ from typing import Annotated, Optional
 import typer
 
 from ..ops.ties import DEFAULT_TOP
-from ..packing import packer
+from ..packing import driver
 from ..packing.dask_executor import dask_client
+from ..packing.options import PackOptions
+from ..reading.archive import open as open_archive
 from . import options
 from .app import app
+from .info import render
 from .progress import bar
 
 
@@ -46,17 +49,13 @@ def pack(
         raise options.UsageError("--ties-top is only used with --merge ties")
     if scheduler is not None and dask_workers is not None:
         raise options.UsageError("give --scheduler (an existing cluster) or --dask-workers (a local one), not both")
+    opts = PackOptions(
+        lam="auto" if lam == ["auto"] else options.lams(lam, list(tasks)), lam_grid=options.grid(lam_grid),
+        merge=merge, ties_top=DEFAULT_TOP if ties_top is None else ties_top, embed_base=embed_base,
+        exact=tuple(exact or ()), overwrite=force, allow_nonfinite=allow_nonfinite, codecs=codecs, workers=workers,
+    )
     with dask_client(scheduler, dask_workers) as client, bar("packing", enabled=not quiet) as b:
-        loc = packer.pack(
-            out, base, tasks, lam="auto" if lam == ["auto"] else options.lams(lam, list(tasks)),
-            lam_grid=options.grid(lam_grid), merge=merge,
-            ties_top=DEFAULT_TOP if ties_top is None else ties_top, embed_base=embed_base,
-            exact=tuple(exact or ()), overwrite=force, allow_nonfinite=allow_nonfinite,
-            codecs=codecs, workers=workers, storage_options=so, progress=b.advance, on_start=b.start, client=client,
-        )
+        loc = driver.pack(out, base, tasks, opts, storage_options=so, progress=b.advance, on_start=b.start, client=client)
     if not quiet:
-        from ..archive import open as open_archive
-        from ..summary import describe
-        from .info import render
-
-        render(describe(open_archive(loc, base=base, storage_options=so), so))
+        with open_archive(loc, base=base, storage_options=so) as arc:
+            render(arc.describe())

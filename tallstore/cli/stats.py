@@ -9,14 +9,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..archive import open as open_archive
-from ..stats import mask_stats, plot
+from ..reading.archive import open as open_archive
+from ..reading.stats import plot
 from . import options
 from .app import app
 
 
 def render(s: dict[str, Any]) -> None:
-    """Print mask statistics made by :func:`tallstore.stats.mask_stats` as tables."""
+    """Print mask statistics made by :meth:`tallstore.Archive.stats` as tables."""
     c = Console()
     T = len(s["tasks"])
     c.print(f"[bold]{s['location']}[/bold]  {T} tasks, {s['masked_params']:,} maskable weights: "
@@ -45,7 +45,8 @@ def stats(
     storage_option: options.StorageOptions = None,
 ) -> None:
     """How many tasks select each weight (catastrophic = 0, selfish = 1), per layer and per task pair."""
-    s = mask_stats(open_archive(archive, base=base, storage_options=options.storage_options(storage_option)))
+    with open_archive(archive, base=base, storage_options=options.storage_options(storage_option)) as arc:
+        s = arc.stats()
     if as_json:
         print(json.dumps(s, indent=2))
     else:

@@ -7,9 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..archive import open as open_archive
 from ..errors import CorruptArchiveError
-from ..verify import VerifyReport
+from ..reading.archive import open as open_archive
+from ..reading.verify import VerifyReport
 from . import options
 from .app import app
 
@@ -42,11 +42,11 @@ def verify(
 ) -> None:
     """Check every chunk's presence and CRC (--deep: every task's digests); exit 2 on any problem."""
     originals = options.pairs(against, "--against")
-    arc = open_archive(archive, base=base, storage_options=options.storage_options(storage_option))
-    unknown = sorted(set(originals) - set(arc.tasks))
-    if unknown:
-        raise options.UsageError(f"no task {unknown[0]!r} in {archive} (tasks: {', '.join(arc.tasks)})")
-    report = arc.verify(deep=deep, against=originals)
+    with open_archive(archive, base=base, storage_options=options.storage_options(storage_option)) as arc:
+        unknown = sorted(set(originals) - set(arc.tasks))
+        if unknown:
+            raise options.UsageError(f"no task {unknown[0]!r} in {archive} (tasks: {', '.join(arc.tasks)})")
+        report = arc.verify(deep=deep, against=originals)
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
     else:

@@ -1,4 +1,4 @@
-"""TALL masks and the rebuild of one task from the merged vector (Wang et al., ICML 2024).
+"""Task vectors, TALL masks and the merged weights they select from (Wang et al., ICML 2024).
 
 All functions are pure and work on one block of one tensor across tasks at a time: ``tau`` is a
 ``(T, n)`` float32 stack of task vectors, ``tau_mtl`` the ``(n,)`` merged task vector.
@@ -13,6 +13,18 @@ def task_vectors(base: torch.Tensor, tasks: torch.Tensor) -> torch.Tensor:
     """``τ_t = θ_t − θ₀`` in float32 for a ``(T, n)`` stack of task weights (subtracted in place:
     one float32 ``(T, n)`` buffer)."""
     return tasks.to(torch.float32, copy=True).sub_(base.to(torch.float32))
+
+
+def task_sum(tau: torch.Tensor) -> torch.Tensor:
+    """``Σ_t τ_t`` in float32, in task order (``((τ_0 + τ_1) + τ_2) + …``), one row at a time.
+
+    ``tensor.sum(dim=0)`` associates the tail of a row differently from its body, so τ_MTL (and
+    the archive) would depend on the block size.
+    """
+    out = tau[0].clone()
+    for row in tau[1:]:
+        out += row
+    return out
 
 
 def tall_masks(tau: torch.Tensor, tau_mtl: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
@@ -45,14 +57,6 @@ def merged_weights(
             merged = torch.where(hit, tasks[t], merged)
             taken |= hit
     return merged
-
-
-def rebuild(base: torch.Tensor, mask: torch.Tensor, merged: torch.Tensor) -> torch.Tensor:
-    """``θ̂_t = θ₀ + m_t ⊙ τ_MTL``: the merged weight where the mask is set, else the base.
-
-    ``base`` must already be in the task's dtype; the result is in that dtype.
-    """
-    return torch.where(mask, merged, base)
 
 
 def consensus_mask(mask_count: torch.Tensor, k: int) -> torch.Tensor:

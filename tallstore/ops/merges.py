@@ -1,34 +1,99 @@
-"""Merge rules for the multi-task vector ``τ_MTL``: small pure functions over a ``(T, n)`` stack.
+"""Merge rules for the multi-task vector ``τ_MTL``: one small object per rule, looked up by name.
 
-A rule is looked up by the name recorded in the archive; its parameters are JSON values.
+A rule ``prepare``s the parameters it needs from whole-model passes (``run_pass(fn)`` applies a
+pure function to the ``(T, n)`` task-vector stack of every block and sums the results: the
+caller owns the I/O), then ``apply``s them to one block at a time. Parameters are JSON values
+recorded in the archive, so a reader recomputes any block with ``apply`` alone.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
-from .ties import ties
+from ..errors import PlanError
+from . import ties
+from .masks import task_sum
 
-MergeRule = Callable[..., torch.Tensor]
+BlockFn = Callable[[torch.Tensor], Any]
+RunPass = Callable[[BlockFn], np.ndarray]
 
 
-def task_arithmetic(tau: torch.Tensor) -> torch.Tensor:
-    """Task arithmetic as TALL uses it: ``τ_MTL = Σ_t τ_t``, unscaled.
+@dataclass(frozen=True)
+class TaskArithmetic:
+    """Task arithmetic as TALL uses it: ``τ_MTL = Σ_t τ_t``, unscaled; no parameters."""
 
-    Summed in task order, one row at a time: ``tensor.sum(dim=0)`` associates the tail of a row
-    differently from its body, so τ_MTL (and the archive) would depend on the block size.
+    name: ClassVar[str] = "ta"
+
+    def prepare(self, run_pass: RunPass, numel: int, names: Sequence[str]) -> dict[str, Any]:
+        return {}
+
+    def apply(self, tau: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:
+        return task_sum(tau)
+
+
+@dataclass(frozen=True)
+class Ties:
+    """TIES-merging as the TALL authors' code applies it (see :mod:`tallstore.ops.ties`).
+
+    ``top``: percent of each task's largest-magnitude entries kept, by one threshold per task
+    over the whole model, found exactly by three streaming passes.
     """
-    out = tau[0].clone()
-    for row in tau[1:]:
-        out += row
-    return out
+
+    top: float = ties.DEFAULT_TOP
+    name: ClassVar[str] = "ties"
+
+    def __post_init__(self) -> None:
+        try:
+            value = float(self.top)
+        except (TypeError, ValueError):
+            raise PlanError(f"TIES top percentage must be a number, got {self.top!r}") from None
+        if not (0 < value <= 100):
+            raise PlanError(f"TIES top percentage must be in (0, 100], got {value}")
+        object.__setattr__(self, "top", value)
+
+    def prepare(self, run_pass: RunPass, numel: int, names: Sequence[str]) -> dict[str, Any]:
+        """``top``, per-task ``threshold`` and ``kept``, ``majority_sign`` and ``numel`` (spec §6.1)."""
+        n_tasks = len(names)
+        rank = ties.keep_rank(numel, self.top)
+        threshold = [0.0] * n_tasks
+        below = [0] * n_tasks
+        if rank > 0:
+            high = run_pass(ties.high_histogram)
+            found = [ties.locate(high[t], rank) for t in range(n_tasks)]
+            bins = tuple(b for b, _ in found)
+            low = run_pass(partial(ties.low_histogram, high=bins))
+            for t, (b, under) in enumerate(found):
+                lo, under_lo = ties.locate(low[t], rank - under)
+                threshold[t] = ties.bits_to_float((b << 16) | lo)
+                below[t] = under + under_lo
+        for name, v in zip(names, threshold):
+            if not math.isfinite(v):
+                raise PlanError(f"TIES threshold of task {name!r} is not finite (too many NaN/Inf weights)")
+        pos, neg = run_pass(partial(ties.trimmed_sign_counts, threshold=tuple(threshold)))
+        return {
+            "top": self.top,
+            "threshold": threshold,
+            "majority_sign": ties.majority(int(pos), int(neg)),
+            "kept": [numel - b for b in below],
+            "numel": numel,
+        }
+
+    def apply(self, tau: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:
+        return ties.disjoint_sum(ties.trim(tau, params["threshold"]), params["majority_sign"])
 
 
-RULES: dict[str, MergeRule] = {"ta": task_arithmetic, "ties": ties}
+RULES: dict[str, type[TaskArithmetic] | type[Ties]] = {"ta": TaskArithmetic, "ties": Ties}
 
 
-def apply(rule: str, tau: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:
-    """``τ_MTL`` for one block under the named rule and its recorded parameters."""
-    return RULES[rule](tau, **params)
+def rule(name: str, **options: Any) -> TaskArithmetic | Ties:
+    """The merge rule ``name`` with its options (``top`` for ``ties``); unknown names are errors."""
+    if name not in RULES:
+        raise PlanError(f"unknown merge rule {name!r}; choose one of {sorted(RULES)}")
+    return RULES[name](**options)

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .masks import task_sum
+
 BINS = 1 << 16
 DEFAULT_TOP = 20.0
 
@@ -73,14 +75,6 @@ def trim(tau: torch.Tensor, threshold: Sequence[float]) -> torch.Tensor:
     return torch.where(tau.abs() >= thr, tau, torch.zeros((), dtype=torch.float32))
 
 
-def task_sum(x: torch.Tensor) -> torch.Tensor:
-    """``Σ_t x_t`` in float32, in task order, so the result does not depend on row blocks."""
-    out = x[0].clone()
-    for row in x[1:]:
-        out += row
-    return out
-
-
 def block_signs(trimmed: torch.Tensor) -> torch.Tensor:
     """``sign(Σ_t τ̂_t)`` per entry, before zero sums are resolved."""
     return torch.sign(task_sum(trimmed))
@@ -90,6 +84,11 @@ def sign_counts(trimmed: torch.Tensor) -> tuple[int, int]:
     """How many entries of this block have a positive and a negative summed sign."""
     s = block_signs(trimmed)
     return int((s > 0).sum()), int((s < 0).sum())
+
+
+def trimmed_sign_counts(tau: torch.Tensor, threshold: Sequence[float]) -> tuple[int, int]:
+    """Positive and negative elected signs of this block after trimming with ``threshold``."""
+    return sign_counts(trim(tau, threshold))
 
 
 def majority(positive: int, negative: int) -> int:
@@ -107,11 +106,3 @@ def disjoint_sum(trimmed: torch.Tensor, majority_sign: int) -> torch.Tensor:
     s = torch.where(s == 0, torch.tensor(float(majority_sign)), s)
     agree = torch.where(s.unsqueeze(0) > 0, trimmed > 0, trimmed < 0)
     return task_sum(torch.where(agree, trimmed, torch.zeros((), dtype=torch.float32)))
-
-
-def ties(tau: torch.Tensor, *, threshold: Sequence[float], majority_sign: int, **recorded: object) -> torch.Tensor:
-    """``τ_MTL`` of one block under TIES with the pack's global parameters.
-
-    ``recorded`` takes the informative parameters stored with them (``top``, ``kept``, ``numel``).
-    """
-    return disjoint_sum(trim(tau, threshold), majority_sign)

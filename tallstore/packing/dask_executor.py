@@ -1,7 +1,7 @@
 """Pack units as Dask tasks: each worker opens its own inputs and writes its own archive regions.
 
-Units are plain functions of a picklable :class:`~tallstore.packing.units.PackSpec`, so they
-run unchanged on ``dask.distributed`` workers. Only their small summaries (digests, sums and
+Units are small picklable objects (:mod:`~tallstore.packing.units`), so they run unchanged on
+``dask.distributed`` workers. Only their small summaries (digests, sums and
 packed mask bytes) travel back to the driver, which writes the mask chunks, the metadata and
 the completeness marker once every unit has succeeded. A unit that raises is retried by Dask
 (``retries``); a unit lost with its worker is rescheduled by the scheduler.
@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any
 
-from .executors import Job
+from .executors import Unit, run_unit
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -31,22 +31,22 @@ def _holding(keys: list[Any], dask_worker: Any) -> int:
 
 
 class DaskExecutor:
-    """Jobs as Dask futures on ``client``'s cluster, yielded as they complete."""
+    """Units as Dask futures on ``client``'s cluster, yielded as they complete."""
 
     def __init__(self, client: Client, retries: int = DEFAULT_RETRIES) -> None:
         self.client = client
         self.retries = retries
 
-    def run(self, jobs: Sequence[Job]) -> Iterator[tuple[Any, Any]]:
+    def run(self, units: Sequence[Unit]) -> Iterator[tuple[Any, Any]]:
         from distributed import as_completed
 
-        futures = {self.client.submit(fn, *args, retries=self.retries, pure=False): tag for tag, fn, args in jobs}
+        futures = {self.client.submit(run_unit, u, retries=self.retries, pure=False): u for u in units}
         try:
             for future in as_completed(list(futures)):
-                tag = futures.pop(future)
+                unit = futures.pop(future)
                 result = future.result()
                 future.release()
-                yield tag, result
+                yield unit, result
         finally:
             if futures:
                 self._stop(list(futures))

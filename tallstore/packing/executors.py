@@ -1,32 +1,66 @@
 """Where pack units run: a local thread pool, or (see ``dask_executor``) a Dask cluster.
 
-An executor takes jobs ``(tag, fn, args)`` and yields ``(tag, result)`` as each finishes, in
-any order. Units are plain functions of picklable arguments, so any engine can run them.
+A unit is a small picklable object with a ``run()`` method; an executor runs units and yields
+``(unit, result)`` as each finishes, in any order, so any engine can run them.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
-Job = tuple[Any, Callable[..., Any], tuple[Any, ...]]
+T = TypeVar("T")
+
+
+class Unit(Protocol):
+    """An independent piece of pack work: picklable, run in any process."""
+
+    def run(self) -> Any:
+        """Do the work and return a small summary."""
+
+
+class PerProcess(Generic[T]):
+    """State the units of one pack share inside one process (open inputs, the open archive),
+    made on first use from a token that names the pack, dropped by :meth:`drop`."""
+
+    def __init__(self) -> None:
+        self._made: dict[str, T] = {}
+        self._lock = threading.Lock()
+
+    def get(self, token: str, make: Callable[[], T]) -> T:
+        """The state for ``token``, made by ``make()`` if this process has none yet."""
+        with self._lock:
+            if token not in self._made:
+                self._made[token] = make()
+            return self._made[token]
+
+    def drop(self, token: str) -> T | None:
+        """Forget the state for ``token``; returns it (or ``None``) so the caller can close it."""
+        with self._lock:
+            return self._made.pop(token, None)
+
+
+def run_unit(unit: Unit) -> Any:
+    """``unit.run()``, as a plain function an engine can submit."""
+    return unit.run()
 
 
 class Executor(Protocol):
-    """Runs independent jobs and yields their results as they complete."""
+    """Runs independent units and yields their results as they complete."""
 
-    def run(self, jobs: Sequence[Job]) -> Iterator[tuple[Any, Any]]:
-        """Yield ``(tag, fn(*args))`` for each job; the first failure propagates."""
+    def run(self, units: Sequence[Unit]) -> Iterator[tuple[Any, Any]]:
+        """Yield ``(unit, unit.run())`` for each unit; the first failure propagates."""
 
     def broadcast(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Call ``fn(*args)`` once in every process that may have run jobs (to drop cached state)."""
+        """Call ``fn(*args)`` once in every process that may have run units (to drop cached state)."""
 
 
 class ThreadExecutor:
-    """Jobs on a local thread pool (numpy, torch, zstd and hashing release the GIL).
+    """Units on a local thread pool (numpy, torch, zstd and hashing release the GIL).
 
-    At most ``2 × workers`` jobs are submitted ahead, and a result is dropped as soon as it is
+    At most ``2 × workers`` units are submitted ahead, and a result is dropped as soon as it is
     yielded: memory holds a few units' results, not every result of the pack.
     """
 
@@ -36,16 +70,15 @@ class ThreadExecutor:
     def broadcast(self, fn: Callable[..., Any], *args: Any) -> None:
         fn(*args)
 
-    def run(self, jobs: Sequence[Job]) -> Iterator[tuple[Any, Any]]:
-        pending = iter(jobs)
+    def run(self, units: Sequence[Unit]) -> Iterator[tuple[Any, Any]]:
+        pending = iter(units)
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
             in_flight: dict[Future[Any], Any] = {}
 
             def submit_next() -> None:
-                job = next(pending, None)
-                if job is not None:
-                    tag, fn, args = job
-                    in_flight[pool.submit(fn, *args)] = tag
+                unit = next(pending, None)
+                if unit is not None:
+                    in_flight[pool.submit(run_unit, unit)] = unit
 
             try:
                 for _ in range(2 * self.workers):
@@ -53,10 +86,10 @@ class ThreadExecutor:
                 while in_flight:
                     done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
                     for f in done:
-                        tag = in_flight.pop(f)
+                        unit = in_flight.pop(f)
                         result = f.result()
                         submit_next()
-                        yield tag, result
+                        yield unit, result
             finally:
                 for f in in_flight:
                     f.cancel()

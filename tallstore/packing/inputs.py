@@ -6,7 +6,6 @@ reads one row block of one masked tensor across every task at a time.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +14,7 @@ import torch
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..errors import PlanError
 from ..ops.masks import task_vectors
+from .executors import PerProcess
 from .plan import KeyPlan
 
 
@@ -38,33 +38,36 @@ class Inputs:
     tasks: list[Checkpoint]
 
 
-_OPEN: dict[str, Inputs] = {}
-_LOCK = threading.Lock()
+_OPEN: PerProcess[Inputs] = PerProcess()
 
 
 def inputs(spec: InputSpec) -> Inputs:
     """This process's open inputs for ``spec``, opened on first use."""
-    with _LOCK:
-        got = _OPEN.get(spec.token)
-        if got is None:
-            got = _OPEN[spec.token] = Inputs(
-                base=open_checkpoint(spec.base, spec.storage_options),
-                tasks=[open_checkpoint(p, spec.storage_options) for p in spec.tasks],
-            )
-        return got
+    return _OPEN.get(spec.token, lambda: Inputs(
+        base=open_checkpoint(spec.base, spec.storage_options),
+        tasks=[open_checkpoint(p, spec.storage_options) for p in spec.tasks],
+    ))
 
 
 def release(spec: InputSpec) -> None:
     """Close this process's inputs for ``spec``, if open."""
-    with _LOCK:
-        got = _OPEN.pop(spec.token, None)
+    got = _OPEN.drop(spec.token)
     if got is not None:
         for ck in [got.base, *got.tasks]:
             ck.close()
 
 
-def read_block(spec: InputSpec, kp: KeyPlan, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Row block ``index`` of a masked tensor: flat base, ``(T, n)`` task weights and ``τ`` (float32)."""
+@dataclass
+class Block:
+    """Row block of a masked tensor across the inputs: flat base, ``(T, n)`` task weights and ``τ``."""
+
+    base: torch.Tensor
+    tasks: torch.Tensor
+    tau: torch.Tensor
+
+
+def read_block(spec: InputSpec, kp: KeyPlan, index: int) -> Block:
+    """Row block ``index`` of a masked tensor (``τ`` in float32), non-finite values refused unless allowed."""
     got = inputs(spec)
     a, b = kp.blocks[index]
     base = got.base.read(kp.key, a, b).reshape(-1)
@@ -77,7 +80,7 @@ def read_block(spec: InputSpec, kp: KeyPlan, index: int) -> tuple[torch.Tensor, 
         check_finite(base, kp.key, "the base")
         for name, t in zip(spec.names, tasks):
             check_finite(t, kp.key, f"task {name!r}")
-    return base, tasks, task_vectors(base, tasks)
+    return Block(base, tasks, task_vectors(base, tasks))
 
 
 def check_finite(t: torch.Tensor, key: str, who: str) -> None:

@@ -11,10 +11,11 @@ import fnmatch
 import re
 from dataclasses import dataclass, field
 
-from ..checkpoint import Checkpoint, TensorInfo
+from ..checkpoint import Checkpoint
+from ..dtypes import TensorInfo
 from ..errors import PlanError
-from ..geometry import block_ranges
-from ..storage import format as fmt
+from ..storage import layout
+from ..storage.geometry import block_ranges
 from ..storage.names import encode
 
 TASK_NAME = re.compile(r"^[\w][\w.+\-]{0,127}$")
@@ -49,7 +50,7 @@ class Plan:
     block_elems: int
 
     def masked(self) -> list[KeyPlan]:
-        return [k for k in self.keys if k.kind == fmt.KIND_MASKED]
+        return [k for k in self.keys if k.kind == layout.KIND_MASKED]
 
 
 def check_task_names(names: list[str]) -> None:
@@ -114,7 +115,7 @@ def make_plan(
         kp = KeyPlan(
             key=key,
             node=encode(key),
-            kind=fmt.KIND_MASKED if masked else fmt.KIND_SEPARATE,
+            kind=layout.KIND_MASKED if masked else layout.KIND_SEPARATE,
             info=info,
             base_info=base_info,
             tasks_with=with_key,

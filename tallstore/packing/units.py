@@ -1,16 +1,20 @@
 """The packer's independent units of work, each reading its own inputs and writing its own arrays.
 
-A *masked block* is one row block of one masked tensor across all tasks; a *separate tensor*
-is a tensor stored exactly per task (or found equal to the base). Units return small summaries
-(digests, statistics, packed mask bytes) that the driver combines; nothing else is shared.
+A unit is a small frozen, picklable object: ``run()`` does the work in whatever process the
+executor chose and returns a small summary; ``absorb(result, state)`` folds that summary into
+the driver's :class:`~tallstore.packing.results.PackState`. Units:
+
+- :class:`MaskedBlock` — one row block of one masked tensor across all tasks;
+- :class:`SeparateTensor` — a tensor stored exactly per task (or found equal to the base);
+- :class:`FileHash` — the SHA-256 of one input file;
+- :class:`BlockPass` — a read-only pass function over one row block (TIES, λ selection).
 """
 
 from __future__ import annotations
 
-import hashlib
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,17 +23,21 @@ import zarr
 
 from .. import dtypes
 from ..checkpoint import Checkpoint
-from ..digests import block_crc, block_digest, combine
-from ..geometry import block_ranges, chunk_elems
-from ..ops import merges
+from ..checkpoint.opening import open_file
+from ..ops.kernel import pack_mask, rebuild_bits
 from ..ops.masks import merged_weights, tall_masks
-from ..storage import format as fmt
+from ..ops.merges import TaskArithmetic, Ties
+from ..storage import layout
 from ..storage.arrays import WRITE_ALL, create_weights
 from ..storage.codecs import Codecs
+from ..storage.digests import block_crc, block_digest, combine
+from ..storage.geometry import block_ranges, chunk_elems
 from ..storage.stores import open_store
-from .inputs import InputSpec, check_finite, inputs, read_block
+from .executors import PerProcess
+from .inputs import Block, InputSpec, check_finite, inputs, read_block
 from .inputs import release as release_inputs
 from .plan import KeyPlan
+from .results import BlockResult, PackState, SeparateResult
 
 
 @dataclass(frozen=True)
@@ -41,7 +49,7 @@ class PackSpec:
     store: str
     storage_options: dict[str, Any] | None
     lams: tuple[float, ...]
-    rule: str
+    rule: TaskArithmetic | Ties
     params: dict[str, Any]
     codecs: Codecs
     embed_base: bool
@@ -67,57 +75,170 @@ class PackContext:
             return arr
 
 
-_CONTEXTS: dict[str, PackContext] = {}
-_CONTEXTS_LOCK = threading.Lock()
+_CONTEXTS: PerProcess[PackContext] = PerProcess()
 
 
 def context(spec: PackSpec) -> PackContext:
     """This process's context for ``spec``, opened on first use and then shared by its threads."""
-    with _CONTEXTS_LOCK:
-        ctx = _CONTEXTS.get(spec.token)
-        if ctx is None:
-            store = open_store(spec.store, read_only=False, storage_options=spec.storage_options)
-            ctx = _CONTEXTS[spec.token] = PackContext(
-                spec=spec,
-                root=zarr.open_group(store, mode="r+", zarr_format=3),
-                lam=torch.tensor(spec.lams, dtype=torch.float32),
-            )
-        return ctx
+    return _CONTEXTS.get(spec.token, lambda: PackContext(
+        spec=spec,
+        root=zarr.open_group(open_store(spec.store, read_only=False, storage_options=spec.storage_options),
+                             mode="r+", zarr_format=3),
+        lam=torch.tensor(spec.lams, dtype=torch.float32),
+    ))
 
 
 def release(spec: PackSpec) -> None:
     """Drop this process's context and open inputs for ``spec``, if any."""
-    with _CONTEXTS_LOCK:
-        _CONTEXTS.pop(spec.token, None)
+    _CONTEXTS.drop(spec.token)
     release_inputs(spec.inputs)
 
 
-@dataclass
+@dataclass(frozen=True)
 class MaskedBlock:
-    """Summary of one masked block: mask bytes for the mask writer plus digests and sums."""
+    """Compute and write one row block of a masked tensor for every task."""
 
-    key: str
+    spec: PackSpec
+    kp: KeyPlan
     index: int
-    mask_bytes: np.ndarray
-    base_digest: bytes
-    base_crc: int
-    task_digests: list[bytes]
-    task_crcs: list[int]
-    ones: np.ndarray
-    sq_err: np.ndarray
-    tau_sq: np.ndarray
-    nonzero: bool
+    weight: int
+
+    def run(self) -> BlockResult:
+        spec, kp = self.spec, self.kp
+        ctx = context(spec)
+        a, b = kp.blocks[self.index]
+        row = kp.info.row_numel
+        blk = read_block(spec.inputs, kp, self.index)
+        tau_mtl = spec.rule.apply(blk.tau, spec.params)
+        masks = tall_masks(blk.tau, tau_mtl, ctx.lam)
+        merged = merged_weights(blk.base, blk.tasks, blk.tau, tau_mtl)
+        base_t = blk.base.to(blk.tasks.dtype)
+        base_bits = dtypes.to_storage(base_t)
+        xor = dtypes.to_storage(merged) ^ base_bits
+        ctx.array(layout.merged_path(kp.node))[a * row : b * row] = xor
+        if spec.embed_base:
+            ctx.array(layout.base_path(kp.node))[a * row : b * row] = dtypes.to_storage(blk.base)
+        packed = pack_mask(masks.numpy())
+        T = blk.tasks.shape[0]
+        sq_err = np.zeros(T)
+        tau_sq = np.zeros(T)
+        digests, crcs = [], []
+        for t in range(T):  # one task at a time: float64 temporaries stay at one row's size
+            out = xor.copy()
+            rebuild_bits(out, base_bits, packed[t])
+            rebuilt = dtypes.from_storage(out, kp.info.dtype, (out.size,))
+            sq_err[t] = float((rebuilt.to(torch.float64) - blk.tasks[t].to(torch.float64)).square().sum())
+            tau_sq[t] = float(blk.tau[t].to(torch.float64).square().sum())
+            digests.append(block_digest(rebuilt))
+            crcs.append(block_crc(rebuilt))
+        return BlockResult(
+            key=kp.key,
+            index=self.index,
+            mask_bytes=packed,
+            base_digest=block_digest(blk.base),
+            base_crc=block_crc(base_t),
+            task_digests=digests,
+            task_crcs=crcs,
+            ones=np.array([np.count_nonzero(r) for r in masks.numpy()], dtype=np.int64),
+            sq_err=sq_err,
+            tau_sq=tau_sq,
+            nonzero=bool(xor.any()),
+        )
+
+    def absorb(self, result: BlockResult, state: PackState) -> None:
+        state.add_block(self.kp, result)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SeparateTensor:
-    """Summary of one separate tensor: the base digest and each task's source and digest."""
+    """Store each task's copy of a tensor exactly, unless it equals the base's copy."""
 
-    key: str
-    base_digest: str | None
-    base_crcs: list[int]
-    sources: dict[int, tuple[str, str, list[int]]]
-    exact_bytes: dict[int, int]
+    spec: PackSpec
+    kp: KeyPlan
+    weight: int
+
+    def run(self) -> SeparateResult:
+        spec, kp = self.spec, self.kp
+        ctx = context(spec)
+        got = inputs(spec.inputs)
+        base_digest = None
+        base_crcs: list[int] = []
+        if kp.base_info is not None:
+            info = kp.base_info
+            arr = None
+            if spec.embed_base:
+                arr = create_weights(
+                    ctx.root, layout.base_path(kp.node), info.numel, info.dtype.storage,
+                    chunk_elems(info, spec.block_elems), spec.codecs,
+                )
+            hashes = []
+            for a, b in kp.blocks:
+                t = got.base.read(kp.key, a, b)
+                _check_finite(spec, t, kp.key, "the base")
+                hashes.append(block_digest(t))
+                base_crcs.append(block_crc(t))
+                if arr is not None and t.numel():
+                    arr[a * info.row_numel : b * info.row_numel] = dtypes.to_storage(t)
+            base_digest = combine(hashes)
+        sources: dict[int, tuple[str, str, list[int]]] = {}
+        sizes: dict[int, int] = {}
+        for ti in kp.tasks_with:
+            ck = got.tasks[ti]
+            info = ck.info(kp.key)
+            if info == kp.base_info and base_digest is not None and _equal_to_base(got.base, ck, kp):
+                sources[ti] = (layout.SOURCE_BASE, base_digest, base_crcs)
+                continue
+            arr = create_weights(
+                ctx.root, layout.exact_path(kp.node, ti), info.numel, info.dtype.storage,
+                chunk_elems(info, spec.block_elems), spec.codecs,
+            )
+            hashes = []
+            crcs = []
+            for a, b in block_ranges(info, spec.block_elems):
+                t = ck.read(kp.key, a, b)
+                _check_finite(spec, t, kp.key, f"task {spec.inputs.names[ti]!r}")
+                hashes.append(block_digest(t))
+                crcs.append(block_crc(t))
+                if t.numel():
+                    arr[a * info.row_numel : b * info.row_numel] = dtypes.to_storage(t)
+            sources[ti] = (layout.SOURCE_EXACT, combine(hashes), crcs)
+            sizes[ti] = info.numel * info.dtype.itemsize
+        return SeparateResult(kp.key, base_digest, base_crcs, sources, sizes)
+
+    def absorb(self, result: SeparateResult, state: PackState) -> None:
+        state.separate[self.kp.key] = result
+
+
+@dataclass(frozen=True)
+class FileHash:
+    """The SHA-256 of one input file (a local path or a URL)."""
+
+    location: str
+    storage_options: dict[str, Any] | None
+    weight: int = 0
+
+    def run(self) -> str:
+        src = open_file(self.location, self.storage_options)
+        try:
+            return src.sha256()
+        finally:
+            src.close()
+
+    def absorb(self, result: str, state: PackState) -> None:
+        state.file_hashes[self.location] = result
+
+
+@dataclass(frozen=True)
+class BlockPass:
+    """A read-only pass over one row block: ``fn(block)`` on the inputs' block ``index`` of ``kp``."""
+
+    inputs: InputSpec
+    kp: KeyPlan
+    index: int
+    fn: Callable[[Block], Any]
+
+    def run(self) -> Any:
+        return self.fn(read_block(self.inputs, self.kp, self.index))
 
 
 def _check_finite(spec: PackSpec, t: torch.Tensor, key: str, who: str) -> None:
@@ -125,109 +246,8 @@ def _check_finite(spec: PackSpec, t: torch.Tensor, key: str, who: str) -> None:
         check_finite(t, key, who)
 
 
-def masked_block(spec: PackSpec, kp: KeyPlan, index: int) -> MaskedBlock:
-    """Compute and write one row block of a masked tensor for every task."""
-    ctx = context(spec)
-    a, b = kp.blocks[index]
-    row = kp.info.row_numel
-    base, tasks, tau = read_block(spec.inputs, kp, index)
-    tau_mtl = merges.apply(spec.rule, tau, spec.params)
-    masks = tall_masks(tau, tau_mtl, ctx.lam)
-    merged = merged_weights(base, tasks, tau, tau_mtl)
-    base_t = base.to(tasks.dtype)
-    xor = dtypes.bits(merged) ^ dtypes.bits(base_t)
-    nonzero = bool(xor.any())
-    ctx.array(fmt.merged_path(kp.node))[a * row : b * row] = dtypes.to_storage(xor)
-    if spec.embed_base:
-        ctx.array(fmt.base_path(kp.node))[a * row : b * row] = dtypes.to_storage(base)
-    T = tasks.shape[0]
-    sq_err = np.zeros(T)
-    tau_sq = np.zeros(T)
-    digests = []
-    crcs = []
-    for t in range(T):  # one task at a time: float64 temporaries stay at one row's size
-        rebuilt = torch.where(masks[t], merged, base_t)
-        diff = rebuilt.to(torch.float64) - tasks[t].to(torch.float64)
-        sq_err[t] = float(diff.square().sum())
-        tau_sq[t] = float(tau[t].to(torch.float64).square().sum())
-        digests.append(block_digest(rebuilt))
-        crcs.append(block_crc(rebuilt))
-    rows = masks.numpy()
-    return MaskedBlock(
-        key=kp.key,
-        index=index,
-        mask_bytes=np.packbits(rows, axis=1, bitorder=fmt.BITORDER),
-        base_digest=block_digest(base),
-        base_crc=block_crc(base_t),
-        task_digests=digests,
-        task_crcs=crcs,
-        ones=np.array([np.count_nonzero(r) for r in rows], dtype=np.int64),  # torch's bool sum makes a (T, n) int64
-        sq_err=sq_err,
-        tau_sq=tau_sq,
-        nonzero=nonzero,
-    )
-
-
-def separate_tensor(spec: PackSpec, kp: KeyPlan) -> SeparateTensor:
-    """Store each task's copy of a tensor exactly, unless it equals the base's copy."""
-    ctx = context(spec)
-    got = inputs(spec.inputs)
-    base_digest = None
-    base_crcs: list[int] = []
-    if kp.base_info is not None:
-        info = kp.base_info
-        arr = None
-        if spec.embed_base:
-            arr = create_weights(
-                ctx.root, fmt.base_path(kp.node), info.numel, info.dtype.storage,
-                chunk_elems(info, spec.block_elems), spec.codecs,
-            )
-        hashes = []
-        for a, b in kp.blocks:
-            t = got.base.read(kp.key, a, b)
-            _check_finite(spec, t, kp.key, "the base")
-            hashes.append(block_digest(t))
-            base_crcs.append(block_crc(t))
-            if arr is not None and t.numel():
-                arr[a * info.row_numel : b * info.row_numel] = dtypes.to_storage(t)
-        base_digest = combine(hashes)
-    sources: dict[int, tuple[str, str, list[int]]] = {}
-    sizes: dict[int, int] = {}
-    for ti in kp.tasks_with:
-        ck = got.tasks[ti]
-        info = ck.info(kp.key)
-        if info == kp.base_info and base_digest is not None and _equal_to_base(got.base, ck, kp):
-            sources[ti] = (fmt.SOURCE_BASE, base_digest, base_crcs)
-            continue
-        arr = create_weights(
-            ctx.root, fmt.exact_path(kp.node, ti), info.numel, info.dtype.storage,
-            chunk_elems(info, spec.block_elems), spec.codecs,
-        )
-        hashes = []
-        crcs = []
-        for a, b in block_ranges(info, spec.block_elems):
-            t = ck.read(kp.key, a, b)
-            _check_finite(spec, t, kp.key, f"task {spec.inputs.names[ti]!r}")
-            hashes.append(block_digest(t))
-            crcs.append(block_crc(t))
-            if t.numel():
-                arr[a * info.row_numel : b * info.row_numel] = dtypes.to_storage(t)
-        sources[ti] = (fmt.SOURCE_EXACT, combine(hashes), crcs)
-        sizes[ti] = info.numel * info.dtype.itemsize
-    return SeparateTensor(kp.key, base_digest, base_crcs, sources, sizes)
-
-
 def _equal_to_base(base: Checkpoint, ck: Checkpoint, kp: KeyPlan) -> bool:
     for a, b in kp.blocks:
         if not torch.equal(ck.read(kp.key, a, b), base.read(kp.key, a, b)):
             return False
     return True
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a whole input file (a local path or a remote file), read in 8 MiB pieces."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while piece := f.read(8 << 20):
-            h.update(piece)
-    return h.hexdigest()

@@ -1,69 +1,47 @@
-"""Decoding the archive's own chunks straight into caller memory, without zarr's per-array cost.
+"""The one checked chunk reader every read path uses: load, extract, merge, stats, verify.
 
-Archives written by tallstore use one of two codec chains (spec §2): ``bytes → blosc → crc32c``
-for weights and ``bytes → zstd → crc32c`` for masks, on flat arrays with zarr's default chunk
-keys. For an array whose metadata is exactly that, a reader can fetch the chunk objects through
-the store, check the CRC-32C trailer and decompress into the destination buffer itself: no
-intermediate arrays, no copy, no per-array event-loop round trip. Arrays stored any other spec
-way (rewritten by another Zarr tool, say) are read through zarr as usual.
+An archive is untrusted input, so every stored object is read the same bounded way:
+
+- **local** archives are read through a handle on the archive's root directory, opened once:
+  each path component is opened with ``O_NOFOLLOW`` (a symlink anywhere inside the archive is
+  refused, nothing outside the root is reachable), the object must be a regular file (a FIFO or
+  a device is refused before any read, opened ``O_NONBLOCK`` so opening never blocks) no larger
+  than an honest encoding of its chunk. Holding the root handle also pins the archive's
+  generation: replacing the archive at its path (``pack --force``) does not mix its files into a
+  reader that opened the old one.
+- **remote** archives are read with one bounded range request per object, all of a read's
+  objects in one concurrent round, at most ``concurrency`` in flight.
+
+Decoding (:class:`~tallstore.storage.codecs.ArrayFormat`) checks every ``crc32c`` trailer and
+bounds every decompressed size before allocating.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import stat
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
-import crc32c
 import numpy as np
-from numcodecs import blosc, zstd
-from zarr.abc.store import Store
+from zarr.abc.store import RangeByteRequest, Store
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from ..errors import CorruptArchiveError
+from .codecs import ArrayFormat
 
-BLOSC = "blosc"
-ZSTD = "zstd"
-_BLOSC_HEADER = 16
-_PLAIN_KEYS = {"shape", "data_type", "chunk_grid", "chunk_key_encoding", "fill_value", "codecs", "attributes",
-               "zarr_format", "node_type", "storage_transformers", "dimension_names"}
+MAX_DOCUMENT = 64 << 20
+_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 
 
-def fast_codec(meta: dict[str, Any], chunk: int) -> str | None:
-    """``"blosc"`` or ``"zstd"`` when ``meta`` (an array's zarr.json) is a flat array of ``chunk``-long
-    chunks under default keys and a tallstore codec chain; ``None`` when zarr must decode it."""
-    if not isinstance(meta, dict) or set(meta) - _PLAIN_KEYS or meta.get("storage_transformers"):
-        return None
-    grid = _dict(meta.get("chunk_grid"))
-    keys = _dict(meta.get("chunk_key_encoding"))
-    codecs = meta.get("codecs")
-    if (
-        grid.get("name") != "regular"
-        or _dict(grid.get("configuration")).get("chunk_shape") != [chunk]
-        or keys.get("name") != "default"
-        or _dict(keys.get("configuration")).get("separator", "/") != "/"
-        or not isinstance(codecs, list)
-        or len(codecs) != 3
-    ):
-        return None
-    first, middle, last = (_dict(c) for c in codecs)
-    endian = _dict(first.get("configuration")).get("endian", "little")
-    if first.get("name") != "bytes" or endian != "little" or last.get("name") != "crc32c":
-        return None
-    return middle["name"] if middle.get("name") in (BLOSC, ZSTD) else None
-
-
-def _dict(v: Any) -> dict[str, Any]:
-    return v if isinstance(v, dict) else {}
-
-
-def chunk_key(path: str, index: int) -> str:
-    """The store key of chunk ``index`` of the flat array at ``path`` (default key encoding)."""
-    return f"{path}/c/{index}"
+class MissingObject(CorruptArchiveError):
+    """A stored object the archive must hold is absent."""
 
 
 class BufferPool:
@@ -98,61 +76,255 @@ class BufferPool:
 BUFFERS = BufferPool()
 
 
-@contextmanager
-def read_local(path: str, pool: BufferPool = BUFFERS) -> Iterator[memoryview]:
-    """The bytes of the local chunk file ``path``, read into a pooled buffer (absent: corruption)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        raise CorruptArchiveError(f"chunk file {path} is missing") from None
-    try:
-        n = os.fstat(fd).st_size
-        with pool.take(n) as view:
-            if os.preadv(fd, [view], 0) != n:
-                raise CorruptArchiveError(f"chunk file {path} changed while it was read")
-            yield view
-    finally:
-        os.close(fd)
+class Objects:
+    """The stored objects of one archive, read under the rules of the module docstring."""
+
+    def __init__(self, location: str, store: Store | None, root: Path | None, concurrency: int | None) -> None:
+        self.location = location
+        self.store = store
+        self.concurrency = concurrency
+        self._root_fd: int | None = None
+        if root is not None:
+            try:
+                self._root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+            except OSError as e:
+                raise CorruptArchiveError(f"{location}: cannot open the archive folder ({e.strerror})") from None
+
+    @property
+    def local(self) -> bool:
+        return self._root_fd is not None
+
+    def close(self) -> None:
+        """Release the root directory handle."""
+        if self._root_fd is not None:
+            os.close(self._root_fd)
+            self._root_fd = None
+
+    @contextmanager
+    def open_local(self, key: str, limit: int, what: str = "chunk") -> Iterator[memoryview]:
+        """The bytes of the local object ``key``, read into a pooled buffer (see the module docstring)."""
+        if self._root_fd is None:
+            raise CorruptArchiveError("the archive is closed")
+        parts = key.split("/")
+        if any(p in ("", ".", "..") for p in parts):
+            raise CorruptArchiveError(f"refusing to read {key!r}")
+        fd = self._root_fd
+        opened: list[int] = []
+        try:
+            for i, part in enumerate(parts):
+                last = i == len(parts) - 1
+                try:
+                    fd = os.open(part, _FLAGS | (0 if last else os.O_DIRECTORY), dir_fd=fd)
+                except FileNotFoundError:
+                    raise MissingObject(f"{what} {key} is missing") from None
+                except OSError as e:
+                    raise CorruptArchiveError(f"{what} {key} cannot be opened inside the archive "
+                                              f"({e.strerror}: a symlink or not a folder?)") from None
+                opened.append(fd)
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise CorruptArchiveError(f"{what} {key} is not a regular file")
+            if st.st_size > limit:
+                raise CorruptArchiveError(f"{what} {key} holds {st.st_size} bytes, more than it may")
+            with BUFFERS.take(st.st_size) as view:
+                if st.st_size and os.preadv(fd, [view], 0) != st.st_size:
+                    raise CorruptArchiveError(f"{what} {key} changed while it was read")
+                yield view
+        finally:
+            for f in opened:
+                os.close(f)
+
+    def fetch(self, keys: Sequence[str], limits: Sequence[int], what: str = "chunk") -> list[Any]:
+        """The remote objects at ``keys`` (each at most ``limits[i]`` bytes), requested concurrently
+        in one round. A failed read is returned as its exception, so that the caller can name
+        what it was reading."""
+        if not keys:
+            return []
+        assert self.store is not None
+        store, proto = self.store, default_buffer_prototype()
+
+        async def gather() -> list[Any]:
+            gate = asyncio.Semaphore(self.concurrency or len(keys))
+
+            async def one(key: str, limit: int) -> np.ndarray:
+                async with gate:
+                    buf = await store.get(key, proto, RangeByteRequest(0, limit + 1))
+                if buf is None:
+                    raise MissingObject(f"{what} {key} is missing")
+                data = buf.as_numpy_array()
+                if data.size > limit:
+                    raise CorruptArchiveError(f"{what} {key} is larger than it may be")
+                return data
+
+            return await asyncio.gather(*(one(k, n) for k, n in zip(keys, limits)), return_exceptions=True)
+
+        return sync(gather())
+
+    def document(self, key: str, limit: int = MAX_DOCUMENT) -> Any:
+        """A JSON metadata document (``zarr.json``), bounded; ``None`` if it is absent."""
+        try:
+            if self.local:
+                with self.open_local(key, limit, "metadata document") as view:
+                    raw = bytes(view)
+            else:
+                got = self.fetch([key], [limit], "metadata document")[0]
+                if isinstance(got, BaseException):
+                    raise got
+                raw = got.tobytes()
+        except MissingObject:
+            return None
+        except CorruptArchiveError:
+            raise
+        except Exception as e:  # whatever an unreachable store raises
+            raise CorruptArchiveError(f"metadata document {key} cannot be read ({type(e).__name__})") from None
+        try:
+            return json.loads(raw)
+        except (UnicodeDecodeError, ValueError):
+            raise CorruptArchiveError(f"metadata document {key} is not valid JSON") from None
 
 
-def fetch(store: Store, keys: Sequence[str]) -> list[Any]:
-    """The stored objects at ``keys`` of an archive's :class:`~tallstore.storage.strict.StrictStore`
-    (which raises for an absent key), requested concurrently in one round. A failed read is
-    returned as its exception, so that the caller can name what it was reading."""
-    proto = default_buffer_prototype()
+class Batch:
+    """The chunks one read needs: planned, fetched in one round (remote), then decoded on demand.
 
-    async def one(key: str) -> np.ndarray:
-        return (await store.get(key, proto)).as_numpy_array()
-
-    async def gather() -> list[Any]:
-        return await asyncio.gather(*(one(k) for k in keys), return_exceptions=True)
-
-    return sync(gather()) if keys else []
-
-
-def decode_into(data: np.ndarray, codec: str, out: np.ndarray, chunk_nbytes: int, key: str) -> None:
-    """Check ``data``'s CRC-32C trailer and decompress its ``chunk_nbytes`` bytes into ``out``.
-
-    ``out`` (C-contiguous) receives the first ``out.nbytes`` of them: an array's last chunk is
-    padded to the full chunk length, and only its head belongs to the tensor.
+    Local chunks are read by the decoding thread itself; remote ones are fetched beforehand by
+    :meth:`fetch`. A chunk that fails to read or decode raises where it is used, so the caller
+    can name the tensor it was reading.
     """
-    whole = memoryview(data).cast("B")
-    body = whole[:-4]
-    if len(whole) < 4 or crc32c.crc32c(body) != int.from_bytes(whole[-4:], "little"):
-        raise CorruptArchiveError(f"chunk {key}: crc32c checksum mismatch")
-    dest = out.reshape(-1).view(np.uint8)
-    try:
-        if codec == BLOSC:
-            if len(body) < _BLOSC_HEADER or int.from_bytes(body[4:8], "little") != chunk_nbytes:
-                raise ValueError("its blosc header does not announce the chunk's length")
-            if dest.nbytes == chunk_nbytes:
-                blosc.decompress(body, dest)
-                return
-            raw = blosc.decompress(body)
+
+    def __init__(self, objects: Objects) -> None:
+        self.objects = objects
+        self._planned: dict[tuple[str, int], int] = {}
+        self._keys: list[str] = []
+        self._limits: list[int] = []
+        self._data: list[Any] = []
+
+    def add(self, array: ArrayFormat, index: int) -> None:
+        """Plan to read chunk ``index`` of ``array``."""
+        if (array.path, index) in self._planned:
+            return
+        if not 0 <= index < max(1, array.n_chunks):
+            raise CorruptArchiveError(f"chunk {index} of {array.path} is outside the array")
+        self._planned[array.path, index] = len(self._keys)
+        self._keys.append(array.key(index))
+        self._limits.append(array.max_stored)
+
+    def fetch(self) -> None:
+        """Fetch every planned remote chunk concurrently (local chunks are read when decoded)."""
+        if not self.objects.local:
+            self._data = self.objects.fetch(self._keys, self._limits)
+
+    def add_range(self, array: ArrayFormat, lo: int, hi: int) -> None:
+        """Plan to read elements ``[lo, hi)`` of ``array`` (every chunk they touch)."""
+        for c in range(lo // array.chunk, (hi - 1) // array.chunk + 1) if hi > lo else ():
+            self.add(array, c)
+
+    def read_range(self, array: ArrayFormat, lo: int, out: np.ndarray) -> None:
+        """Fill ``out`` (flat, ``array``'s storage dtype) with elements ``[lo, lo + out.size)``.
+
+        A chunk that ``out`` covers from its start is decoded straight into ``out``; any other
+        is decoded into a pooled buffer and its part copied.
+        """
+        hi = lo + out.size
+        for c in range(lo // array.chunk, (hi - 1) // array.chunk + 1) if hi > lo else ():
+            a, b = max(lo, c * array.chunk), min(hi, (c + 1) * array.chunk)
+            if a == c * array.chunk:
+                self.decode(array, c, out[a - lo : b - lo])
+                continue
+            with BUFFERS.take(array.chunk_nbytes) as buf:
+                full = np.frombuffer(buf, array.storage)
+                self.decode(array, c, full[: b - c * array.chunk])
+                out[a - lo : b - lo] = full[a - c * array.chunk : b - c * array.chunk]
+
+    def decode(self, array: ArrayFormat, index: int, out: np.ndarray) -> None:
+        """Decode chunk ``index`` of ``array`` into ``out``: its first ``out.nbytes`` bytes."""
+        slot = self._planned.get((array.path, index))
+        if slot is None:
+            raise CorruptArchiveError(f"chunk {array.key(index)} was not planned")
+        dest = out.reshape(-1).view(np.uint8)
+        if self.objects.local:
+            with self.objects.open_local(array.key(index), array.max_stored) as data:
+                self._decode_bytes(array, index, data, dest)
+            return
+        data, self._data[slot] = self._data[slot], None
+        if isinstance(data, BaseException):
+            if isinstance(data, CorruptArchiveError):
+                raise data
+            raise CorruptArchiveError(f"chunk {array.key(index)} cannot be read ({type(data).__name__}: {data})")
+        self._decode_bytes(array, index, memoryview(data).cast("B"), dest)
+
+    @staticmethod
+    def _decode_bytes(array: ArrayFormat, index: int, data: memoryview, dest: np.ndarray) -> None:
+        if dest.nbytes == array.chunk_nbytes:
+            array.decode(index, data, dest)
+            return
+        if dest.nbytes > array.valid_nbytes(index):
+            raise CorruptArchiveError(f"chunk {array.key(index)} is shorter than what is read of it")
+        with BUFFERS.take(array.chunk_nbytes) as buf:
+            full = np.frombuffer(buf, np.uint8)
+            array.decode(index, data, full)
+            dest[:] = full[: dest.nbytes]
+
+
+def coalesce(ranges: Sequence[tuple[int, int]], chunk: int) -> list[tuple[int, int]]:
+    """Sorted ranges merged wherever they share a chunk, so that no chunk is fetched twice."""
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(ranges):
+        if out and a // chunk <= (out[-1][1] - 1) // chunk:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
         else:
-            raw = zstd.decompress(body)
-    except (RuntimeError, ValueError) as e:
-        raise CorruptArchiveError(f"chunk {key}: cannot be decompressed ({e})") from None
-    if len(raw) != chunk_nbytes:
-        raise CorruptArchiveError(f"chunk {key} holds {len(raw)} bytes, expected {chunk_nbytes}")
-    dest[:] = np.frombuffer(raw, np.uint8, count=dest.nbytes)
+            out.append((a, b))
+    return out
+
+
+class ChunkReader:
+    """Checked reads of an archive's flat arrays: their metadata (checked once) and their chunks."""
+
+    def __init__(self, objects: Objects, nodes: dict[str, Any] | None) -> None:
+        self.objects = objects
+        self._nodes = nodes
+        self._formats: dict[str, ArrayFormat] = {}
+        self._lock = threading.Lock()
+
+    def metadata(self, path: str) -> Any:
+        """The ``zarr.json`` of node ``path``: its consolidated copy, else its own document."""
+        if self._nodes is not None:
+            meta = self._nodes.get(path)
+            if meta is None:
+                raise MissingObject(f"{path} is missing")
+            return meta
+        meta = self.objects.document(f"{path}/zarr.json")
+        if meta is None:
+            raise MissingObject(f"{path} is missing")
+        return meta
+
+    def array(self, path: str, storage: np.dtype, numel: int) -> ArrayFormat:
+        """The checked format of the flat array at ``path`` (``numel`` elements of ``storage``)."""
+        with self._lock:
+            fmt = self._formats.get(path)
+        if fmt is None:
+            fmt = ArrayFormat.from_meta(self.metadata(path), path, storage, numel)
+            with self._lock:
+                self._formats[path] = fmt
+        if fmt.storage != storage or fmt.numel != numel:
+            raise CorruptArchiveError(f"{path} holds ({fmt.numel},) {fmt.storage}, expected ({numel},) {storage}")
+        return fmt
+
+    def batch(self) -> Batch:
+        """A new set of chunk reads, fetched together."""
+        return Batch(self.objects)
+
+    def read(self, array: ArrayFormat, lo: int = 0, hi: int | None = None) -> np.ndarray:
+        """Elements ``[lo, hi)`` of ``array``, every chunk they touch checked."""
+        hi = array.numel if hi is None else hi
+        out = np.empty(max(0, hi - lo), array.storage)
+        self.read_into([(array, lo, out)])
+        return out
+
+    def read_into(self, reads: Sequence[tuple[ArrayFormat, int, np.ndarray]]) -> None:
+        """For each ``(array, lo, out)``, fill ``out`` with elements ``[lo, lo + out.size)``; one round."""
+        batch = self.batch()
+        for array, lo, out in reads:
+            batch.add_range(array, lo, lo + out.size)
+        batch.fetch()
+        for array, lo, out in reads:
+            batch.read_range(array, lo, out.reshape(-1))

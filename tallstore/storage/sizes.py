@@ -7,7 +7,7 @@ from typing import Any
 
 import fsspec
 
-from .stores import is_url, local_path
+from ..locations import is_url, local_path
 
 
 def stored_bytes(location: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> dict[str, int]:

@@ -19,19 +19,25 @@ from __future__ import annotations
 import math
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from . import dtypes
-from .errors import PlanError
-from .ops import merges
-from .ops.masks import merged_weights, tall_masks
-from .packing.executors import Executor
-from .packing.inputs import InputSpec, inputs, read_block
-from .packing.plan import KeyPlan, Plan
+from .. import dtypes
+from ..errors import PlanError
+from ..ops.kernel import pack_mask, rebuild_bits
+from ..ops.masks import merged_weights, tall_masks
+from ..ops.merges import TaskArithmetic, Ties
+from .executors import Executor
+from .inputs import Block, InputSpec, inputs
+from .passes import run_pass
+from .plan import KeyPlan, Plan
+from .units import BlockPass
+
+Rule = TaskArithmetic | Ties
 
 DEFAULT_GRID = (0.2, 0.3, 0.4, 0.5, 0.6)
 METHODS = ("auto", "search")
@@ -63,7 +69,7 @@ def check(lam: object, grid: Iterable[float], evaluate: Evaluate | None) -> tupl
 
 
 def select(
-    method: str, plan: Plan, spec: InputSpec, rule: str, params: dict[str, Any], executor: Executor,
+    method: str, plan: Plan, spec: InputSpec, rule: Rule, params: dict[str, Any], executor: Executor,
     grid: Sequence[float], evaluate: Evaluate | None = None, scratch: str | Path | None = None,
 ) -> tuple[list[float], dict[str, Any]]:
     """λ_t per task by ``method`` and the record stored as the manifest's ``lam_selection``."""
@@ -90,14 +96,14 @@ def cosine(dot: float, rebuilt_sq: float, tau_sq: float) -> float:
     return dot / math.sqrt(rebuilt_sq * tau_sq)
 
 
-def cosine_unit(spec: InputSpec, kp: KeyPlan, index: int, rule: str, params: dict[str, Any], grid: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+def cosine_sums(block: Block, rule: Rule, params: dict[str, Any], grid: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
     """Per task and grid λ, this block's ``Σ m τ_MTL τ_t``, ``Σ m τ_MTL²``, ``Σ m``; and ``Σ τ_t²``.
 
     One task at a time, so the float64 temporaries stay at one row's size, not ``(T, n)``; the
     masks are those of :func:`~tallstore.ops.masks.tall_masks`.
     """
-    _, _, tau = read_block(spec, kp, index)
-    tau_mtl = merges.apply(rule, tau, params)
+    tau = block.tau
+    tau_mtl = rule.apply(tau, params)
     T = tau.shape[0]
     mtl64 = tau_mtl.to(torch.float64)
     mtl_sq = mtl64.square()
@@ -115,28 +121,21 @@ def cosine_unit(spec: InputSpec, kp: KeyPlan, index: int, rule: str, params: dic
 
 
 def auto_scores(
-    plan: Plan, spec: InputSpec, rule: str, params: dict[str, Any], executor: Executor, grid: Sequence[float],
+    plan: Plan, spec: InputSpec, rule: Rule, params: dict[str, Any], executor: Executor, grid: Sequence[float],
 ) -> tuple[list[list[float]], dict[str, Any]]:
-    """Cosine score of every task and grid value, in one streaming pass; plus mask densities.
-
-    Block sums are added in plan order, not completion order, so scores are reproducible.
-    """
+    """Cosine score of every task and grid value, in one streaming pass; plus mask densities."""
     T = len(spec.tasks)
-    blocks = [(kp, i) for kp in plan.masked() for i in range(len(kp.blocks))]
-    parts = dict(executor.run([(j, cosine_unit, (spec, kp, i, rule, params, tuple(grid))) for j, (kp, i) in enumerate(blocks)]))
-    sums = sum((parts[j][0] for j in range(len(blocks))), np.zeros((T, len(grid), 3)))
-    tau_sq = sum((parts[j][1] for j in range(len(blocks))), np.zeros(T))
+    sums, tau_sq = run_pass(executor, spec, plan, partial(cosine_sums, rule=rule, params=params, grid=tuple(grid)))
     numel = sum(kp.info.numel for kp in plan.masked())
     scores = [[cosine(sums[t, g, 0], sums[t, g, 1], tau_sq[t]) for g in range(len(grid))] for t in range(T)]
     density = {n: [float(sums[t, g, 2] / numel) if numel else 0.0 for g in range(len(grid))] for t, n in enumerate(spec.names)}
     return scores, {"density": density}
 
 
-def merged_unit(spec: InputSpec, kp: KeyPlan, index: int, rule: str, params: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+def merged_bits(block: Block, rule: Rule, params: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     """One block's ``τ_MTL`` (float32) and the bits of ``θ_MTL`` exactly as the packer stores it."""
-    base, tasks, tau = read_block(spec, kp, index)
-    tau_mtl = merges.apply(rule, tau, params)
-    return tau_mtl.numpy(), dtypes.to_storage(merged_weights(base, tasks, tau, tau_mtl)).view(np.uint8)
+    tau_mtl = rule.apply(block.tau, params)
+    return tau_mtl.numpy(), dtypes.to_storage(merged_weights(block.base, block.tasks, block.tau, tau_mtl)).view(np.uint8)
 
 
 class MergedCache:
@@ -160,12 +159,13 @@ class MergedCache:
         self.tau_mtl = np.memmap(root / "tau_mtl", np.float32, "w+", shape=(n,)) if n else np.zeros(0, np.float32)
         self.merged = np.memmap(root / "merged", np.uint8, "w+", shape=(nb,)) if nb else np.zeros(0, np.uint8)
 
-    def fill(self, rule: str, params: dict[str, Any], executor: Executor) -> None:
+    def fill(self, rule: Rule, params: dict[str, Any], executor: Executor) -> None:
         """Compute every block of ``τ_MTL`` and ``θ_MTL`` on ``executor`` and store it."""
-        spec = self.spec
-        jobs = [((kp, i), merged_unit, (spec, kp, i, rule, params)) for kp in self.masked.values() for i in range(len(kp.blocks))]
-        for (kp, i), (mtl, bits) in executor.run(jobs):
-            at = kp.blocks[i][0] * kp.info.row_numel
+        fn = partial(merged_bits, rule=rule, params=params)
+        units = [BlockPass(self.spec, kp, i, fn) for kp in self.masked.values() for i in range(len(kp.blocks))]
+        for unit, (mtl, bits) in executor.run(units):
+            kp = unit.kp
+            at = kp.blocks[unit.index][0] * kp.info.row_numel
             self.tau_mtl[self.elem[kp.key] + at : self.elem[kp.key] + at + mtl.size] = mtl
             b0 = self.byte[kp.key] + at * kp.info.dtype.itemsize
             self.merged[b0 : b0 + bits.size] = bits
@@ -194,11 +194,14 @@ class MergedCache:
         base = base.reshape(-1)
         tau = task.reshape(1, -1).to(torch.float32) - base.to(torch.float32)
         mask = tall_masks(tau, tau_mtl, torch.tensor([lam]))[0]
-        return torch.where(mask, merged, base.to(info.dtype.torch)).reshape(info.shape)
+        base_bits = dtypes.to_storage(base.to(info.dtype.torch))
+        out = dtypes.to_storage(merged) ^ base_bits
+        rebuild_bits(out, base_bits, pack_mask(mask.numpy()))
+        return dtypes.from_storage(out, info.dtype, info.shape)
 
 
 def search_scores(
-    plan: Plan, spec: InputSpec, rule: str, params: dict[str, Any], executor: Executor,
+    plan: Plan, spec: InputSpec, rule: Rule, params: dict[str, Any], executor: Executor,
     grid: Sequence[float], evaluate: Evaluate, scratch: str | Path | None = None,
 ) -> list[list[float]]:
     """``evaluate(name, θ̂_t(λ))`` for every task and grid value, one task model in memory at a time."""

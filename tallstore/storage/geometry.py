@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 
-from .checkpoint import TensorInfo
+from ..dtypes import TensorInfo
 
 DEFAULT_BLOCK_ELEMS = 1 << 22
 

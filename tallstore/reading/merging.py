@@ -13,7 +13,8 @@ itself, bit for bit; otherwise ``cast_d(θ₀ + α·τ_MTL)``. Unselected entrie
 
 Tensors that are not masked have no merged value: a tensor the base holds is the base's copy
 (tensors every task left at the base, integer buffers, ``exact`` patterns); a tensor the base
-lacks (per-task heads) is omitted and listed in ``omitted``. One tensor is read at a time.
+lacks (per-task heads) is omitted and listed in ``omitted``. One tensor is read at a time,
+through the same checked chunk reader and rebuild kernel as task loads.
 """
 
 from __future__ import annotations
@@ -22,41 +23,46 @@ import math
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from . import dtypes
-from .checkpoint import TensorInfo
-from .checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, save
-from .errors import CorruptArchiveError, MergeError, TallstoreError
-from .ops.masks import consensus_mask
-from .storage import format as fmt
-from .storage.reading import read_many
+from .. import dtypes
+from ..checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, save
+from ..dtypes import TensorInfo
+from ..errors import CorruptArchiveError, MergeError, TallstoreError
+from ..ops.kernel import pack_mask, rebuild_bits
+from ..ops.masks import consensus_mask
+from ..ops.merges import RULES
+from ..storage import layout
+from ..storage.manifest import TensorEntry
+from .base_model import EmbeddedBase, ExternalBase
+from .source import ArchiveSource
 
-if TYPE_CHECKING:
-    from .archive import Archive
-
-METHODS = ("consensus", "ta", "ties")
+CONSENSUS = "consensus"
+METHODS = (CONSENSUS, *RULES)
 DEFAULT_K = 2
 
 
 class MergedView(Mapping[str, torch.Tensor]):
     """A merged model as a lazy ``Mapping[str, Tensor]`` in the base's key order."""
 
-    def __init__(self, archive: Archive, method: str = "consensus", *, k: int | None = None, alpha: float = 1.0) -> None:
-        rule = archive.manifest["merge"]["rule"]
+    def __init__(
+        self, source: ArchiveSource, base: ExternalBase | EmbeddedBase, method: str = CONSENSUS, *,
+        k: int | None = None, alpha: float = 1.0,
+    ) -> None:
+        m = source.manifest
+        rule = m.merge.rule
         if method not in METHODS:
             raise MergeError(f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}")
-        if method != "consensus" and k is not None:
+        if method != CONSENSUS and k is not None:
             raise MergeError(f"k applies to consensus merging only, not to {method!r}")
-        if method in ("ta", "ties") and method != rule:
+        if method in RULES and method != rule:
             raise MergeError(
                 f"the {method!r} model needs an archive packed with --merge {method}; "
-                f"{archive.location} was packed with {rule!r} (use 'consensus' or {rule!r})"
+                f"{source.location} was packed with {rule!r} (use 'consensus' or {rule!r})"
             )
-        if method == "consensus":
+        if method == CONSENSUS:
             k = DEFAULT_K if k is None else k
             if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
                 raise MergeError(f"k must be an integer ≥ 0, got {k!r}")
@@ -66,14 +72,14 @@ class MergedView(Mapping[str, torch.Tensor]):
             raise MergeError(f"alpha must be a number, got {alpha!r}") from None
         if not math.isfinite(alpha):
             raise MergeError(f"alpha must be finite, got {alpha}")
-        self.archive = archive
+        self._source = source
+        self._base = base
         self.method = method
         self.k = None if k is None else int(k)
         self.alpha = alpha
-        base_keys = archive.manifest["base"]["keys"]
-        known = set(base_keys)
-        self._keys = [key for key in base_keys if key in archive.entries]
-        self.omitted = [e["key"] for e in archive.manifest["tensors"] if e["key"] not in known]
+        known = set(m.base.keys)
+        self._keys = [key for key in m.base.keys if key in m.entries]
+        self.omitted = [e.key for e in m.tensors if e.key not in known]
 
     def describe(self) -> str:
         """A short description such as ``consensus k=2 α=1.0``."""
@@ -87,21 +93,28 @@ class MergedView(Mapping[str, torch.Tensor]):
         return len(self._keys)
 
     def __contains__(self, key: object) -> bool:
-        return key in self.archive.entries and key not in self.omitted
+        return key in self._source.manifest.entries and key not in self.omitted
 
     def info(self, key: str) -> TensorInfo:
         """Dtype and shape of ``key`` in the merged model."""
         e = self._entry(key)
-        name = e["dtype"] if e["kind"] != fmt.KIND_SEPARATE else e.get("base_dtype", e["dtype"])
-        return TensorInfo(dtypes.by_name(name), tuple(e["shape"]))
+        d = e.dtype if e.kind != layout.KIND_SEPARATE else (e.base_dtype or e.dtype)
+        return TensorInfo(d, e.shape)
 
     def __getitem__(self, key: str) -> torch.Tensor:
         e = self._entry(key)
         info = self.info(key)
-        base = self.archive.base.read(key)
-        if e["kind"] != fmt.KIND_MASKED:
+        base = self._base.read(key)
+        if e.kind != layout.KIND_MASKED:
             return base.to(info.dtype.torch)
-        return self._merge(e, info, base.reshape(-1)).reshape(info.shape)
+        try:
+            return self._merge(e, info, base.reshape(-1)).reshape(info.shape)
+        except TallstoreError as err:
+            if not isinstance(err, CorruptArchiveError):
+                raise
+            raise CorruptArchiveError(
+                f"{self._source.location}: tensor {key!r}: stored data is unreadable or corrupt ({err})"
+            ) from None
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Every tensor of the merged model (all in memory: prefer ``save`` for large models)."""
@@ -115,36 +128,44 @@ class MergedView(Mapping[str, torch.Tensor]):
         meta = {"tallstore_merge": self.describe()}
         return save(out, items, self.__getitem__, overwrite=overwrite, max_shard_bytes=max_shard_bytes, metadata=meta)
 
-    def _entry(self, key: str) -> dict[str, Any]:
+    def _entry(self, key: str) -> TensorEntry:
         if key not in self:
             raise KeyError(f"the merged model has no tensor {key!r}")
-        return self.archive.entries[key]
+        return self._source.manifest.entries[key]
 
-    def _merge(self, e: dict[str, Any], info: TensorInfo, base: torch.Tensor) -> torch.Tensor:
-        arc = self.archive
+    def _merge(self, e: TensorEntry, info: TensorInfo, base: torch.Tensor) -> torch.Tensor:
+        source = self._source
+        reader = source.reader
         n = info.numel
-        lo, hi = e["mask_offset"], e["mask_offset"] + (n + 7) // 8
-        reads = [(arc.root[fmt.merged_path(e["node"])], slice(None))]
-        if self.method == "consensus":
-            reads += [(arc.root[fmt.mask_path(t)], slice(lo, hi)) for t in range(len(arc))]
-        try:
-            xor, *masks = read_many(reads)
-        except TallstoreError:
-            raise
-        except Exception as err:
-            raise CorruptArchiveError(
-                f"{arc.location}: tensor {e['key']!r}: stored data is unreadable or corrupt ({type(err).__name__}: {err})"
-            ) from None
+        lo, hi = e.mask_range
+        merged_arr = reader.array(layout.merged_path(e.node), info.dtype.storage, n)
+        batch = reader.batch()
+        batch.add_range(merged_arr, 0, n)
+        masks = []
+        if self.method == CONSENSUS:
+            nbytes = source.manifest.mask.nbytes
+            masks = [reader.array(layout.mask_path(t), np.dtype(np.uint8), nbytes) for t in range(len(source.manifest.tasks))]
+            for m in masks:
+                batch.add_range(m, lo, hi)
+        batch.fetch()
+        xor = np.empty(n, info.dtype.storage)
+        batch.read_range(merged_arr, 0, xor)
         base_d = base.to(info.dtype.torch)
-        bb = dtypes.bits(base_d)
-        merged = (bb ^ torch.from_numpy(xor.view(bb.numpy().dtype))).view(info.dtype.torch)
+        base_bits = dtypes.to_storage(base_d)
         if self.alpha != 1.0:
+            merged = dtypes.from_storage(xor ^ base_bits, info.dtype, (n,))
             tau_mtl = merged.to(torch.float32) - base.to(torch.float32)
-            merged = (base.to(torch.float32) + self.alpha * tau_mtl).to(info.dtype.torch)
-        if self.method != "consensus":
-            return merged
-        assert self.k is not None
-        count = np.zeros(n, np.int32)
-        for m in masks:
-            count += np.unpackbits(m, count=n, bitorder=fmt.BITORDER)
-        return torch.where(consensus_mask(torch.from_numpy(count), self.k), merged, base_d)
+            scaled = (base.to(torch.float32) + self.alpha * tau_mtl).to(info.dtype.torch)
+            xor = dtypes.to_storage(scaled) ^ base_bits
+        if self.method == CONSENSUS:
+            assert self.k is not None
+            count = np.zeros(n, np.int32)
+            bits = np.empty(hi - lo, np.uint8)
+            for m in masks:
+                batch.read_range(m, lo, bits)
+                count += np.unpackbits(bits, count=n, bitorder=layout.BITORDER)
+            keep = pack_mask(consensus_mask(torch.from_numpy(count), self.k).numpy())
+        else:
+            keep = np.full((n + 7) // 8, 0xFF, np.uint8)
+        rebuild_bits(xor, base_bits, keep)
+        return dtypes.from_storage(xor, info.dtype, (n,))

@@ -15,10 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 import crc32c
 import torch
 
-from . import dtypes
-from .checkpoint import Checkpoint, TensorInfo
+from .. import dtypes
+from ..checkpoint import Checkpoint
+from ..dtypes import TensorInfo
+from ..locations import is_url
 from .geometry import block_ranges
-from .storage.stores import is_url
 
 PROBE_THREADS = 16
 
@@ -79,7 +80,7 @@ def probe(ckpt: Checkpoint) -> str:
     def row_digest(kr: tuple[str, int]) -> bytes:
         return hashlib.sha256(ckpt.read_bytes(kr[0], kr[1], kr[1] + 1)).digest()
 
-    if any(is_url(f) for f in ckpt.files):
+    if any(is_url(f.location) for f in ckpt.files):
         with ThreadPoolExecutor(max_workers=PROBE_THREADS) as pool:
             digests = dict(zip(reads, pool.map(row_digest, reads)))
     else:

@@ -11,19 +11,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-from .checkpoint import TensorInfo
-from .dtypes import by_name
-from .errors import CorruptArchiveError, TallstoreError
-from .storage import format as fmt
-from .storage.reading import read_many
-
-if TYPE_CHECKING:
-    from .archive import Archive
+from ..errors import CorruptArchiveError, TallstoreError
+from ..storage import layout
+from .source import ArchiveSource
 
 PIECE = 1 << 20  # mask elements unpacked at a time (a multiple of 8)
 WINDOW = 4 << 20  # mask bytes read per task at a time (rounded down to whole chunks)
@@ -63,14 +58,15 @@ class _Counts:
         }
 
 
-def mask_stats(arc: Archive) -> dict[str, Any]:
+def mask_stats(source: ArchiveSource) -> dict[str, Any]:
     """Densities, the 0…T selection histogram, catastrophic/selfish fractions overall and per
     layer, the weights each task holds alone, and the pairwise Jaccard overlap of the masks."""
-    names = arc.tasks
+    m = source.manifest
+    names = list(m.tasks)
     T = len(names)
     entries = sorted(
-        (e for e in arc.manifest["tensors"] if e["kind"] in (fmt.KIND_MASKED, fmt.KIND_BASE)),
-        key=lambda e: e["mask_offset"],
+        (e for e in m.tensors if e.kind in (layout.KIND_MASKED, layout.KIND_BASE) and e.mask_offset is not None),
+        key=lambda e: e.mask_offset or 0,
     )
     overall = _Counts(T)
     layers: dict[str, _Counts] = {}
@@ -78,22 +74,21 @@ def mask_stats(arc: Archive) -> dict[str, Any]:
     alone = np.zeros(T, np.int64)
     segments = []
     for e in entries:
-        n = TensorInfo(by_name(e["dtype"]), tuple(e["shape"])).numel
-        segments.append((e["mask_offset"], n, layers.setdefault(layer_of(e["key"]), _Counts(T))))
-    chunk = int(arc.manifest["mask"]["chunk_bytes"])
+        segments.append((e.mask_offset, e.info.numel, layers.setdefault(layer_of(e.key), _Counts(T))))
+    chunk = m.mask.chunk_bytes
     window = WINDOW - WINDOW % chunk if WINDOW >= chunk else WINDOW
-    total_bytes = int(arc.manifest["mask"]["nbytes"])
+    total_bytes = m.mask.nbytes
     s = 0
     for w0 in range(0, total_bytes, window):
         w1 = min(w0 + window, total_bytes)
-        data = _read_window(arc, w0, w1)
+        data = _read_window(source, w0, w1)
         while s < len(segments) and segments[s][0] < w1:
             lo, n, counts = segments[s]
             a, b = max(lo, w0), min(lo + (n + 7) // 8, w1)
             for p in range(a, b, PIECE // 8):
                 q = min(p + PIECE // 8, b)
                 count = min((q - p) * 8, n - (p - lo) * 8)
-                bits = np.unpackbits(data[:, p - w0 : q - w0], axis=1, count=count, bitorder=fmt.BITORDER)
+                bits = np.unpackbits(data[:, p - w0 : q - w0], axis=1, count=count, bitorder=layout.BITORDER)
                 selected = bits.sum(axis=0, dtype=np.int64)
                 h = np.bincount(selected, minlength=T + 1)
                 for c in (overall, counts):
@@ -110,7 +105,7 @@ def mask_stats(arc: Archive) -> dict[str, Any]:
     union = torch.tensor(ones, dtype=torch.float64).view(-1, 1) + torch.tensor(ones, dtype=torch.float64).view(1, -1) - inter
     jaccard = torch.where(union > 0, inter / union.clamp(min=1), torch.ones((), dtype=torch.float64))
     return {
-        "location": arc.location,
+        "location": source.location,
         "tasks": names,
         "masked_params": total,
         "density": {n: ones[t] / total if total else 0.0 for t, n in enumerate(names)},
@@ -121,15 +116,16 @@ def mask_stats(arc: Archive) -> dict[str, Any]:
     }
 
 
-def _read_window(arc: Archive, w0: int, w1: int) -> np.ndarray:
+def _read_window(source: ArchiveSource, w0: int, w1: int) -> np.ndarray:
     """Bytes ``[w0, w1)`` of every task's mask, as a ``(T, w1 − w0)`` uint8 array."""
+    m = source.manifest
+    out = np.empty((len(m.tasks), w1 - w0), np.uint8)
     try:
-        parts = read_many([(arc.root[fmt.mask_path(t)], slice(w0, w1)) for t in range(len(arc))])
-    except TallstoreError:
-        raise
-    except Exception as e:
-        raise CorruptArchiveError(f"{arc.location}: mask data is unreadable or corrupt ({type(e).__name__}: {e})") from None
-    return np.stack(parts)
+        arrays = [source.reader.array(layout.mask_path(t), np.dtype(np.uint8), m.mask.nbytes) for t in range(len(m.tasks))]
+        source.reader.read_into([(a, w0, out[t]) for t, a in enumerate(arrays)])
+    except TallstoreError as e:
+        raise CorruptArchiveError(f"{source.location}: mask data is unreadable or corrupt ({e})") from None
+    return out
 
 
 def plot(stats: dict[str, Any], out: str | Path) -> Path:

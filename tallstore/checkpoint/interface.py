@@ -1,0 +1,54 @@
+"""The lazy checkpoint interface every reader implements: ordered keys, infos, row-range reads."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from .. import dtypes
+from ..dtypes import TensorInfo
+from .sources import ByteSource
+
+
+class Checkpoint(ABC):
+    """A read-only, lazily read state dict: ordered keys, metadata, and row-range reads."""
+
+    path: str
+    keys: list[str]
+
+    @abstractmethod
+    def info(self, key: str) -> TensorInfo:
+        """Dtype and shape of ``key``."""
+
+    @abstractmethod
+    def read(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows ``[start, stop)`` along dim 0 of ``key`` (the whole tensor for a scalar)."""
+
+    def read_bytes(self, key: str, start: int = 0, stop: int | None = None) -> bytes:
+        """The raw little-endian bytes of rows ``[start, stop)`` of ``key`` (what digests hash)."""
+        return dtypes.to_storage(self.read(key, start, stop)).tobytes()
+
+    @property
+    @abstractmethod
+    def files(self) -> list[ByteSource]:
+        """The files this checkpoint is made of, in a stable order."""
+
+    def close(self) -> None:
+        """Release file handles."""
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._key_set
+
+    @property
+    def _key_set(self) -> set[str]:
+        cached = self.__dict__.get("_keys_cache")
+        if cached is None:
+            cached = self.__dict__["_keys_cache"] = set(self.keys)
+        return cached
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

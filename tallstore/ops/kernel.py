@@ -1,0 +1,43 @@
+"""The one rebuild kernel: ``θ̂_t = m_t ? θ_MTL : θ₀`` on bit patterns, in place, tile by tile.
+
+Every path that rebuilds a task or a merged model calls it (packing, loading, merging, λ
+passes). It works on the stored form: ``out`` holds ``bits(θ_MTL) XOR bits(θ₀)`` on entry, so
+``out ← bits(θ₀) XOR (out AND m)`` gives ``θ_MTL`` where the mask is set and ``θ₀`` elsewhere,
+one tile at a time while the tile and its base are in the core's cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+TILE = 1 << 18  # elements combined at a time
+BITORDER = "little"
+
+Visit = Callable[[np.ndarray], None]
+
+
+def rebuild_bits(out: np.ndarray, base: np.ndarray, mask: np.ndarray | None, visit: Visit | None = None) -> None:
+    """Rebuild ``out`` (flat, an unsigned integer view of the task's dtype) in place.
+
+    ``out`` holds ``bits(θ_MTL) XOR bits(θ₀)`` and ``base`` the bits of ``θ₀`` in the task's dtype;
+    ``mask`` is the packed mask bits (bit ``i`` of the tensor is bit ``i mod 8``, least significant
+    first, of byte ``i div 8``), or ``None`` for an all-zero mask (the rebuild is the base).
+    ``visit`` sees each finished tile in order (a running checksum, say).
+    """
+    for t in range(0, out.size, TILE):
+        o, b = out[t : t + TILE], base[t : t + TILE]
+        if mask is None:
+            o[:] = b
+        else:
+            keep = np.unpackbits(mask[t // 8 : (t + o.size + 7) // 8], count=o.size, bitorder=BITORDER)
+            np.multiply(o, keep, out=o)
+            np.bitwise_xor(o, b, out=o)
+        if visit is not None:
+            visit(o)
+
+
+def pack_mask(mask: np.ndarray) -> np.ndarray:
+    """Packed bits (the kernel's and the archive's mask form) of a boolean array, along its last axis."""
+    return np.packbits(mask, axis=-1, bitorder=BITORDER)

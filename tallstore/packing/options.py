@@ -1,0 +1,89 @@
+"""Every choice a pack makes, validated once: λ, the merge rule, storage, codecs, parallelism."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from ..errors import PlanError
+from ..ops import merges, ties
+from ..storage.codecs import Codecs, preset
+from ..storage.geometry import DEFAULT_BLOCK_ELEMS
+from . import lam as lam_select
+
+DEFAULT_LAM = 0.4
+Lam = float | Mapping[str, float] | str
+
+
+@dataclass(frozen=True)
+class PackOptions:
+    """How to pack (see :func:`tallstore.pack` for each option); checked on construction.
+
+    ``lam`` is one λ, a per-task mapping (tasks it does not name get ``DEFAULT_LAM``),
+    ``"auto"`` or ``"search"`` (with ``evaluate``), the last two choosing from ``lam_grid``.
+    """
+
+    lam: Lam = DEFAULT_LAM
+    merge: str = "ta"
+    ties_top: float = ties.DEFAULT_TOP
+    lam_grid: tuple[float, ...] = lam_select.DEFAULT_GRID
+    evaluate: lam_select.Evaluate | None = None
+    embed_base: bool = False
+    exact: tuple[str, ...] = ()
+    overwrite: bool = False
+    allow_nonfinite: bool = False
+    block_elems: int = DEFAULT_BLOCK_ELEMS
+    workers: int = 2
+    codecs: Codecs | str = field(default_factory=Codecs)
+    rule: merges.TaskArithmetic | merges.Ties = field(init=False)
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "lam_grid", lam_select.check(self.lam, self.lam_grid, self.evaluate))
+        if isinstance(self.lam, Mapping):
+            set_(self, "lam", MappingProxyType({str(k): _lam(v, k) for k, v in self.lam.items()}))
+        elif not isinstance(self.lam, str):
+            set_(self, "lam", _lam(self.lam, None))
+        set_(self, "rule", merges.rule(self.merge, **({"top": self.ties_top} if self.merge == "ties" else {})))
+        if isinstance(self.codecs, str):
+            set_(self, "codecs", preset(self.codecs))
+        if not isinstance(self.codecs, Codecs):
+            raise PlanError(f"codecs must be 'fast', 'compact' or a Codecs value, got {self.codecs!r}")
+        if isinstance(self.exact, str):
+            set_(self, "exact", (self.exact,))
+        set_(self, "exact", tuple(self.exact))
+        if isinstance(self.block_elems, bool) or not isinstance(self.block_elems, int) or self.block_elems < 1:
+            raise PlanError(f"block_elems must be a positive integer, got {self.block_elems!r}")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise PlanError(f"workers must be a positive integer, got {self.workers!r}")
+
+    @property
+    def selects_lam(self) -> bool:
+        """Whether λ is chosen by a pass over the inputs (``auto``/``search``)."""
+        return isinstance(self.lam, str)
+
+    def lams(self, names: Iterable[str]) -> list[float]:
+        """One λ per task from a single value or a per-task mapping (others get ``DEFAULT_LAM``)."""
+        names = list(names)
+        if isinstance(self.lam, str):
+            raise PlanError(f"λ is chosen by {self.lam!r}, not given")
+        if isinstance(self.lam, Mapping):
+            unknown = set(self.lam) - set(names)
+            if unknown:
+                raise PlanError(f"λ given for unknown task {sorted(unknown)[0]!r}")
+            return [float(self.lam.get(n, DEFAULT_LAM)) for n in names]
+        return [float(self.lam)] * len(names)
+
+
+def _lam(v: Any, task: str | None) -> float:
+    who = f"for task {task!r} " if task is not None else ""
+    try:
+        value = float(v)
+    except (TypeError, ValueError):
+        raise PlanError(f"λ {who}must be a number, got {v!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise PlanError(f"λ {who}must be a finite number ≥ 0, got {value}")
+    return value

@@ -1,0 +1,1 @@
+"""Reading archives: the opened source, loads, the base, merged models, verify, stats, summaries."""

@@ -1,0 +1,200 @@
+"""The public reading API: ``open`` gives a read-only mapping of tasks, each a lazy tensor mapping.
+
+A task tensor is rebuilt on access as ``θ̂_t = θ₀ + m_t ⊙ τ_MTL``: the base bits, replaced by
+the merged bits where task ``t``'s mask is set. Every rebuilt tensor is checked against the
+CRC-32C recorded at pack time, so corruption or a wrong base never yields silent weights.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, save
+from ..dtypes import TensorInfo
+from ..errors import TallstoreError
+from ..storage.stores import read_concurrency
+from . import loading, stats, summary
+from .base_model import EmbeddedBase, ExternalBase, open_base
+from .merging import MergedView
+from .source import ArchiveSource
+from .verify import VerifyReport, verify
+
+
+def open(
+    location: str | os.PathLike[str],
+    base: str | os.PathLike[str] | None = None,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    concurrency: int | None = None,
+) -> Archive:
+    """Open the archive at ``location`` (folder or URL) for reading.
+
+    ``base`` is needed only when the base is neither embedded nor at its recorded location.
+    ``storage_options`` (fsspec) apply to the archive's URL and a base URL. ``concurrency`` caps
+    the archive reads in flight and sets the threads rebuilding tensors (which read the base):
+    by default ``$TALLSTORE_CONCURRENCY``, else 64 when the archive or the base is a URL; local
+    archives use one rebuild thread per core.
+    """
+    source = ArchiveSource(location, storage_options=storage_options, concurrency=read_concurrency(location, concurrency))
+    try:
+        b = source.manifest.base
+        base_at = base if base is not None or b.embedded else b.location
+        source.concurrency = read_concurrency(location, concurrency, base_at)
+        return Archive(source, open_base(source, base, storage_options))
+    except BaseException:
+        source.close()
+        raise
+
+
+class Archive(Mapping[str, "TaskView"]):
+    """A packed collection: ``arc.tasks``, ``arc[name]``, ``arc.extract(name, out)``, ``arc.merge()``."""
+
+    def __init__(self, source: ArchiveSource, base: ExternalBase | EmbeddedBase) -> None:
+        self._source = source
+        self._base = base
+
+    @property
+    def location(self) -> str:
+        """Where the archive is (as given to ``open``)."""
+        return self._source.location
+
+    @property
+    def tasks(self) -> list[str]:
+        """Task names in pack order."""
+        return list(self._source.manifest.tasks)
+
+    def __getitem__(self, task: str) -> TaskView:
+        return TaskView(self, self._source.index(task))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tasks)
+
+    def __len__(self) -> int:
+        return len(self._source.manifest.tasks)
+
+    def describe(self, *, sizes: bool = True) -> dict[str, Any]:
+        """Everything ``tallstore info --json`` shows: format, merge, λ, base, tensors, tasks with
+        their sources, files and digests, and (``sizes``) stored bytes and compression ratios."""
+        return summary.describe(self._source, sizes=sizes)
+
+    def stats(self) -> dict[str, Any]:
+        """Mask statistics (TALL paper §4): densities, the selection histogram, catastrophic and
+        selfish weights overall and per layer, pairwise Jaccard overlaps (what ``tallstore stats`` shows)."""
+        return stats.mask_stats(self._source)
+
+    def extract(
+        self, task: str, out: str | os.PathLike[str], *, overwrite: bool = False,
+        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    ) -> Path:
+        """Write one task to a ``.safetensors`` file or, for a folder path, a sharded HF folder."""
+        return self[task].save(out, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
+
+    def merge(self, method: str = "consensus", *, k: int | None = None, alpha: float = 1.0) -> MergedView:
+        """A lazy merged model from the archive alone: ``consensus`` (``k``, default 2), ``ta`` or ``ties``."""
+        return MergedView(self._source, self._base, method, k=k, alpha=alpha)
+
+    def verify(
+        self, *, deep: bool = False, against: Mapping[str, str | os.PathLike[str]] | None = None,
+    ) -> VerifyReport:
+        """Check every stored chunk; ``deep``: every task's digests; ``against``: rebuild errors."""
+        return verify(self._source, self._base, deep=deep, against=against)
+
+    def close(self) -> None:
+        """Release the archive's handles (its folder, the base's files)."""
+        self._source.close()
+        if isinstance(self._base, ExternalBase):
+            self._base.ckpt.close()
+
+    def __enter__(self) -> Archive:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class TaskView(Mapping[str, torch.Tensor]):
+    """One task of an archive as a lazy ``Mapping[str, Tensor]`` in the original key order."""
+
+    def __init__(self, archive: Archive, index: int) -> None:
+        self._source = archive._source
+        self._base = archive._base
+        self.index = index
+        self.name = self._source.manifest.tasks[index]
+        self._rows = self._source.task(index).by_key
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._rows)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._rows
+
+    def info(self, key: str) -> TensorInfo:
+        """Dtype and shape of ``key`` in this task."""
+        return self._rows[key].info
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._rows:
+            raise KeyError(f"task {self.name!r} has no tensor {key!r}")
+        return self._load([key])[key]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the task, in the original key order, dtypes and shapes."""
+        return self._load(list(self._rows))
+
+    def load_into(self, target: Mapping[str, torch.Tensor] | torch.nn.Module, *, strict: bool = True) -> None:
+        """Rebuild the task directly into existing tensors (a module's parameters and buffers, say).
+
+        Like ``safetensors.torch.load_model``: ``target`` names preallocated tensors of the task's
+        dtypes and shapes, which are overwritten in place; contiguous CPU tensors receive the
+        decoded bits with no intermediate copy. ``strict``: the keys must be exactly the task's.
+        """
+        tensors = dict(target.state_dict(keep_vars=True) if isinstance(target, torch.nn.Module) else target)
+        missing = [k for k in self._rows if k not in tensors]
+        extra = [k for k in tensors if k not in self._rows]
+        if strict and (missing or extra):
+            raise KeyError(
+                f"target does not match task {self.name!r}: "
+                + "; ".join(f"{what}: {', '.join(ks[:5])}{' …' if len(ks) > 5 else ''}"
+                            for what, ks in (("missing", missing), ("unexpected", extra)) if ks)
+            )
+        direct: dict[str, torch.Tensor] = {}
+        staged: dict[str, torch.Tensor] = {}
+        for key, t in tensors.items():
+            if key not in self._rows:
+                continue
+            info = self.info(key)
+            if t.dtype != info.dtype.torch or tuple(t.shape) != info.shape:
+                raise TallstoreError(
+                    f"target tensor {key!r} is {t.dtype} {tuple(t.shape)}; task {self.name!r} stores "
+                    f"{info.dtype.torch} {info.shape}"
+                )
+            t = t.detach()
+            if t.device.type == "cpu" and t.is_contiguous():
+                direct[key] = t.view(-1)
+            else:
+                staged[key] = t
+        loading.load(self._source, self._base, self.index, direct)
+        for key, got in self._load(list(staged)).items():
+            staged[key].copy_(got)
+
+    def save(
+        self, out: str | os.PathLike[str], *, overwrite: bool = False,
+        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    ) -> Path:
+        """Stream this task to a safetensors file or HF folder, one tensor at a time."""
+        items = [(k, self.info(k)) for k in self._rows]
+        return save(out, items, self.__getitem__, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
+
+    def _load(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """Fresh tensors for ``keys``, rebuilt in place."""
+        out = {k: torch.empty(self.info(k).shape, dtype=self.info(k).dtype.torch) for k in keys}
+        loading.load(self._source, self._base, self.index, {k: t.view(-1) for k, t in out.items()})
+        return out

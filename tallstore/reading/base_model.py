@@ -1,0 +1,104 @@
+"""The base model an archive rebuilds from: an external checkpoint or the embedded copy.
+
+An external base is identified on open by its structure and the quick probe of spec §7 (the
+full fingerprint would hash the whole model); a mismatch names both fingerprints.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from .. import dtypes
+from ..checkpoint import Checkpoint, open_checkpoint
+from ..dtypes import TensorInfo
+from ..errors import ArchiveError, BaseMismatchError
+from ..locations import is_url
+from ..storage import layout
+from ..storage.codecs import ArrayFormat
+from ..storage.digests import checkpoint_fingerprint, probe
+from ..storage.manifest import Manifest, TensorEntry
+from .source import ArchiveSource
+
+
+class BaseModel(Protocol):
+    """Reads base tensors by name, whole or by dim-0 rows."""
+
+    def read(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` of the base tensor ``key`` (all of it by default)."""
+
+
+class ExternalBase:
+    """A base read from its original checkpoint (safetensors, HF folder or ``.bin``)."""
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        self.ckpt = ckpt
+
+    def read(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        return self.ckpt.read(key, start, stop)
+
+
+class EmbeddedBase:
+    """A base stored inside the archive (``--embed-base``), read through the checked reader."""
+
+    def __init__(self, source: ArchiveSource) -> None:
+        self.source = source
+
+    def array(self, entry: TensorEntry) -> ArrayFormat:
+        """The checked ``base`` array of a tensor the base holds."""
+        info = entry.base_info
+        assert info is not None
+        return self.source.reader.array(layout.base_path(entry.node), info.dtype.storage, info.numel)
+
+    def read(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        e = self.source.manifest.entries[key]
+        info = e.base_info
+        assert info is not None
+        shape = info.shape
+        stop = info.rows if stop is None else min(stop, info.rows)
+        rows = (max(0, stop - start), *shape[1:]) if shape else ()
+        if info.numel == 0 or (shape and stop <= start):
+            return torch.empty(rows, dtype=info.dtype.torch)
+        row = info.row_numel
+        bits = self.source.reader.read(self.array(e), start * row, stop * row)
+        return dtypes.from_storage(bits, info.dtype, rows)
+
+
+def open_base(source: ArchiveSource, base: Any, storage_options: dict[str, Any] | None) -> ExternalBase | EmbeddedBase:
+    """The archive's base: ``base`` if given, else the embedded copy, else the recorded location."""
+    b = source.manifest.base
+    if base is None and b.embedded:
+        return EmbeddedBase(source)
+    if base is None:
+        recorded = b.location
+        if not recorded or (not is_url(recorded) and not Path(recorded).exists()):
+            raise ArchiveError(
+                f"{source.location}: its base is not embedded and not found at {recorded}; pass base="
+                " (or --base) to say where it is"
+            )
+        base = recorded
+    ckpt = open_checkpoint(base, storage_options)
+    try:
+        check_base(source.manifest, ckpt, str(base))
+    except BaseException:
+        ckpt.close()
+        raise
+    return ExternalBase(ckpt)
+
+
+def check_base(manifest: Manifest, ckpt: Checkpoint, where: str) -> None:
+    """Refuse ``ckpt`` unless its structure and probe are the recorded base's."""
+    b = manifest.base
+    entries = manifest.entries
+    same_keys = list(ckpt.keys) == list(b.keys) or set(ckpt.keys) == set(b.keys)
+    ok = same_keys and all(ckpt.info(k) == TensorInfo(entries[k].base_dtype or entries[k].dtype, entries[k].shape)
+                           for k in b.keys)
+    if ok and probe(ckpt) == b.probe:
+        return
+    got = checkpoint_fingerprint(ckpt, manifest.block_elems)
+    raise BaseMismatchError(
+        f"{where} is not the base this archive was packed against: "
+        f"archive expects {b.fingerprint}, this base is {got}"
+    )

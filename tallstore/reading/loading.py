@@ -1,0 +1,214 @@
+"""Rebuilding task tensors into memory: ``θ̂_t = m_t ? θ_MTL : θ₀``, block by block, in place.
+
+A load plans every chunk it needs (``merged``/``exact``/embedded ``base`` blocks and the task's
+mask chunks), fetches them in one concurrent round, then rebuilds each row block on a thread
+pool directly inside the destination tensor: the ``merged`` chunk is decoded into it and the
+rebuild kernel masks it and XORs the base in. Each block is checked against the CRC-32C
+recorded at pack time, so corruption or a wrong base never yields silent weights.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import crc32c
+import numpy as np
+import torch
+
+from .. import dtypes
+from ..errors import CorruptArchiveError, TallstoreError
+from ..ops.kernel import TILE, rebuild_bits
+from ..storage import layout
+from ..storage.chunks import BUFFERS, Batch, coalesce
+from ..storage.codecs import ArrayFormat
+from ..storage.geometry import block_ranges
+from ..storage.manifest import TaskRow, TensorEntry
+from .base_model import EmbeddedBase, ExternalBase
+from .source import ArchiveSource
+
+
+@dataclass
+class Wanted:
+    """One tensor to rebuild: its task listing row and the flat CPU tensor that receives it."""
+
+    row: TaskRow
+    out: torch.Tensor
+
+
+def _batches(jobs: list[tuple[int, Callable[[], None]]]) -> list[list[Callable[[], None]]]:
+    """Consecutive jobs grouped into batches of at least ``TILE`` elements: a thread hand-off per
+    small tensor (a bias, a norm) would cost more than rebuilding it."""
+    out: list[list[Callable[[], None]]] = []
+    size = TILE
+    for n, job in jobs:
+        if size >= TILE:
+            out.append([])
+            size = 0
+        out[-1].append(job)
+        size += n
+    return out
+
+
+def load(source: ArchiveSource, base: ExternalBase | EmbeddedBase, task: int, targets: dict[str, torch.Tensor]) -> None:
+    """Rebuild task ``task``'s tensors ``targets`` (key → flat contiguous CPU tensor) in place."""
+    rows = source.task(task).by_key
+    Loader(source, base, task).run([Wanted(rows[k], t) for k, t in targets.items()])
+
+
+class Loader:
+    """One load of some of a task's tensors: plan, fetch, then rebuild every block on threads."""
+
+    def __init__(self, source: ArchiveSource, base: ExternalBase | EmbeddedBase, task: int) -> None:
+        self.source = source
+        self.base = base
+        self.task = task
+        self.block_elems = source.manifest.block_elems
+        self.batch: Batch = source.reader.batch()
+        self._mask: ArrayFormat | None = None
+        self._mask_runs: list[tuple[int, int]] = []
+        self._mask_bufs: list[np.ndarray] = []
+        self._mask_errors: dict[int, Exception] = {}
+
+    def run(self, wanted: Sequence[Wanted]) -> None:
+        """Rebuild every tensor of ``wanted`` into its ``out``, checking every block's CRC-32C."""
+        jobs: list[tuple[int, Callable[[], None]]] = []
+        mask_ranges: list[tuple[int, int]] = []
+        for w in wanted:
+            try:
+                jobs += self._plan(w, mask_ranges)
+            except TallstoreError as e:
+                raise self._corrupt(w.row.key, e) from None
+        self._plan_masks(mask_ranges)
+        self.batch.fetch()
+        batches = _batches(jobs)
+        workers = self.source.concurrency or os.cpu_count() or 2
+        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(batches) + len(self._mask_runs)))) as pool:
+            list(pool.map(self._decode_mask_run, range(len(self._mask_runs))))
+            list(pool.map(lambda batch: [job() for job in batch], batches))
+
+    def _plan(self, w: Wanted, mask_ranges: list[tuple[int, int]]) -> list[tuple[int, Callable[[], None]]]:
+        """Plan ``w``'s chunk reads; one ``(elements, job)`` per row block."""
+        e = self.source.manifest.entries[w.row.key]
+        info = w.row.info
+        ranges = list(block_ranges(info, self.block_elems))
+        if len(ranges) != len(w.row.crcs):
+            raise CorruptArchiveError(f"{len(w.row.crcs)} block checksums recorded for {len(ranges)} blocks")
+        if info.numel == 0:
+            return [(0, lambda: self._check(w, 0, 0))]
+        data = None
+        reader = self.source.reader
+        if w.row.source == layout.SOURCE_MASKED:
+            data = reader.array(layout.merged_path(e.node), info.dtype.storage, info.numel)
+            mask_ranges.append(e.mask_range)
+        elif w.row.source == layout.SOURCE_EXACT:
+            data = reader.array(layout.exact_path(e.node, self.task), info.dtype.storage, info.numel)
+        base_arr = None
+        if w.row.source != layout.SOURCE_EXACT and isinstance(self.base, EmbeddedBase):
+            base_arr = self.base.array(e)
+        row = info.row_numel
+        bits = dtypes.to_storage(w.out)
+        jobs = []
+        for i, (a, b) in enumerate(ranges):
+            if data is not None:
+                self.batch.add_range(data, a * row, b * row)
+            if base_arr is not None:
+                self.batch.add_range(base_arr, a * row, b * row)
+            jobs.append(((b - a) * row, self._block_job(w, e, i, a, b, data, base_arr, bits[a * row : b * row])))
+        return jobs
+
+    def _block_job(
+        self, w: Wanted, e: TensorEntry, i: int, a: int, b: int,
+        data: ArrayFormat | None, base_arr: ArrayFormat | None, out: np.ndarray,
+    ) -> Callable[[], None]:
+        row = w.row.info.row_numel
+
+        def job() -> None:
+            crc = 0
+
+            def visit(tile: np.ndarray) -> None:
+                nonlocal crc
+                crc = crc32c.crc32c(tile.view(np.uint8), crc)
+
+            try:
+                if data is not None:
+                    self.batch.read_range(data, a * row, out)
+                if w.row.source == layout.SOURCE_EXACT:
+                    visit(out)
+                else:
+                    mask = None
+                    if w.row.source == layout.SOURCE_MASKED:
+                        assert e.mask_offset is not None
+                        mask = self._mask_bytes(e.mask_offset + a * row // 8, out.size)
+                    with self._base_bits(w, e, a, b, base_arr) as base:
+                        rebuild_bits(out, base, mask, visit)
+            except Exception as err:
+                if isinstance(err, TallstoreError) and not isinstance(err, CorruptArchiveError):
+                    raise
+                raise self._corrupt(w.row.key, err) from None
+            self._check(w, i, crc)
+
+        return job
+
+    @contextmanager
+    def _base_bits(self, w: Wanted, e: TensorEntry, a: int, b: int, base_arr: ArrayFormat | None) -> Iterator[np.ndarray]:
+        """Rows ``a:b`` of the base tensor, cast to the task's dtype, as storage bits."""
+        task_dtype = w.row.dtype.torch
+        if base_arr is None:
+            t = self.base.read(w.row.key, a, b).reshape(-1)
+            yield dtypes.to_storage(t.to(task_dtype))
+            return
+        info = e.base_info
+        assert info is not None
+        n = (b - a) * info.row_numel
+        with BUFFERS.take(n * info.dtype.itemsize) as buf:
+            raw = np.frombuffer(buf, info.dtype.storage)
+            self.batch.read_range(base_arr, a * info.row_numel, raw)
+            yield dtypes.to_storage(dtypes.from_storage(raw, info.dtype, (n,)).to(task_dtype))
+
+    def _plan_masks(self, ranges: list[tuple[int, int]]) -> None:
+        """Plan the task's mask bytes covering ``ranges``, decoded into one buffer per run."""
+        if not ranges:
+            return
+        nbytes = self.source.manifest.mask.nbytes
+        self._mask = self.source.reader.array(layout.mask_path(self.task), np.dtype(np.uint8), nbytes)
+        chunk = self._mask.chunk
+        for a, b in coalesce(ranges, chunk):
+            lo, hi = (a // chunk) * chunk, min(nbytes, ((b - 1) // chunk + 1) * chunk)
+            self._mask_runs.append((lo, hi))
+            self._mask_bufs.append(np.empty(hi - lo, np.uint8))
+            self.batch.add_range(self._mask, lo, hi)
+
+    def _decode_mask_run(self, r: int) -> None:
+        assert self._mask is not None
+        try:
+            self.batch.read_range(self._mask, self._mask_runs[r][0], self._mask_bufs[r])
+        except Exception as err:  # raised by the blocks that need this run, naming their tensor
+            self._mask_errors[r] = err
+
+    def _mask_bytes(self, lo: int, n: int) -> np.ndarray:
+        """The mask bytes of ``n`` bits starting at byte ``lo``."""
+        for r, ((a, b), buf) in enumerate(zip(self._mask_runs, self._mask_bufs)):
+            if a <= lo < b:
+                if r in self._mask_errors:
+                    raise self._mask_errors[r]
+                return buf[lo - a : lo - a + (n + 7) // 8]
+        raise CorruptArchiveError(f"mask byte {lo} was not read")
+
+    def _check(self, w: Wanted, i: int, crc: int) -> None:
+        if crc != w.row.crcs[i]:
+            raise CorruptArchiveError(
+                f"{self.source.location}: tensor {w.row.key!r} of task {self.source.manifest.tasks[self.task]!r} does "
+                "not match its recorded checksum (corrupt or missing data, or a modified base)"
+            )
+
+    def _corrupt(self, key: str, e: BaseException) -> CorruptArchiveError:
+        """A one-line error naming the archive, the task and the tensor."""
+        name = self.source.manifest.tasks[self.task]
+        detail = str(e) if isinstance(e, TallstoreError) else f"{type(e).__name__}: {e}"
+        return CorruptArchiveError(
+            f"{self.source.location}: tensor {key!r} of task {name!r}: stored data is unreadable or corrupt ({detail})"
+        )

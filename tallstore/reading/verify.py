@@ -1,0 +1,315 @@
+"""``verify``: prove an archive still holds, and rebuilds, exactly what was packed.
+
+Three levels, each including the one before:
+
+- **shallow** (always): every array the manifest implies exists with the promised shape, dtype and
+  spec-only codecs, its own ``zarr.json`` agrees with the consolidated copy, every chunk is present
+  (writers store every chunk, §2) and decodes through the checked reader, which checks its
+  ``crc32c`` and bounds its size;
+- **deep**: the base is hashed against its fingerprint and every task is rebuilt (the reader checks
+  each tensor's CRC-32C) and compared with the SHA-256 tree digests recorded at pack time;
+- **against**: a task is compared with an original checkpoint: relative error ``‖θ̂−θ‖/‖τ‖`` over
+  masked tensors, maximum absolute error, exact tensors, and whether the original's files still
+  have the SHA-256 recorded at pack time.
+
+Problems are collected, not raised, so one run reports all of them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import dtypes
+from ..checkpoint import open_checkpoint
+from ..dtypes import TensorInfo
+from ..errors import ArchiveError, TallstoreError
+from ..storage import layout
+from ..storage.chunks import BUFFERS, MissingObject
+from ..storage.codecs import ArrayFormat
+from ..storage.digests import block_digest, combine, fingerprint
+from ..storage.geometry import block_ranges
+from . import loading
+from .base_model import EmbeddedBase, ExternalBase
+from .source import ArchiveSource
+
+READ_BATCH = 16
+
+
+@dataclass
+class AgainstResult:
+    """How one task's rebuild compares with an original checkpoint."""
+
+    task: str
+    path: str
+    relative_error: float
+    max_abs_error: float
+    recorded_error: float | None
+    exact_tensors: int
+    tensors: int
+    files_match: bool
+
+
+@dataclass
+class VerifyReport:
+    """What ``verify`` checked and every problem it found (none: the archive is intact)."""
+
+    location: str
+    deep: bool
+    arrays: int = 0
+    chunks: int = 0
+    tasks_rebuilt: int = 0
+    tensors_rebuilt: int = 0
+    base_checked: bool = False
+    against: list[AgainstResult] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when no problem was found."""
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (``tallstore verify --json``)."""
+        return {**asdict(self), "ok": self.ok}
+
+
+@dataclass(frozen=True)
+class Expected:
+    """One array the manifest implies, and what it must hold."""
+
+    path: str
+    storage: np.dtype
+    numel: int
+    what: str
+
+
+def verify(
+    source: ArchiveSource, base: ExternalBase | EmbeddedBase, *, deep: bool = False,
+    against: Mapping[str, str | os.PathLike[str]] | None = None,
+) -> VerifyReport:
+    """Verify the archive (see the module docstring); tasks named in ``against`` must exist."""
+    m = source.manifest
+    against = dict(against or {})
+    unknown = sorted(set(against) - set(m.tasks))
+    if unknown:
+        raise ArchiveError(f"{source.location}: no task {unknown[0]!r} (tasks: {', '.join(m.tasks)})")
+    report = VerifyReport(source.location, deep)
+    _check_stored(source, report)
+    if deep:
+        _check_base(source, base, report)
+        for t, name in enumerate(m.tasks):
+            _check_task(source, base, t, name, report)
+    for name, path in against.items():
+        result = _compare(source, base, name, str(path), report)
+        if result is not None:
+            report.against.append(result)
+    report.problems = list(dict.fromkeys(report.problems))
+    return report
+
+
+def expected_arrays(source: ArchiveSource, report: VerifyReport) -> list[Expected]:
+    """Every array the manifest and the readable task listings imply."""
+    m = source.manifest
+    out: list[Expected] = []
+    for e in m.tensors:
+        info = e.info
+        if e.kind == layout.KIND_MASKED:
+            out.append(Expected(layout.merged_path(e.node), info.dtype.storage, info.numel, f"merged bits of {e.key!r}"))
+        if m.base.embedded and e.base_dtype is not None:
+            out.append(Expected(layout.base_path(e.node), e.base_dtype.storage, info.numel, f"embedded base of {e.key!r}"))
+    for t, name in enumerate(m.tasks):
+        if m.mask.nbytes:
+            out.append(Expected(layout.mask_path(t), np.dtype(np.uint8), m.mask.nbytes, f"mask of task {name!r}"))
+        try:
+            rows = source.task(t).rows
+        except TallstoreError as e:
+            report.problems.append(str(e))
+            continue
+        for row in rows:
+            if row.source == layout.SOURCE_EXACT:
+                path = layout.exact_path(m.entries[row.key].node, t)
+                out.append(Expected(path, row.dtype.storage, row.info.numel, f"exact {row.key!r} of task {name!r}"))
+    return out
+
+
+def _own_document(source: ArchiveSource, path: str) -> Any:
+    """A node's own ``zarr.json`` (not the consolidated copy), or None if it is missing or unreadable."""
+    try:
+        return source.objects.document(f"{path}/zarr.json")
+    except TallstoreError:
+        return None
+
+
+def _check_stored(source: ArchiveSource, report: VerifyReport) -> None:
+    """Structure, metadata agreement, chunk presence and chunk checksums of every array."""
+    groups: set[str] = {layout.task_group(t) for t in range(len(source.manifest.tasks))}
+    checks: list[tuple[Expected, ArrayFormat]] = []
+    for exp in expected_arrays(source, report):
+        report.arrays += 1
+        try:
+            arr = source.reader.array(exp.path, exp.storage, exp.numel)
+        except TallstoreError as e:
+            report.problems.append(f"{source.location}: {exp.what}: {e}")
+            continue
+        parts = exp.path.split("/")
+        groups.update("/".join(parts[:i]) for i in range(1, len(parts)))
+        if source.nodes is not None and _own_document(source, exp.path) != source.nodes.get(exp.path):
+            report.problems.append(f"{source.location}: {exp.path}/zarr.json is missing or disagrees with the consolidated metadata")
+        checks.append((exp, arr))
+    _check_chunks(source, checks, report)
+    for g in sorted(groups):
+        own = _own_document(source, g)
+        if not isinstance(own, dict) or own.get("node_type") != "group":
+            report.problems.append(f"{source.location}: group {g}/zarr.json is missing or unreadable")
+        elif g.startswith("tasks/") and source.nodes is not None and own.get("attributes") != _attrs(source, g):
+            report.problems.append(f"{source.location}: {g}/zarr.json disagrees with the consolidated metadata")
+
+
+def _attrs(source: ArchiveSource, path: str) -> Any:
+    node = (source.nodes or {}).get(path)
+    return node.get("attributes") if isinstance(node, dict) else None
+
+
+def _check_chunks(source: ArchiveSource, checks: list[tuple[Expected, ArrayFormat]], report: VerifyReport) -> None:
+    """Every chunk of every array present and decodable, ``READ_BATCH`` chunks a round."""
+    chunks = [(exp, arr, i) for exp, arr in checks for i in range(arr.n_chunks)]
+    threads = 1 if not source.local else (os.cpu_count() or 2)
+
+    def check(item: tuple[Expected, ArrayFormat, int], batch: Any) -> str | None:
+        exp, arr, i = item
+        with BUFFERS.take(arr.chunk_nbytes) as buf:
+            try:
+                batch.decode(arr, i, np.frombuffer(buf, np.uint8))
+            except TallstoreError as e:
+                return f"{source.location}: {exp.what}: chunk {arr.key(i)} {_why(e)}"
+        return None
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for s in range(0, len(chunks), READ_BATCH):
+            part = chunks[s : s + READ_BATCH]
+            batch = source.reader.batch()
+            for _, arr, i in part:
+                batch.add(arr, i)
+            batch.fetch()
+            for problem in pool.map(lambda item: check(item, batch), part):
+                if problem is not None:
+                    report.problems.append(problem)
+            report.chunks += len(part)
+
+
+def _why(e: TallstoreError) -> str:
+    """``is missing`` / ``is unreadable (…)`` from a reader error."""
+    return "is missing" if isinstance(e, MissingObject) else f"is unreadable ({e})"
+
+
+def _digest(t: torch.Tensor, info: TensorInfo, block_elems: int) -> str:
+    """The tree digest (§7) of a whole tensor."""
+    flat = t.reshape(-1)
+    row = info.row_numel
+    return combine(block_digest(flat[a * row : b * row]) for a, b in block_ranges(info, block_elems))
+
+
+def _check_base(source: ArchiveSource, base: ExternalBase | EmbeddedBase, report: VerifyReport) -> None:
+    """Hash every base tensor and compare with the fingerprint recorded at pack time."""
+    m = source.manifest
+    digests: dict[str, str] = {}
+    infos: dict[str, TensorInfo] = {}
+    for k in m.base.keys:
+        info = m.entries[k].base_info
+        assert info is not None
+        infos[k] = info
+        try:
+            digests[k] = _digest(base.read(k), info, m.block_elems)
+        except TallstoreError as err:
+            report.problems.append(f"{source.location}: base tensor {k!r} cannot be read ({err})")
+    if len(digests) < len(m.base.keys):
+        return
+    report.base_checked = True
+    if fingerprint(digests, infos) != m.base.fingerprint:
+        report.problems.append(f"{source.location}: the base does not match its recorded fingerprint {m.base.fingerprint}")
+
+
+def _rebuild(source: ArchiveSource, base: ExternalBase | EmbeddedBase, t: int, key: str, info: TensorInfo) -> torch.Tensor:
+    out = torch.empty(info.shape, dtype=info.dtype.torch)
+    loading.load(source, base, t, {key: out.view(-1)})
+    return out
+
+
+def _check_task(source: ArchiveSource, base: ExternalBase | EmbeddedBase, t: int, name: str, report: VerifyReport) -> None:
+    """Rebuild every tensor of task ``t`` and compare its digest with the recorded one."""
+    try:
+        rows = source.task(t).rows
+    except TallstoreError as e:
+        report.problems.append(str(e))
+        return
+    bad = len(report.problems)
+    for row in rows:
+        try:
+            digest = _digest(_rebuild(source, base, t, row.key, row.info), row.info, source.manifest.block_elems)
+        except TallstoreError as e:
+            report.problems.append(str(e))
+            continue
+        report.tensors_rebuilt += 1
+        if digest != row.sha256:
+            report.problems.append(
+                f"{source.location}: tensor {row.key!r} of task {name!r} rebuilds to sha256 {digest}, packed as {row.sha256}"
+            )
+    if len(report.problems) == bad:
+        report.tasks_rebuilt += 1
+
+
+def _compare(
+    source: ArchiveSource, base: ExternalBase | EmbeddedBase, name: str, path: str, report: VerifyReport,
+) -> AgainstResult | None:
+    """Task ``name`` against the checkpoint at ``path``: errors, exact tensors, file hashes."""
+    t = source.manifest.tasks.index(name)
+    try:
+        record = source.task(t)
+    except TallstoreError as e:
+        report.problems.append(str(e))
+        return None
+    rows = record.by_key
+    where = f"task {name!r} vs {path}"
+    with open_checkpoint(path, source.storage_options) as ck:
+        for k in [k for k in ck.keys if k not in rows] + [k for k in rows if k not in ck]:
+            side = "the original" if k in ck else "the archive"
+            report.problems.append(f"{where}: tensor {k!r} is only in {side}")
+        sq_err = tau_sq = max_abs = 0.0
+        exact = total = 0
+        for key in (k for k in rows if k in ck):
+            total += 1
+            row = rows[key]
+            if ck.info(key) != row.info:
+                report.problems.append(f"{where}: tensor {key!r} has {ck.info(key)} in the original, {row.info} rebuilt")
+                continue
+            want = ck.read(key)
+            masked = row.source == layout.SOURCE_MASKED
+            if masked:
+                tau_sq += float((want.to(torch.float64) - base.read(key).to(torch.float64)).square().sum())
+            try:
+                got = _rebuild(source, base, t, key, row.info)
+            except TallstoreError as e:
+                report.problems.append(str(e))
+                continue
+            if np.array_equal(dtypes.to_storage(got), dtypes.to_storage(want)):
+                exact += 1
+                continue
+            diff = got.to(torch.float64) - want.to(torch.float64)
+            max_abs = max(max_abs, float(diff.abs().max()))
+            if masked:
+                sq_err += float(diff.square().sum())
+        original = [{"name": f.name, "size": f.size, "sha256": f.sha256()} for f in ck.files]
+    rel = math.sqrt(sq_err / tau_sq) if tau_sq else (0.0 if sq_err == 0 else math.inf)
+    return AgainstResult(
+        task=name, path=path, relative_error=rel, max_abs_error=max_abs,
+        recorded_error=record.stats.rebuild_error, exact_tensors=exact, tensors=total,
+        files_match=original == [f.to_json() for f in record.files],
+    )

@@ -1,0 +1,436 @@
+"""The format model: the manifest and the task records as frozen dataclasses (spec §3, §4).
+
+``from_json`` is the only place archive metadata is validated (types, ranges, cross-references:
+an archive is untrusted input), ``to_json`` the only place it is built. Readers and writers
+never touch the raw JSON otherwise.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from typing import Any
+
+from .. import dtypes
+from ..dtypes import DType, TensorInfo
+from ..errors import ArchiveError, CorruptArchiveError, TallstoreError
+from . import layout
+
+NODE = re.compile(r"[a-z0-9_.~-]{1,255}")
+SHA256 = re.compile(r"[0-9a-f]{64}")
+MAX_DIM = 1 << 62
+MAX_NDIM = 64
+REQUIRED = ("tasks", "lam", "merge", "base", "tensors", "mask", "block_elems")
+
+
+class Malformed(CorruptArchiveError):
+    """Archive metadata that fails its schema."""
+
+    def __init__(self, where: str, what: str) -> None:
+        super().__init__(f"{where}: archive metadata is malformed: {what}")
+
+
+def _is_int(v: Any, lo: int = 0, hi: int = MAX_DIM) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_str_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(s, str) for s in v)
+
+
+def _dtype(v: Any) -> DType | None:
+    if not isinstance(v, str):
+        return None
+    try:
+        return dtypes.by_name(v)
+    except TallstoreError:
+        return None
+
+
+def _shape(v: Any) -> tuple[int, ...] | None:
+    """A recorded shape as a tuple, or None if it is not a list of sane sizes."""
+    if not isinstance(v, list) or len(v) > MAX_NDIM or not all(_is_int(s) for s in v):
+        return None
+    n = 1
+    for s in v:
+        n *= s
+    return tuple(v) if n <= MAX_DIM else None
+
+
+def safe_node(node: Any) -> bool:
+    """Whether ``node`` is one harmless path segment (§5): no ``/``, never ``.`` or ``..``."""
+    return isinstance(node, str) and NODE.fullmatch(node) is not None and node not in (".", "..")
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """One input file as packed: its name, size and SHA-256."""
+
+    name: str
+    size: int
+    sha256: str
+
+    @classmethod
+    def from_json(cls, v: Any, where: str, who: str) -> FileRecord:
+        if not (isinstance(v, dict) and isinstance(v.get("name"), str) and _is_int(v.get("size"))
+                and isinstance(v.get("sha256"), str)):
+            raise Malformed(where, f"the {who}'s 'files' is not a list of {{name, size, sha256}}")
+        return cls(v["name"], v["size"], v["sha256"])
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "size": self.size, "sha256": self.sha256}
+
+
+def _files(v: Any, where: str, who: str) -> tuple[FileRecord, ...]:
+    if not isinstance(v, list):
+        raise Malformed(where, f"the {who}'s 'files' is not a list of {{name, size, sha256}}")
+    return tuple(FileRecord.from_json(f, where, who) for f in v)
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """How one tensor name is stored (``kind``), its task dtype and shape, its base dtype."""
+
+    key: str
+    node: str
+    kind: str
+    dtype: DType
+    shape: tuple[int, ...]
+    base_dtype: DType | None = None
+    mask_offset: int | None = None
+
+    @property
+    def info(self) -> TensorInfo:
+        return TensorInfo(self.dtype, self.shape)
+
+    @property
+    def base_info(self) -> TensorInfo | None:
+        """The base's dtype and shape, if the base holds this tensor."""
+        return None if self.base_dtype is None else TensorInfo(self.base_dtype, self.shape)
+
+    @property
+    def mask_range(self) -> tuple[int, int]:
+        """The bytes of every ``masks/<t>`` holding this tensor's bits."""
+        assert self.mask_offset is not None
+        return self.mask_offset, self.mask_offset + (self.info.numel + 7) // 8
+
+    @classmethod
+    def from_json(cls, e: Any, where: str, mask_nbytes: int) -> TensorEntry:
+        if not isinstance(e, dict) or not isinstance(e.get("key"), str):
+            raise Malformed(where, "a 'tensors' entry has no key")
+        what = f"tensor {e['key']!r}"
+        if not safe_node(e.get("node")):
+            raise Malformed(where, f"{what} has an unsafe or duplicate node name {e.get('node')!r}")
+        d, shape = _dtype(e.get("dtype")), _shape(e.get("shape"))
+        if d is None or shape is None:
+            raise Malformed(where, f"{what} has an invalid dtype or shape")
+        base_dtype = None
+        if "base_dtype" in e:
+            base_dtype = _dtype(e["base_dtype"])
+            if base_dtype is None:
+                raise Malformed(where, f"{what} has an invalid base_dtype")
+        kind = e.get("kind")
+        if kind not in layout.KINDS:
+            raise Malformed(where, f"{what} has unknown kind {kind!r}")
+        if kind != layout.KIND_SEPARATE and (base_dtype is None or not d.is_float):
+            raise Malformed(where, f"{what} is {kind} but lacks a floating dtype and base_dtype")
+        offset = e.get("mask_offset")
+        if kind == layout.KIND_MASKED:
+            n = TensorInfo(d, shape).numel
+            if not _is_int(offset) or offset + (n + 7) // 8 > mask_nbytes:
+                raise Malformed(where, f"{what} has a mask_offset outside the masks")
+        elif offset is not None and not _is_int(offset):
+            raise Malformed(where, f"{what} has an invalid mask_offset")
+        return cls(e["key"], e["node"], kind, d, shape, base_dtype, offset)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"key": self.key, "node": self.node, "dtype": self.dtype.name, "shape": list(self.shape),
+                               "kind": self.kind}
+        if self.mask_offset is not None:
+            out["mask_offset"] = self.mask_offset
+        if self.base_dtype is not None:
+            out["base_dtype"] = self.base_dtype.name
+        return out
+
+
+@dataclass(frozen=True)
+class MaskLayout:
+    """Where mask bits live: ``nbytes`` per ``masks/<t>``, in chunks of ``chunk_bytes``."""
+
+    nbytes: int
+    chunk_bytes: int
+    bitorder: str = layout.BITORDER
+
+    @property
+    def stored_chunk(self) -> int:
+        """The chunk length of each ``masks/<t>`` array as written (spec §2)."""
+        return max(1, min(self.chunk_bytes, self.nbytes))
+
+    @classmethod
+    def from_json(cls, v: Any, where: str) -> MaskLayout:
+        if not (isinstance(v, dict) and v.get("bitorder") == layout.BITORDER
+                and _is_int(v.get("nbytes")) and _is_int(v.get("chunk_bytes"), 1)):
+            raise Malformed(where, "'mask' is not {bitorder: little, nbytes, chunk_bytes}")
+        return cls(v["nbytes"], v["chunk_bytes"], v["bitorder"])
+
+    def to_json(self) -> dict[str, Any]:
+        return {"bitorder": self.bitorder, "nbytes": self.nbytes, "chunk_bytes": self.chunk_bytes}
+
+
+@dataclass(frozen=True)
+class BaseRecord:
+    """The base model: where it was, whether it is embedded, its tensors and identity."""
+
+    location: str | None
+    embedded: bool
+    keys: tuple[str, ...] = ()
+    fingerprint: str | None = None
+    probe: str | None = None
+    files: tuple[FileRecord, ...] | None = None
+
+    @classmethod
+    def from_json(cls, b: Any, where: str, entries: dict[str, TensorEntry]) -> BaseRecord:
+        if not isinstance(b, dict) or not isinstance(b.get("embedded"), bool):
+            raise Malformed(where, "'base' is not an object with 'embedded'")
+        keys = b.get("keys")
+        if not _is_str_list(keys) or len(set(keys)) != len(keys):
+            raise Malformed(where, "'base.keys' is not a list of distinct names")
+        for k in keys:
+            if k not in entries or entries[k].base_dtype is None:
+                raise Malformed(where, f"base tensor {k!r} has no entry with a base_dtype")
+        for name in ("location", "fingerprint", "probe"):
+            if b.get(name) is not None and not isinstance(b[name], str):
+                raise Malformed(where, f"'base.{name}' is not a string")
+        files = _files(b["files"], where, "base") if "files" in b else None
+        return cls(b.get("location"), b["embedded"], tuple(keys), b.get("fingerprint"), b.get("probe"), files)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"location": self.location, "embedded": self.embedded, "keys": list(self.keys),
+                               "fingerprint": self.fingerprint, "probe": self.probe}
+        if self.files is not None:
+            out["files"] = [f.to_json() for f in self.files]
+        return out
+
+
+@dataclass(frozen=True)
+class MergeRecord:
+    """The merge rule τ_MTL was made with, and its JSON parameters (spec §6.1)."""
+
+    rule: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, v: Any, where: str) -> MergeRecord:
+        if not isinstance(v, dict) or not isinstance(v.get("rule"), str) or not isinstance(v.get("params", {}), dict):
+            raise Malformed(where, "'merge' is not {rule, params}")
+        return cls(v["rule"], dict(v.get("params", {})))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rule": self.rule, "params": self.params}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The root group's ``tallstore`` attribute: what the archive holds and how (spec §3)."""
+
+    tasks: tuple[str, ...]
+    lam: tuple[float, ...]
+    merge: MergeRecord
+    block_elems: int
+    mask: MaskLayout
+    base: BaseRecord
+    tensors: tuple[TensorEntry, ...]
+    complete: bool = False
+    writer: str | None = None
+    created: str | None = None
+    lam_selection: dict[str, Any] | None = None
+    version: int = layout.VERSION
+
+    @cached_property
+    def entries(self) -> dict[str, TensorEntry]:
+        """Tensor entries by name."""
+        return {e.key: e for e in self.tensors}
+
+    def with_(self, **changes: Any) -> Manifest:
+        """A copy with some fields replaced."""
+        return replace(self, **changes)
+
+    @classmethod
+    def from_json(cls, m: Any, where: str) -> Manifest:
+        """The manifest in the root's ``tallstore`` attribute, fully checked, or a clear error."""
+        if not isinstance(m, dict) or m.get("format") != layout.FORMAT:
+            raise ArchiveError(f"{where}: not a tallstore archive")
+        version = m.get("version")
+        if not isinstance(version, int):
+            raise ArchiveError(f"{where}: archive has no valid format version")
+        if version > layout.VERSION:
+            raise ArchiveError(
+                f"{where}: archive format version {version} is newer than this tallstore "
+                f"reads ({layout.VERSION}); upgrade tallstore"
+            )
+        if m.get("complete") is not True:
+            raise ArchiveError(f"{where}: archive is incomplete (packing did not finish); re-run pack")
+        missing = [k for k in REQUIRED if k not in m]
+        if missing:
+            raise ArchiveError(f"{where}: archive manifest lacks {missing[0]!r}")
+        tasks = m["tasks"]
+        if not _is_str_list(tasks) or not tasks or len(set(tasks)) != len(tasks):
+            raise Malformed(where, "'tasks' is not a non-empty list of distinct names")
+        lam = m["lam"]
+        if not isinstance(lam, list) or len(lam) != len(tasks) or not all(_is_number(v) for v in lam):
+            raise Malformed(where, "'lam' is not one number per task")
+        merge = MergeRecord.from_json(m["merge"], where)
+        if not _is_int(m["block_elems"], 1):
+            raise Malformed(where, "'block_elems' is not a positive integer")
+        mask = MaskLayout.from_json(m["mask"], where)
+        if not isinstance(m["tensors"], list):
+            raise Malformed(where, "'tensors' is not a list")
+        entries: dict[str, TensorEntry] = {}
+        nodes: set[str] = set()
+        for raw in m["tensors"]:
+            e = TensorEntry.from_json(raw, where, mask.nbytes)
+            if e.key in entries:
+                raise Malformed(where, f"tensor {e.key!r} is listed twice")
+            if e.node in nodes:
+                raise Malformed(where, f"tensor {e.key!r} has an unsafe or duplicate node name {e.node!r}")
+            nodes.add(e.node)
+            entries[e.key] = e
+        base = BaseRecord.from_json(m["base"], where, entries)
+        selection = m.get("lam_selection")
+        if selection is not None and not isinstance(selection, dict):
+            raise Malformed(where, "'lam_selection' is not an object")
+        return cls(
+            tasks=tuple(tasks), lam=tuple(float(v) for v in lam), merge=merge, block_elems=m["block_elems"],
+            mask=mask, base=base, tensors=tuple(entries.values()), complete=True,
+            writer=m.get("writer") if isinstance(m.get("writer"), str) else None,
+            created=m.get("created") if isinstance(m.get("created"), str) else None,
+            lam_selection=selection, version=version,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "format": layout.FORMAT, "version": self.version, "complete": self.complete,
+            "writer": self.writer, "created": self.created, "tasks": list(self.tasks), "lam": list(self.lam),
+            "merge": self.merge.to_json(), "block_elems": self.block_elems, "mask": self.mask.to_json(),
+            "base": self.base.to_json(), "tensors": [e.to_json() for e in self.tensors],
+        }
+        if self.lam_selection is not None:
+            out["lam_selection"] = self.lam_selection
+        return out
+
+
+@dataclass(frozen=True)
+class TaskRow:
+    """One tensor of a task, in the task checkpoint's order: where it comes from, its digests."""
+
+    key: str
+    dtype: DType
+    shape: tuple[int, ...]
+    source: str
+    sha256: str
+    crcs: tuple[int, ...]
+
+    @property
+    def info(self) -> TensorInfo:
+        return TensorInfo(self.dtype, self.shape)
+
+    def to_json(self) -> list[Any]:
+        return [self.key, self.dtype.name, list(self.shape), self.source, self.sha256, list(self.crcs)]
+
+
+@dataclass(frozen=True)
+class TaskStats:
+    """What the packer measured of one task (spec §4)."""
+
+    masked_params: int
+    mask_ones: int
+    mask_density: float
+    exact_bytes: int
+    rebuild_error: float
+    tau_norm: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"masked_params": self.masked_params, "mask_ones": self.mask_ones, "mask_density": self.mask_density,
+                "exact_bytes": self.exact_bytes, "rebuild_error": self.rebuild_error, "tau_norm": self.tau_norm}
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    """The attributes of ``tasks/<t>``: a task's λ, its input, statistics and tensor listing."""
+
+    name: str
+    lam: float
+    source: str
+    files: tuple[FileRecord, ...]
+    rows: tuple[TaskRow, ...]
+    stats: TaskStats
+
+    @cached_property
+    def by_key(self) -> dict[str, TaskRow]:
+        """Rows by tensor name (the listing's order is the task's own key order)."""
+        return {r.key: r for r in self.rows}
+
+    @classmethod
+    def from_json(cls, attrs: Any, manifest: Manifest, index: int, where: str) -> TaskRecord:
+        """Task ``index``'s attributes, checked against the manifest."""
+        name = manifest.tasks[index]
+        who = f"task {name!r}"
+        if not isinstance(attrs, dict) or attrs.get("name") != name:
+            raise Malformed(where, f"the attributes of {who} do not name it")
+        if not _is_number(attrs.get("lam")) or not isinstance(attrs.get("stats"), dict):
+            raise Malformed(where, f"{who} lacks its lam or stats")
+        files = _files(attrs.get("files"), where, who)
+        raw_rows = attrs.get("tensors")
+        if not isinstance(raw_rows, list):
+            raise Malformed(where, f"{who} has no tensor listing")
+        rows: dict[str, TaskRow] = {}
+        for raw in raw_rows:
+            row = _row(raw, manifest, where, who)
+            if row.key in rows:
+                raise Malformed(where, f"tensor {row.key!r} of {who} is unknown to the manifest or listed twice")
+            rows[row.key] = row
+        return cls(name, float(attrs["lam"]), str(attrs.get("source", "")), files, tuple(rows.values()),
+                   _stats(attrs["stats"], where, who))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "lam": self.lam, "source": self.source, "files": [f.to_json() for f in self.files],
+                "tensors": [r.to_json() for r in self.rows], "stats": self.stats.to_json()}
+
+
+def _row(raw: Any, manifest: Manifest, where: str, who: str) -> TaskRow:
+    if not isinstance(raw, list) or len(raw) < 6 or not isinstance(raw[0], str):
+        raise Malformed(where, f"{who} has a malformed tensor row")
+    key, dname, shape_v, src, digest, crcs = raw[:6]
+    what = f"tensor {key!r} of {who}"
+    e = manifest.entries.get(key)
+    if e is None:
+        raise Malformed(where, f"{what} is unknown to the manifest or listed twice")
+    d, shape = _dtype(dname), _shape(shape_v)
+    if d is None or shape is None or src not in layout.SOURCES:
+        raise Malformed(where, f"{what} has an invalid dtype, shape or source")
+    if not isinstance(digest, str) or SHA256.fullmatch(digest) is None:
+        raise Malformed(where, f"{what} has no valid sha256")
+    if not isinstance(crcs, list) or not crcs or not all(_is_int(c, 0, 0xFFFFFFFF) for c in crcs):
+        raise Malformed(where, f"{what} has no valid CRC-32C list")
+    same = d == e.dtype and shape == e.shape
+    if src == layout.SOURCE_MASKED and (e.kind != layout.KIND_MASKED or not same):
+        raise Malformed(where, f"{what} is masked but does not match its masked entry")
+    if src == layout.SOURCE_BASE and (e.base_dtype is None or shape != e.shape):
+        raise Malformed(where, f"{what} comes from the base but the base has no such tensor")
+    return TaskRow(key, d, shape, src, digest, tuple(crcs))
+
+
+def _stats(v: dict[str, Any], where: str, who: str) -> TaskStats:
+    def num(name: str) -> float:
+        x = v.get(name, 0)
+        if not _is_number(x):
+            raise Malformed(where, f"{who}'s stats.{name} is not a number")
+        return x
+
+    return TaskStats(int(num("masked_params")), int(num("mask_ones")), float(num("mask_density")),
+                     int(num("exact_bytes")), float(num("rebuild_error")), float(num("tau_norm")))

@@ -1,0 +1,3 @@
+"""The package version, in one place (packaging reads it too)."""
+
+VERSION = "0.1.0"
