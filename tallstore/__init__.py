@@ -2,11 +2,16 @@
 
 ``pack`` writes an archive; ``open`` returns it as a read-only mapping of tasks, each a lazy
 mapping of tensor names to tensors.
+
+The names that need torch are imported on first use (PEP 562), so that importing a submodule,
+the command line's entry point first of all, does not pull in torch before it can handle signals.
 """
 
 from __future__ import annotations
 
-from .api import pack
+import importlib
+from typing import Any
+
 from .errors import (
     ArchiveError,
     BaseMismatchError,
@@ -17,11 +22,18 @@ from .errors import (
     PlanError,
     TallstoreError,
 )
-from .reading.archive import Archive, TaskView, open
-from .reading.merging import MergedView
-from .reading.verify import VerifyReport
-from .storage.codecs import Codecs
+from .publishing import WriteError
 from .version import VERSION as __version__
+
+_LAZY = {
+    "pack": "tallstore.api",
+    "Archive": "tallstore.reading.archive",
+    "TaskView": "tallstore.reading.archive",
+    "open": "tallstore.reading.archive",
+    "MergedView": "tallstore.reading.merging",
+    "VerifyReport": "tallstore.reading.verify",
+    "Codecs": "tallstore.storage.codecs",
+}
 
 __all__ = [
     "Archive",
@@ -37,6 +49,20 @@ __all__ = [
     "TallstoreError",
     "TaskView",
     "VerifyReport",
+    "WriteError",
     "open",
     "pack",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name that needs torch the first time it is asked for."""
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

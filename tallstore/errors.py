@@ -36,3 +36,11 @@ class MergeError(TallstoreError):
 
 class OutputExistsError(TallstoreError):
     """The output path exists and overwriting was not asked for."""
+
+
+class IncompleteArchiveError(ArchiveError):
+    """The archive was never finished (its pack failed or is still running)."""
+
+
+class NewerFormatError(ArchiveError):
+    """The archive was written in a format version newer than this tallstore reads."""

@@ -1,8 +1,13 @@
-"""Everything an archive stores as comparable data: arrays' metadata and bytes, groups' attributes."""
+"""Everything an archive stores as comparable data: arrays' metadata and bytes, groups' attributes.
+
+What differs between two packs of the same inputs by design is left out: the pack time, and the
+random generation id with the digest that covers it (also inside the manifest's copy).
+"""
 
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 from typing import Any
 
@@ -22,15 +27,26 @@ def archive_contents(location: str, storage_options: dict[str, Any] | None = Non
         for path, node in root.members(max_depth=None):
             if isinstance(node, zarr.Array):
                 meta = node.metadata.to_dict()
-                out[path] = ("array", meta, np.ascontiguousarray(node[...]).tobytes())
+                data = np.ascontiguousarray(node[...]).tobytes()
+                if path == "meta/manifest":  # metadata, stored as an array: compared like attributes
+                    doc = json.loads(data)
+                    _drop_volatile(doc["manifest"])
+                    out[path] = ("manifest-copy", meta, doc)
+                    continue
+                out[path] = ("array", meta, data)
             else:
                 out[path] = ("group", _attrs(node))
     return out
 
 
+def _drop_volatile(manifest: dict[str, Any]) -> None:
+    for key in ("created", "generation", "digest"):
+        manifest.pop(key, None)
+
+
 def _attrs(group: zarr.Group) -> dict[str, Any]:
     attrs = copy.deepcopy(group.attrs.asdict())
-    attrs.get("tallstore", {}).pop("created", None)
+    _drop_volatile(attrs.get("tallstore", {}))
     return attrs
 
 

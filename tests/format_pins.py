@@ -2,8 +2,9 @@
 
 ``python tests/format_pins.py record FILE`` packs each collection below with the tallstore
 installed and records, per archive, the SHA-256 of every stored file (chunk files as bytes,
-``zarr.json`` documents as canonical JSON with the pack's time, writer and absolute input
-paths taken out). ``test_format_pins.py`` packs the same inputs and compares.
+``zarr.json`` documents and the manifest's copy as canonical JSON with the pack's time, writer,
+random generation id, the digest over it and absolute input paths taken out).
+``test_format_pins.py`` packs the same inputs and compares.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-VOLATILE = ("created", "writer")
+VOLATILE = ("created", "writer", "generation", "digest")
+COPY_CHUNK = "meta/manifest/c/0"
 
 
 def _tensor(rng: np.random.Generator, shape: tuple[int, ...], dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
@@ -84,7 +86,14 @@ def digests(location: str | Path) -> dict[str, str]:
             rel = p.relative_to(root).as_posix()
             data = p.read_bytes()
             if f == "zarr.json":
-                data = json.dumps(_canonical(json.loads(data)), sort_keys=True).encode()
+                doc = json.loads(data)
+                copy = doc if rel == "meta/manifest/zarr.json" else (doc.get("consolidated_metadata") or {}).get("metadata", {}).get("meta/manifest")
+                if isinstance(copy, dict):  # its length follows the absolute input paths inside
+                    copy.pop("shape", None)
+                    copy.pop("chunk_grid", None)
+                data = json.dumps(_canonical(doc), sort_keys=True).encode()
+            elif rel == COPY_CHUNK:  # the manifest's copy: JSON behind a CRC-32C trailer
+                data = json.dumps(_canonical(json.loads(data[:-4])), sort_keys=True).encode()
             out[rel] = hashlib.sha256(data).hexdigest()
     return dict(sorted(out.items()))
 

@@ -242,7 +242,10 @@ def test_output_exists_without_force(cli: Cli, packed: tuple[Path, Path, dict[st
     out = tmp_path / "x.safetensors"
     out.write_text("keep")
     assert_user_error(cli("extract", archive, "task0", "-o", out), "exists", "--force")
+    assert_user_error(cli("extract", archive, "task0", "-o", out, "--force"), "tallstore did not write", "left alone")
     assert out.read_text() == "keep"
+    out.unlink()
+    assert cli("extract", archive, "task0", "-o", out)[0] == 0
     assert cli("extract", archive, "task0", "-o", out, "--force")[0] == 0
     assert cli("pack", archive, "--base", base, "--task", f"a={tasks['task0']}", "-q", "--force")[0] == 0
     assert tallstore.open(archive).tasks == ["a"]

@@ -4,101 +4,23 @@ A driver process (``crash_driver.py``) imports tallstore once and forks each com
 at a dozen points costs one interpreter start. Kills land at named stages (temporary folder made,
 units running, before and after the completeness marker, just before the rename, between the
 two renames of ``--force``, half-way through an output file) and at fractions of a measured
-run. Afterwards the final path is absent or a complete, correct result, and re-running succeeds.
+run. Afterwards the final path is absent or a complete, correct result, and re-running succeeds
+and removes the hidden folder the killed run left, but never that of a run still going.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import selectors
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from crash_driver import Driver
 from reliability_helpers import read_all, same_bits, tiny_collection
 from safetensors.torch import load_file
 
 import tallstore
 from tallstore.errors import ArchiveError
-
-DRIVER = Path(__file__).with_name("crash_driver.py")
-TIMEOUT = 120.0
-
-
-class Driver:
-    """The driver subprocess: ``start`` a command, wait for a pause point or its exit, kill it."""
-
-    def __init__(self) -> None:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(DRIVER.parent), os.environ.get("PYTHONPATH", "")])}
-        self.proc = subprocess.Popen(
-            [sys.executable, str(DRIVER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
-        )
-        self.sel = selectors.DefaultSelector()
-        self.sel.register(self.proc.stdout, selectors.EVENT_READ)  # type: ignore[arg-type]
-        self.buf = b""
-        self.pidfd = -1
-
-    def line(self, timeout: float = TIMEOUT) -> str:
-        """The next protocol line (``PID``, ``AT`` or ``EXIT``); other output is skipped."""
-        deadline = time.monotonic() + timeout
-        while True:
-            while b"\n" in self.buf:
-                raw, self.buf = self.buf.split(b"\n", 1)
-                text = raw.decode(errors="replace")
-                if text.split(" ", 1)[0] in ("PID", "AT", "EXIT"):
-                    return text
-            left = deadline - time.monotonic()
-            assert left > 0 and self.sel.select(left), "crash driver stopped answering"
-            chunk = os.read(self.proc.stdout.fileno(), 65536)  # type: ignore[union-attr]
-            assert chunk, "crash driver exited"
-            self.buf += chunk
-
-    def start(self, argv: list[object], pause: str | None = None) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write((json.dumps({"argv": list(map(str, argv)), "pause": pause}) + "\n").encode())
-        self.proc.stdin.flush()
-        pid = int(self.line().split()[1])
-        try:  # a pidfd names this very process: a recycled PID can never be hit by the kill
-            self.pidfd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            self.pidfd = -1
-
-    def wait(self) -> int:
-        """The exit code of the running command."""
-        return int(self.line().split()[1])
-
-    def kill_at(self, point: str) -> None:
-        """Wait until the command announces ``point``, then SIGKILL it."""
-        assert self.line() == f"AT {point}"
-        self.kill()
-
-    def kill(self) -> int:
-        """SIGKILL the running command (if it still runs) and return how it ended."""
-        if self.pidfd >= 0:
-            try:
-                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            os.close(self.pidfd)
-            self.pidfd = -1
-        return self.wait()
-
-    def run(self, argv: list[object]) -> int:
-        self.start(argv)
-        code = self.wait()
-        os.close(self.pidfd)
-        self.pidfd = -1
-        return code
-
-    def close(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        self.proc.wait(timeout=TIMEOUT)
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +58,11 @@ def visible(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
 
 
+def leftovers(folder: Path, suffix: str) -> list[Path]:
+    """The hidden folders a writer builds its output in (``.NAME.<random><suffix>``)."""
+    return sorted(p for p in folder.iterdir() if p.name.startswith(".") and p.name.endswith(suffix))
+
+
 @pytest.mark.parametrize("point", ["temp-created", "units-running", "before-marker", "marker-written", "before-publish"])
 def test_pack_killed_at_each_stage_publishes_nothing_and_rerun_succeeds(
     driver: Driver, inputs: tuple, tmp_path: Path, point: str,  # type: ignore[type-arg]
@@ -146,9 +73,26 @@ def test_pack_killed_at_each_stage_publishes_nothing_and_rerun_succeeds(
     driver.start(argv, pause=point)
     driver.kill_at(point)
     assert not assert_nothing_partial(target, reference)
-    assert visible(tmp_path) == []
+    assert visible(tmp_path) == [] and len(leftovers(tmp_path, ".packing")) == 1
     assert driver.run(argv) == 0
     assert assert_nothing_partial(target, reference) and visible(tmp_path) == ["arc"]
+    assert leftovers(tmp_path, ".packing") == []
+
+
+def test_a_pack_never_removes_the_hidden_folder_of_a_pack_still_running(
+    driver: Driver, inputs: tuple, tmp_path: Path,  # type: ignore[type-arg]
+) -> None:
+    base, tasks, reference = inputs
+    target = tmp_path / "arc"
+    argv = pack_argv(target, base, tasks)
+    driver.start(argv, pause="units-running")
+    assert driver.line() == "AT units-running"
+    (running,) = leftovers(tmp_path, ".packing")
+    tallstore.pack(target, base, tasks)
+    assert leftovers(tmp_path, ".packing") == [running] and (running / "arc" / "zarr.json").exists()
+    driver.kill()
+    assert driver.run([*argv, "--force"]) == 0 and assert_nothing_partial(target, reference)
+    assert leftovers(tmp_path, ".packing") == []
 
 
 def test_pack_killed_at_random_moments_never_leaves_a_partial_archive(
@@ -222,10 +166,11 @@ def test_extract_killed_never_leaves_a_file_under_its_final_name(
     argv = ["extract", archive, "t1", "-o", out]
     driver.start(argv, pause=point)
     driver.kill_at(point)
-    assert not out.exists()
+    assert not out.exists() and len(leftovers(out.parent, ".tmp")) == 1
     assert driver.run(argv) == 0
     got = load_file(out) if layout.endswith(".safetensors") else load_file(out / "model.safetensors")
     assert same_bits(got, reference["t1"])
+    assert leftovers(out.parent, ".tmp") == []
 
 
 def test_merge_killed_half_way_never_leaves_a_file_under_its_final_name(

@@ -153,9 +153,21 @@ def test_all_zero_chunks_are_stored_so_absence_means_loss(tmp_path: Path) -> Non
     assert report.ok and report.chunks == len(list((tmp_path / "arc").rglob("c/*")))
 
 
-def test_deleted_or_garbled_root_metadata_is_an_archive_error(copy: Path) -> None:
+def test_a_torn_or_deleted_root_document_is_read_from_the_checksummed_copy(copy: Path, packed: Packed) -> None:
     root = copy / "zarr.json"
     root.write_bytes(root.read_bytes()[:100])
+    assert same_bits(read_all(copy)["t1"], packed.reference["t1"])
+    report = tallstore.open(copy).verify()
+    assert not report.ok and "root zarr.json is damaged" in report.problems[0]
+    root.unlink()
+    assert same_bits(read_all(copy)["t0"], packed.reference["t0"])
+    assert "root zarr.json is damaged" in one_error_line(run_cli("verify", copy))
+
+
+def test_without_the_root_document_and_its_copy_the_archive_is_an_archive_error(copy: Path) -> None:
+    root = copy / "zarr.json"
+    root.write_bytes(root.read_bytes()[:100])
+    (copy / "meta" / "manifest" / "c" / "0").unlink()
     with pytest.raises(ArchiveError, match="not a readable tallstore archive"):
         tallstore.open(copy)
     root.unlink()
@@ -164,20 +176,23 @@ def test_deleted_or_garbled_root_metadata_is_an_archive_error(copy: Path) -> Non
     assert "not a readable tallstore archive" in one_error_line(run_cli("verify", copy))
 
 
-def test_task_metadata_missing_without_consolidation_is_corrupt_archive_error(copy: Path) -> None:
+def test_task_metadata_missing_without_consolidation_is_read_from_the_copy_and_reported(copy: Path, packed: Packed) -> None:
     meta = json.loads((copy / "zarr.json").read_text())
     del meta["consolidated_metadata"]
     (copy / "zarr.json").write_text(json.dumps(meta))
     (copy / "tasks" / "1" / "zarr.json").unlink()
     arc = tallstore.open(copy)
-    arc["t0"].state_dict()
+    assert same_bits(arc["t1"].state_dict(), packed.reference["t1"])
+    problems = " ".join(arc.verify().problems)
+    assert "group tasks/1/zarr.json is missing" in problems and "task 1 metadata is missing" in problems
+    (copy / "meta" / "manifest" / "c" / "0").unlink()
     with pytest.raises(CorruptArchiveError, match="task 1 metadata is missing"):
-        arc["t1"]
-    assert "group tasks/1/zarr.json is missing" in " ".join(arc.verify().problems)
+        tallstore.open(copy)
 
 
 def rewrite_task_attrs(location: Path, index: int, edit) -> None:  # type: ignore[no-untyped-def]
-    """Apply ``edit`` to task ``index``'s attributes in both its own and the consolidated metadata."""
+    """Apply ``edit`` to task ``index``'s attributes in its own and the consolidated metadata
+    (a naive edit: the digest and the manifest's copy are left as they were)."""
     own = location / "tasks" / str(index) / "zarr.json"
     meta = json.loads(own.read_text())
     edit(meta["attributes"]["tallstore"])
@@ -187,16 +202,33 @@ def rewrite_task_attrs(location: Path, index: int, edit) -> None:  # type: ignor
     (location / "zarr.json").write_text(json.dumps(root))
 
 
-def test_wrong_recorded_digest_is_found_by_deep_verify_only(copy: Path) -> None:
-    def edit(attrs: dict) -> None:  # type: ignore[type-arg]
-        row = next(r for r in attrs["tensors"] if r[0] == "w")
-        row[4] = "0" * 64
+def zero_w_digest(attrs: dict) -> None:  # type: ignore[type-arg]
+    row = next(r for r in attrs["tensors"] if r[0] == "w")
+    row[4] = "0" * 64
 
-    rewrite_task_attrs(copy, 0, edit)
-    assert tallstore.open(copy).verify().ok
-    deep = tallstore.open(copy).verify(deep=True)
-    assert not deep.ok and deep.tasks_rebuilt == 1
-    assert any("'w' of task 't0' rebuilds to sha256" in p for p in deep.problems), deep.problems
+
+def test_an_edited_task_record_fails_the_manifest_digest_and_the_copy_is_read(copy: Path, packed: Packed) -> None:
+    rewrite_task_attrs(copy, 0, zero_w_digest)
+    report = tallstore.open(copy).verify(deep=True)
+    assert "does not match its digest" in report.problems[0] and report.tasks_rebuilt == 2
+    assert same_bits(read_all(copy)["t0"], packed.reference["t0"])
+    (copy / "meta" / "manifest" / "c" / "0").unlink()
+    with pytest.raises(CorruptArchiveError, match="does not match its digest"):
+        tallstore.open(copy)
+
+
+def test_a_wrong_recorded_digest_in_a_v1_archive_is_found_by_deep_verify_only(tmp_path: Path) -> None:
+    v1 = tmp_path / "v1.tall"
+    shutil.copytree(Path(__file__).parent / "data" / "v1" / "f32-ties-embedded.tall", v1)
+
+    def edit(attrs: dict) -> None:  # type: ignore[type-arg]
+        attrs["tensors"][0][4] = "0" * 64
+
+    rewrite_task_attrs(v1, 0, edit)
+    assert tallstore.open(v1).verify().ok
+    deep = tallstore.open(v1).verify(deep=True)
+    assert not deep.ok and deep.tasks_rebuilt == len(deep.against) + 2
+    assert any("of task 't0' rebuilds to sha256" in p for p in deep.problems), deep.problems
 
 
 def test_verify_against_a_different_checkpoint_reports_the_difference(packed: Packed) -> None:

@@ -23,6 +23,7 @@ from reliability_helpers import TINY_BLOCK, one_error_line, read_all, run_cli, s
 from safetensors.torch import load_file, save_file
 
 import tallstore
+from craft import craft
 from tallstore.checkpoint import open_checkpoint
 from tallstore.errors import ArchiveError, BaseMismatchError, PlanError, TallstoreError
 
@@ -417,15 +418,13 @@ def test_damaged_archive_metadata_gives_only_tallstore_errors(
 
 
 def edit_manifest(location: Path, edit: Any) -> None:
-    root = json.loads((location / "zarr.json").read_text())
-    edit(root["attributes"]["tallstore"])
-    (location / "zarr.json").write_text(json.dumps(root))
+    craft(location, manifest=edit)
 
 
 def test_archive_from_a_newer_format_version_is_refused(archive: tuple[Path, dict[str, Any], Any], tmp_path: Path) -> None:
     work = Path(shutil.copytree(archive[0], tmp_path / "arc"))
-    edit_manifest(work, lambda m: m.update(version=2))
-    with pytest.raises(ArchiveError, match="version 2 is newer"):
+    edit_manifest(work, lambda m: m.update(version=3))
+    with pytest.raises(ArchiveError, match="version 3 is newer"):
         tallstore.open(work)
     assert "upgrade tallstore" in one_error_line(run_cli("info", work))
 
@@ -457,6 +456,10 @@ def test_existing_outputs_are_never_overwritten_without_force(archive: tuple[Pat
     (tmp_path / "arc" / "keep").write_text("keep me")
     assert "exists" in one_error_line(run_cli("extract", archive[0], "t0", "-o", out))
     assert "exists" in one_error_line(run_cli("pack", tmp_path / "arc", "--base", base, "--task", f"a={tasks['t0']}", "-q"))
+    assert "tallstore did not write" in one_error_line(run_cli("extract", archive[0], "t0", "-o", out, "--force"))
+    assert "left alone" in one_error_line(run_cli("pack", tmp_path / "arc", "--base", base, "--task", f"a={tasks['t0']}", "-q", "--force"))
     assert out.read_bytes() == b"keep me" and (tmp_path / "arc" / "keep").read_text() == "keep me"
+    out.unlink()
+    assert run_cli("extract", archive[0], "t0", "-o", out)[0] == 0
     assert run_cli("extract", archive[0], "t0", "-o", out, "--force")[0] == 0
     assert same_bits(load_file(out), read_all(archive[0])["t0"])

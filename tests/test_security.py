@@ -15,6 +15,7 @@ from reliability_helpers import TINY_BLOCK, one_error_line, read_all, run_cli, s
 from safetensors.torch import load_file, save_file
 
 import tallstore
+from craft import craft
 from tallstore.errors import CheckpointError, CorruptArchiveError, PlanError
 
 PACKAGE = Path(tallstore.__file__).parent
@@ -131,17 +132,11 @@ def packed(tmp_path: Path) -> Path:
 
 
 def rewrite(location: Path, path_in_consolidated: str | None, edit) -> None:  # type: ignore[no-untyped-def]
-    """Edit the manifest (``None``) or one node's consolidated metadata, plus its own zarr.json."""
-    root = json.loads((location / "zarr.json").read_text())
+    """Edit the manifest (``None``) or one node's metadata everywhere it lives, digest resealed."""
     if path_in_consolidated is None:
-        edit(root["attributes"]["tallstore"])
+        craft(location, manifest=edit)
     else:
-        edit(root["consolidated_metadata"]["metadata"][path_in_consolidated])
-        own = location / path_in_consolidated / "zarr.json"
-        meta = json.loads(own.read_text())
-        edit(meta)
-        own.write_text(json.dumps(meta))
-    (location / "zarr.json").write_text(json.dumps(root))
+        craft(location, node=(path_in_consolidated, edit))
 
 
 @pytest.mark.parametrize("node", ["../../outside", "..", ".", "a/b", "/abs", "", "UPPER"])

@@ -35,10 +35,12 @@ def open_folder(folder: Folder) -> Checkpoint:
 def _open_indexed(folder: Folder) -> Checkpoint:
     where = folder.where(INDEX)
     try:
-        weight_map = json.loads(folder.read_bytes(INDEX, MAX_INDEX_BYTES))["weight_map"]
-        if not isinstance(weight_map, dict):
+        index = json.loads(folder.read_bytes(INDEX, MAX_INDEX_BYTES))
+        weight_map = index["weight_map"]
+        metadata = index.get("metadata")
+        if not isinstance(weight_map, dict) or not isinstance(metadata, (dict, type(None))):
             raise TypeError
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise CheckpointError(f"{where}: not a valid safetensors index (needs a weight_map)") from None
     names = sorted(set(weight_map.values()), key=str)
     for n in names:
@@ -46,7 +48,7 @@ def _open_indexed(folder: Folder) -> Checkpoint:
             raise CheckpointError(f"{where}: shard name {n!r} is not a plain file name")
         if not folder.is_file(n):
             raise CheckpointError(f"{where}: shard {n} is missing")
-    ckpt = SafetensorsCheckpoint([folder.file(n) for n in names], folder.location, only=weight_map)
+    ckpt = SafetensorsCheckpoint([folder.file(n) for n in names], folder.location, only=weight_map, index_metadata=metadata)
     missing = set(weight_map) - set(ckpt.keys)
     if missing:
         ckpt.close()

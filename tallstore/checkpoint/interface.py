@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from .. import dtypes
 from ..dtypes import TensorInfo
 from .sources import ByteSource
+
+
+@dataclass(frozen=True)
+class WeightLayout:
+    """The files a checkpoint's tensors came from, so an extract can lay them out the same way."""
+
+    format: str
+    files: tuple[tuple[str, int, dict[str, str] | None], ...]
+    index_metadata: dict[str, Any] | None = None
 
 
 class Checkpoint(ABC):
@@ -33,6 +44,12 @@ class Checkpoint(ABC):
     @abstractmethod
     def files(self) -> list[ByteSource]:
         """The files this checkpoint is made of, in a stable order."""
+
+    @property
+    @abstractmethod
+    def layout(self) -> WeightLayout:
+        """How the tensors lie in the files: format, per file its name, tensor count (in key
+        order) and safetensors ``__metadata__``, and an index's ``metadata``."""
 
     def close(self) -> None:
         """Release file handles."""

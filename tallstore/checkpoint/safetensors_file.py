@@ -18,7 +18,7 @@ import torch
 from .. import dtypes
 from ..dtypes import TensorInfo
 from ..errors import CheckpointError
-from .interface import Checkpoint
+from .interface import Checkpoint, WeightLayout
 from .sources import ByteSource
 
 MAX_HEADER = 100 * 1024 * 1024
@@ -91,9 +91,13 @@ def _check_entry(path: str, key: str, entry: Any, data_size: int) -> None:
 class SafetensorsCheckpoint(Checkpoint):
     """One or more safetensors files; ``only`` (an index's weight map) says which file owns a key."""
 
-    def __init__(self, sources: list[ByteSource], path: str, only: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, sources: list[ByteSource], path: str, only: dict[str, str] | None = None,
+        index_metadata: dict[str, Any] | None = None,
+    ) -> None:
         self.path = path
         self._sources = sources
+        self._index_metadata = index_metadata
         self._infos: dict[str, TensorInfo] = {}
         self._where: dict[str, tuple[int, int]] = {}
         self.metadata: dict[str, dict[str, Any]] = {}
@@ -139,6 +143,15 @@ class SafetensorsCheckpoint(Checkpoint):
     @property
     def files(self) -> list[ByteSource]:
         return list(self._sources)
+
+    @property
+    def layout(self) -> WeightLayout:
+        counts = [0] * len(self._sources)
+        for i, _ in self._where.values():
+            counts[i] += 1
+        return WeightLayout("safetensors", tuple(
+            (src.name, counts[i], self.metadata.get(src.name)) for i, src in enumerate(self._sources)
+        ), self._index_metadata)
 
     def close(self) -> None:
         for src in self._sources:

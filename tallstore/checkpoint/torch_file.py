@@ -10,7 +10,7 @@ import torch
 from .. import dtypes
 from ..dtypes import TensorInfo
 from ..errors import CheckpointError
-from .interface import Checkpoint
+from .interface import Checkpoint, WeightLayout
 from .sources import ByteSource, LocalFile
 
 
@@ -64,6 +64,10 @@ class TorchCheckpoint(Checkpoint):
         if self._file is None:
             self._file = LocalFile(self._path)
         return [self._file]
+
+    @property
+    def layout(self) -> WeightLayout:
+        return WeightLayout("torch", ((self._path.name, len(self.keys), None),))
 
     def close(self) -> None:
         self._sd = {}

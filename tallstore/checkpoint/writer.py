@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from .. import dtypes
+from .. import dtypes, publishing
 from ..dtypes import TensorInfo
-from ..errors import OutputExistsError
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 INDEX = "model.safetensors.index.json"
@@ -26,38 +24,28 @@ INDEX = "model.safetensors.index.json"
 
 @contextmanager
 def atomic_path(final: Path, overwrite: bool, is_dir: bool = False) -> Iterator[Path]:
-    """A temporary sibling path that replaces ``final`` only if the block completes."""
+    """A path in a hidden locked sibling, published at ``final`` only if the block completes.
+
+    ``overwrite`` replaces only an output tallstore wrote (or an empty folder), and only if it is
+    still the one found now; anything that appears at ``final`` meanwhile is left alone.
+    """
     final = Path(final)
-    if final.exists() and not overwrite:
-        raise OutputExistsError(f"{final} exists (use --force / overwrite=True to replace it)")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    target = tmp if is_dir else tmp / final.name
-    try:
+    existing = publishing.check(final, overwrite)
+    with publishing.staged(final, ".tmp", existing) as target:
+        if is_dir:
+            target.mkdir()
         yield target
-        replace(target, final)
-    finally:
-        _remove(tmp)
 
 
-def replace(src: Path, dst: Path) -> None:
-    """Move ``src`` onto ``dst`` (file or folder), never leaving ``dst`` half-written."""
-    if dst.is_dir() and not dst.is_symlink():
-        trash = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
-        os.replace(dst, trash / dst.name)
-        os.replace(src, dst)
-        _remove(trash)
-    else:
-        os.replace(src, dst)
+def _counting(get: Callable[[str], torch.Tensor], progress: Callable[[int], None]) -> Callable[[str], torch.Tensor]:
+    """``get`` that reports each tensor's byte count to ``progress``."""
 
+    def counted(key: str) -> torch.Tensor:
+        t = get(key)
+        progress(t.numel() * t.element_size())
+        return t
 
-def _remove(p: Path) -> None:
-    import shutil
-
-    if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p, ignore_errors=True)
-    elif p.exists():
-        p.unlink()
+    return counted
 
 
 def _header(
@@ -125,11 +113,19 @@ def save(
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     metadata: dict[str, str] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> Path:
-    """Save to a ``.safetensors`` file, or to a HF-style folder when ``out`` has no suffix."""
+    """Save to a ``.safetensors`` file, or to a HF-style folder when ``out`` has no suffix.
+
+    Every file's ``__metadata__`` carries ``publishing.OUTPUT_KEY`` (``metadata`` may say which
+    command wrote it), which is what lets ``overwrite`` replace it later; ``progress`` is called
+    with each tensor's byte count as it is written.
+    """
     out = Path(out)
     items = list(items)
-    meta = {"format": "pt", **(metadata or {})}
+    meta = {"format": "pt", publishing.OUTPUT_KEY: "checkpoint", **(metadata or {})}
+    if progress is not None:
+        get = _counting(get, progress)
     if out.suffix == ".safetensors":
         with atomic_path(out, overwrite) as tmp:
             write_safetensors(tmp, items, get, meta)

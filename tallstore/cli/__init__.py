@@ -1,5 +1,9 @@
-"""The ``tallstore`` command line: one module per command, registered on one Typer app."""
+"""The ``tallstore`` command line: one module per command, registered on one Typer app.
 
-from .app import app, main
+The entry points (``entry.console`` for the console script, ``main`` in-process) handle signals
+first and import the commands, and torch with them, after.
+"""
 
-__all__ = ["app", "main"]
+from .entry import main
+
+__all__ = ["main"]

@@ -25,22 +25,18 @@ def fail(message: str) -> "typer.Exit":
     return typer.Exit(2)
 
 
-def main() -> None:
-    """Console entry point."""
+def run() -> None:
+    """Run the command ``sys.argv`` names, ending with its exit status (``entry.main`` calls it)."""
     _register_commands()
     # zarr abandons its other chunk reads when one fails; asyncio's complaints about them are noise
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     try:
-        app(standalone_mode=False)
+        # outside standalone mode, typer returns the status of a typer.Exit instead of raising it
+        code = app(standalone_mode=False)
     except TallstoreError as e:
         raise SystemExit(_one_line(e)) from None
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
     except OSError as e:
         raise SystemExit(_one_line(e)) from None
-    except typer.Exit as e:
-        raise SystemExit(e.exit_code) from None
     except typer.Abort:
         raise SystemExit(1) from None
     except Exception as e:  # click usage errors carry their own formatting
@@ -50,6 +46,8 @@ def main() -> None:
             raise SystemExit(e.exit_code) from None  # type: ignore[attr-defined]
         print(f"error: internal error, please report it: {' '.join(f'{type(e).__name__}: {e}'.split())}", file=sys.stderr)
         raise SystemExit(1) from None
+    if isinstance(code, int) and code:
+        raise SystemExit(code)
 
 
 def _register_commands() -> None:
@@ -59,7 +57,7 @@ def _register_commands() -> None:
 
     package = importlib.import_module(__package__ or "tallstore.cli")
     for m in pkgutil.iter_modules(package.__path__):
-        if m.name not in ("app", "options", "progress"):
+        if m.name not in ("app", "entry", "options", "progress"):
             importlib.import_module(f"{package.__name__}.{m.name}")
 
 

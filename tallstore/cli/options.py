@@ -12,12 +12,13 @@ from ..packing.lam import DEFAULT_GRID
 from ..packing.options import DEFAULT_LAM
 
 ArchiveBase = Annotated[Optional[str], typer.Option("--base", help="Base checkpoint, if not embedded or moved.")]
-Force = Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")]
+Force = Annotated[bool, typer.Option("--force", help="Replace OUT if it is a tallstore archive, or a file or folder tallstore wrote.")]
 MaxShardGB = Annotated[float, typer.Option("--max-shard-gb", help="Shard size for folder output.")]
 StorageOptions = Annotated[
     Optional[list[str]], typer.Option("--storage-option", help="fsspec option key=value for URLs; repeatable.")
 ]
 AsJSON = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 
 
 class UsageError(TallstoreError):

@@ -8,13 +8,14 @@ import typer
 
 from ..ops.ties import DEFAULT_TOP
 from ..packing import driver
-from ..packing.dask_executor import dask_client
+from ..packing.dask_executor import DaskExecutor, dask_client
+from ..packing.executors import ThreadExecutor
 from ..packing.options import PackOptions
 from ..reading.archive import open as open_archive
 from . import options
 from .app import app
 from .info import render
-from .progress import bar
+from .progress import PassBars, bars
 
 
 @app.command()
@@ -54,8 +55,12 @@ def pack(
         merge=merge, ties_top=DEFAULT_TOP if ties_top is None else ties_top, embed_base=embed_base,
         exact=tuple(exact or ()), overwrite=force, allow_nonfinite=allow_nonfinite, codecs=codecs, workers=workers,
     )
-    with dask_client(scheduler, dask_workers) as client, bar("packing", enabled=not quiet) as b:
-        loc = driver.pack(out, base, tasks, opts, storage_options=so, progress=b.advance, on_start=b.start, client=client)
+    with dask_client(scheduler, dask_workers) as client, bars(enabled=not quiet) as display:
+        packing = display.add("packing")
+        executor = PassBars(ThreadExecutor(workers) if client is None else DaskExecutor(client), display)
+        loc = driver.pack(
+            out, base, tasks, opts, storage_options=so, progress=packing.advance, on_start=packing.start, executor=executor,
+        )
     if not quiet:
         with open_archive(loc, base=base, storage_options=so) as arc:
             render(arc.describe())

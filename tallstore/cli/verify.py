@@ -7,11 +7,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..errors import CorruptArchiveError
+from ..errors import CorruptArchiveError, TallstoreError
+from ..reading.archive import Archive
 from ..reading.archive import open as open_archive
 from ..reading.verify import VerifyReport
+from ..reading.verify import verify as verify_archive
 from . import options
 from .app import app
+from .progress import bar
 
 
 def render(r: VerifyReport) -> None:
@@ -31,6 +34,14 @@ def render(r: VerifyReport) -> None:
         print(f"problem: {p}")
 
 
+def _tensors(arc: Archive) -> int | None:
+    """How many tensors ``--deep`` rebuilds (None when a task's record is unreadable: verify says so)."""
+    try:
+        return sum(len(arc[name]) for name in arc.tasks)
+    except TallstoreError:
+        return None
+
+
 @app.command()
 def verify(
     archive: Annotated[str, typer.Argument(help="Archive folder or URL.")],
@@ -39,6 +50,7 @@ def verify(
     against: Annotated[Optional[list[str]], typer.Option("--against", help="NAME=PATH: report task NAME's rebuild error against an original; repeatable.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     storage_option: options.StorageOptions = None,
+    quiet: options.Quiet = False,
 ) -> None:
     """Check every chunk's presence and CRC (--deep: every task's digests); exit 2 on any problem."""
     originals = options.pairs(against, "--against")
@@ -46,7 +58,9 @@ def verify(
         unknown = sorted(set(originals) - set(arc.tasks))
         if unknown:
             raise options.UsageError(f"no task {unknown[0]!r} in {archive} (tasks: {', '.join(arc.tasks)})")
-        report = arc.verify(deep=deep, against=originals)
+        # verify() itself, for its progress callback: Archive.verify has none
+        with bar("verifying", _tensors(arc) if deep else 0, unit="tensors", enabled=deep and not quiet) as advance:
+            report = verify_archive(arc._source, arc._base, deep=deep, against=originals, progress=advance)
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
     else:

@@ -10,29 +10,33 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import os
-import shutil
-import tempfile
 import uuid
 import warnings
 from collections.abc import Callable, Mapping
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
+import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec
+from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
+from .. import publishing
 from ..checkpoint import Checkpoint, open_checkpoint
-from ..checkpoint.writer import replace
+from ..checkpoint.folder_files import FolderListing, list_folder
 from ..errors import OutputExistsError
 from ..locations import absolute, is_url, local_path
 from ..storage import layout
-from ..storage.arrays import create_masks, create_weights
+from ..storage.arrays import WRITE_ALL, create_masks, create_weights
 from ..storage.digests import combine, fingerprint, probe
 from ..storage.geometry import chunk_elems
 from ..storage.manifest import (
     BaseRecord,
     FileRecord,
+    FolderFile,
     Manifest,
     MaskLayout,
     MergeRecord,
@@ -40,6 +44,10 @@ from ..storage.manifest import (
     TaskRow,
     TaskStats,
     TensorEntry,
+    WeightFile,
+    WeightsLayout,
+    archive_digest,
+    canonical,
 )
 from ..storage.stores import open_store
 from ..version import VERSION
@@ -50,10 +58,10 @@ from .inputs import InputSpec
 from .inputs import release as release_inputs
 from .mask_writer import MaskWriter
 from .options import PackOptions
-from .passes import tau_pass
+from .passes import nonfinite_keys, tau_pass
 from .plan import Plan, check_task_names, make_plan
 from .results import PackState
-from .units import FileHash, MaskedBlock, PackSpec, SeparateTensor, release
+from .units import FileHash, MaskedBlock, PackSpec, SeparateTensor, StoreFile, release
 
 MASK_CHUNK_BYTES = 1 << 20
 
@@ -82,19 +90,24 @@ def pack(
     check_task_names(names)
     lams = [] if options.selects_lam else options.lams(names)
     selection: dict[str, Any] = {"method": "fixed"}
-    if not options.overwrite and not is_url(out) and local_path(out).exists():  # before any pre-pass
-        raise OutputExistsError(f"{local_path(out)} exists (use --force / overwrite=True to replace it)")
+    target = Target(out, options.overwrite, storage_options)  # checks the output before any pre-pass
     with ExitStack() as stack:
         # absolute, as the units open them: their file lists key the file hashes in _finish
         base_ck = stack.enter_context(open_checkpoint(absolute(base), storage_options))
         task_cks = [stack.enter_context(open_checkpoint(absolute(tasks[n]), storage_options)) for n in names]
         ex = executor or _executor(client, options.workers)
+        listings = [list_folder(absolute(p), ck, storage_options, options.max_file_bytes)
+                    for p, ck in zip([base, *(tasks[n] for n in names)], [base_ck, *task_cks])]
         plan = make_plan(base_ck, task_cks, names, options.block_elems, options.exact)
         inputs = InputSpec(
             token=uuid.uuid4().hex, base=absolute(base), tasks=tuple(absolute(tasks[n]) for n in names),
             names=tuple(names), storage_options=storage_options, allow_nonfinite=options.allow_nonfinite,
         )
         try:
+            if options.allow_nonfinite:
+                odd = nonfinite_keys(ex, inputs, plan)
+                if odd:
+                    plan = make_plan(base_ck, task_cks, names, options.block_elems, options.exact, frozenset(odd))
             numel = sum(kp.info.numel for kp in plan.masked())
             params = options.rule.prepare(tau_pass(ex, inputs, plan), numel, names)
             if isinstance(options.lam, str):
@@ -103,7 +116,6 @@ def pack(
                 )
         finally:
             ex.broadcast(release_inputs, inputs)
-        target = Target(out, options.overwrite, storage_options)
         with target as store:
             root = zarr.open_group(store, mode="w", zarr_format=3)
             manifest = Manifest(
@@ -112,6 +124,7 @@ def pack(
                 base=BaseRecord(str(base) if is_url(base) else str(Path(base).resolve()), options.embed_base),
                 tensors=(), writer=f"tallstore {VERSION}",
                 created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), lam_selection=selection,
+                generation=uuid.uuid4().hex,
             )
             root.attrs[layout.ATTR] = manifest.to_json()
             spec = PackSpec(
@@ -120,10 +133,10 @@ def pack(
                 embed_base=options.embed_base, block_elems=options.block_elems,
             )
             try:
-                state = _run(spec, root, plan, base_ck, task_cks, ex, progress, on_start)
+                state = _run(spec, root, plan, base_ck, task_cks, listings, ex, progress, on_start)
             finally:
                 ex.broadcast(release, spec)
-            _finish(root, spec, plan, manifest, state, base_ck, task_cks)
+            _finish(root, spec, plan, manifest, state, base_ck, task_cks, listings)
     return str(out)
 
 
@@ -142,13 +155,19 @@ def _scratch(out: str | os.PathLike[str]) -> Path | None:
 
 
 class Target:
-    """Where the archive is built: a temporary local sibling renamed at the end, or a URL."""
+    """Where the archive is built: a hidden locked sibling published at the end (local), or a URL.
+
+    Made before any pre-pass: a local output that may not be written or replaced fails at once,
+    and publishing replaces only what was checked then (see :mod:`tallstore.publishing`).
+    """
 
     def __init__(self, out: str | os.PathLike[str], overwrite: bool, storage_options: dict[str, Any] | None) -> None:
         self.out = out
         self.overwrite = overwrite
         self.storage_options = storage_options
+        self.existing = None if is_url(out) else publishing.check(local_path(out).absolute(), overwrite)
         self.tmp: Path | None = None
+        self._staged: AbstractContextManager[Path] | None = None
 
     @property
     def location(self) -> str:
@@ -158,30 +177,41 @@ class Target:
     def __enter__(self) -> Any:
         if is_url(self.out):
             store = open_store(self.out, read_only=False, storage_options=self.storage_options)
-            if sync(store.exists("zarr.json")) and not self.overwrite:
-                raise OutputExistsError(f"{self.out} exists (use --force / overwrite=True to replace it)")
+            self._check_remote(store)
             return store
-        final = local_path(self.out)
-        if final.exists() and not self.overwrite:
-            raise OutputExistsError(f"{final} exists (use --force / overwrite=True to replace it)")
-        final.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".packing", dir=final.parent)).absolute()
+        self._staged = publishing.staged(local_path(self.out).absolute(), ".packing", self.existing)
+        self.tmp = self._staged.__enter__()
         return open_store(self.tmp, read_only=False)
 
-    def __exit__(self, exc_type: object, *rest: object) -> None:
-        if self.tmp is None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self._staged is not None:
+            self._staged.__exit__(exc_type, exc, tb)
+
+    def _check_remote(self, store: Any) -> None:
+        """A remote prefix is written only if empty or, with ``overwrite``, holding a tallstore archive.
+
+        (Opening the group with ``mode="w"`` deletes everything under the prefix.)
+        """
+        if sync(store.is_empty("")):
             return
-        if exc_type is None:
-            replace(self.tmp, local_path(self.out))
-        else:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        if not self.overwrite:
+            raise OutputExistsError(f"{self.out} exists (use --force / overwrite=True to replace it)")
+        root = sync(store.get("zarr.json", prototype=default_buffer_prototype()))
+        if not publishing.is_archive_document(root.to_bytes() if root is not None else None):
+            raise OutputExistsError(
+                f"{self.out} holds objects but no tallstore archive: --force / overwrite=True replaces only "
+                "a tallstore archive, so they were left alone"
+            )
 
 
 def _run(
     spec: PackSpec, root: zarr.Group, plan: Plan, base: Checkpoint, tasks: list[Checkpoint],
-    executor: Executor, progress: Progress | None, on_start: Callable[[int], None] | None,
+    listings: list[FolderListing], executor: Executor, progress: Progress | None,
+    on_start: Callable[[int], None] | None,
 ) -> PackState:
-    """Create the shared arrays, then run every unit on the executor, folding in the results."""
+    """Create the shared arrays, then run every unit on the executor, folding in the results.
+
+    Non-weight files are hashed first, so that each distinct content is stored once."""
     n_tasks = len(tasks)
     for g in layout.GROUPS:
         root.create_group(g)
@@ -197,6 +227,10 @@ def _run(
         for t in range(n_tasks)
     ] if plan.mask_nbytes else []
     state = PackState(plan, n_tasks, MaskWriter(mask_arrays, plan.mask_nbytes, MASK_CHUNK_BYTES))
+    folder = sorted({f.location: f for listing in listings for f in listing.files}.values(), key=lambda f: f.location)
+    for unit, result in executor.run([FileHash(f.location, spec.storage_options) for f in folder]):
+        unit.absorb(result, state)
+    by_content = {state.file_hashes[f.location]: f for f in folder}
     files = sorted({f.location for ck in tasks for f in ck.files} | {f.location for f in base.files})
 
     def weight(kp: Any) -> int:
@@ -213,6 +247,7 @@ def _run(
         else:
             units.append(SeparateTensor(spec, kp, w))
     units += [FileHash(f, spec.storage_options) for f in files]
+    units += [StoreFile(spec, f.location, sha, f.size) for sha, f in sorted(by_content.items())]
     for unit, result in executor.run(units):
         unit.absorb(result, state)
         if progress and unit.weight:
@@ -225,58 +260,87 @@ def _files(ck: Checkpoint, state: PackState) -> tuple[FileRecord, ...]:
     return tuple(FileRecord(f.name, f.size, state.file_hashes[f.location]) for f in ck.files)
 
 
+def _folder(listing: FolderListing, state: PackState) -> tuple[FolderFile, ...]:
+    return tuple(FolderFile(f.path, f.size, state.file_hashes[f.location]) for f in listing.files)
+
+
+def _weights(ck: Checkpoint) -> WeightsLayout:
+    lay = ck.layout
+    return WeightsLayout(lay.format, tuple(WeightFile(n, c, m) for n, c, m in lay.files), lay.index_metadata)
+
+
 def _finish(
     root: zarr.Group, spec: PackSpec, plan: Plan, manifest: Manifest,
-    s: PackState, base_ck: Checkpoint, task_cks: list[Checkpoint],
+    s: PackState, base_ck: Checkpoint, task_cks: list[Checkpoint], listings: list[FolderListing],
 ) -> None:
-    """Write per-task attributes and tensor index, then the completeness marker, last."""
+    """Write per-task records and the tensor index, the manifest's checksummed copy, then the
+    manifest with its digest and the completeness marker, last."""
     base_digests: dict[str, str] = {}
     entries = []
     for kp in plan.keys:
-        offset = None
+        offset = crcs = None
+        base_crcs: list[int] | None = None
         if kp.kind == layout.KIND_MASKED:
             base_digests[kp.key] = combine(s.base_blocks[kp.key])
+            base_crcs = s.base_bits_crcs[kp.key]
             kind = layout.KIND_MASKED if kp.key in s.nonzero else layout.KIND_BASE
             if kind == layout.KIND_BASE:
                 del root[layout.merged_path(kp.node)]
+            else:
+                crcs = tuple(s.merged_crcs[kp.key])
             offset = kp.mask_offset
         else:
             kind = layout.KIND_SEPARATE
             sep = s.separate[kp.key]
-            if sep.base_digest is not None:
-                base_digests[kp.key] = sep.base_digest
+            if sep.base_blocks is not None:
+                base_digests[kp.key] = combine(sep.base_blocks)
+                base_crcs = sep.base_crcs
         base_dtype = kp.base_info.dtype if kp.base_info is not None else None
-        entries.append(TensorEntry(kp.key, kp.node, kind, kp.info.dtype, kp.info.shape, base_dtype, offset))
+        entries.append(TensorEntry(kp.key, kp.node, kind, kp.info.dtype, kp.info.shape, base_dtype, offset,
+                                   crcs, tuple(base_crcs) if base_crcs is not None else None))
     base_infos = {k: base_ck.info(k) for k in base_ck.keys}
     manifest = manifest.with_(
-        tensors=tuple(entries),
+        tensors=tuple(entries), complete=True,
         base=BaseRecord(manifest.base.location, manifest.base.embedded, tuple(base_ck.keys),
-                        fingerprint(base_digests, base_infos), probe(base_ck), _files(base_ck, s)),
+                        fingerprint(base_digests, base_infos), probe(base_ck), _files(base_ck, s),
+                        _folder(listings[0], s)),
     )
     total_masked = sum(kp.info.numel for kp in plan.masked())
     sq_err, tau_sq = s.sq_err, s.tau_sq
+    records = []
     for t, (name, ck) in enumerate(zip(spec.inputs.names, task_cks)):
         rows = []
         exact_bytes = 0
         for key in ck.keys:
             info = ck.info(key)
             if key in s.separate:
-                src, digest, crcs = s.separate[key].sources[t]
+                src, blocks, crcs = s.separate[key].sources[t]
                 exact_bytes += s.separate[key].exact_bytes.get(t, 0)
             elif key in s.nonzero:
-                src, digest, crcs = layout.SOURCE_MASKED, combine(s.task_blocks[key][t]), s.task_crcs[key][t]
+                src, blocks, crcs = layout.SOURCE_MASKED, s.task_blocks[key][t], s.task_crcs[key][t]
             else:
-                src, digest, crcs = layout.SOURCE_BASE, combine(s.task_blocks[key][t]), s.base_crcs[key]
-            rows.append(TaskRow(key, info.dtype, info.shape, src, digest, tuple(crcs)))
+                src, blocks, crcs = layout.SOURCE_BASE, s.task_blocks[key][t], s.base_crcs[key]
+            rows.append(TaskRow(key, info.dtype, info.shape, src, combine(blocks, info), tuple(crcs)))
         tau_norm = math.sqrt(tau_sq[t])
         stats = TaskStats(
             masked_params=total_masked, mask_ones=int(s.ones[t]),
             mask_density=float(s.ones[t] / total_masked) if total_masked else 0.0, exact_bytes=exact_bytes,
             rebuild_error=float(math.sqrt(sq_err[t]) / tau_norm) if tau_norm else 0.0, tau_norm=tau_norm,
         )
-        record = TaskRecord(name, manifest.lam[t], str(ck.path), _files(ck, s), tuple(rows), stats)
-        root.create_group(layout.task_group(t), attributes={layout.ATTR: record.to_json()})
-    root.attrs[layout.ATTR] = manifest.with_(complete=True).to_json()
+        mask_crcs = tuple(s.writer.crcs[t]) if plan.mask_nbytes else ()
+        listing = listings[t + 1]
+        records.append(TaskRecord(name, manifest.lam[t], str(ck.path), _files(ck, s), tuple(rows), stats,
+                                  mask_crcs=mask_crcs, folder=_folder(listing, s), weights=_weights(ck),
+                                  skipped=listing.skipped).to_json())
+    for t, record in enumerate(records):
+        root.create_group(layout.task_group(t), attributes={layout.ATTR: record})
+    doc = manifest.to_json()
+    doc["digest"] = archive_digest(doc, records)
+    copy = canonical({"manifest": doc, "tasks": records})
+    arr = root.create_array(layout.MANIFEST_COPY, shape=(len(copy),), dtype=np.uint8, chunks=(len(copy),),
+                            compressors=[Crc32cCodec()], fill_value=0, config=WRITE_ALL)
+    arr[:] = np.frombuffer(copy, np.uint8)
+    root.attrs[layout.ATTR] = doc
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         zarr.consolidate_metadata(root.store)

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import threading
 
+import crc32c
 import numpy as np
 import zarr
 
 
 class MaskWriter:
-    """Buffers ``(T, n)`` mask-byte pieces by chunk and flushes each chunk when it is full."""
+    """Buffers ``(T, n)`` mask-byte pieces by chunk and flushes each chunk when it is full,
+    recording the CRC-32C of every chunk of every task's mask (``crcs[t][c]``)."""
 
     def __init__(self, arrays: list[zarr.Array], nbytes: int, chunk_bytes: int) -> None:
         self._arrays = arrays
@@ -21,6 +23,7 @@ class MaskWriter:
         self._chunk = chunk_bytes
         self._pending: dict[int, tuple[np.ndarray, int]] = {}
         self._lock = threading.Lock()
+        self.crcs = [[0] * -(-nbytes // chunk_bytes) for _ in arrays]
 
     def _chunk_size(self, c: int) -> int:
         return min(self._chunk, self._nbytes - c * self._chunk)
@@ -49,6 +52,7 @@ class MaskWriter:
                 lo = c * self._chunk
                 for t, arr in enumerate(self._arrays):
                     arr[lo : lo + buf.shape[1]] = buf[t]
+                    self.crcs[t][c] = crc32c.crc32c(buf[t])
             pos += take
 
     def close(self) -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from ..checkpoint.folder_files import DEFAULT_MAX_FILE_BYTES
 from ..errors import PlanError
 from ..ops import merges, ties
 from ..storage.codecs import Codecs, preset
@@ -38,6 +39,7 @@ class PackOptions:
     block_elems: int = DEFAULT_BLOCK_ELEMS
     workers: int = 2
     codecs: Codecs | str = field(default_factory=Codecs)
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
     rule: merges.TaskArithmetic | merges.Ties = field(init=False)
 
     def __post_init__(self) -> None:
@@ -59,6 +61,8 @@ class PackOptions:
             raise PlanError(f"block_elems must be a positive integer, got {self.block_elems!r}")
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
             raise PlanError(f"workers must be a positive integer, got {self.workers!r}")
+        if isinstance(self.max_file_bytes, bool) or not isinstance(self.max_file_bytes, int) or self.max_file_bytes < 0:
+            raise PlanError(f"max_file_bytes must be a whole number of bytes ≥ 0, got {self.max_file_bytes!r}")
 
     @property
     def selects_lam(self) -> bool:

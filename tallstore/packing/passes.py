@@ -51,3 +51,18 @@ def on_tau(fn: Callable[[torch.Tensor], Any], block: Block) -> Any:
 def tau_pass(executor: Executor, spec: InputSpec, plan: Plan) -> Callable[[Callable[[torch.Tensor], Any]], Any]:
     """A :data:`~tallstore.ops.merges.RunPass` over ``τ`` of every block of ``plan``."""
     return lambda fn: run_pass(executor, spec, plan, partial(on_tau, fn))
+
+
+def has_nonfinite(block: Block) -> bool:
+    """Whether the block holds a NaN or an infinity in the base or any task."""
+    return not (bool(torch.isfinite(block.base).all()) and bool(torch.isfinite(block.tasks).all()))
+
+
+def nonfinite_keys(executor: Executor, spec: InputSpec, plan: Plan) -> set[str]:
+    """The masked tensors holding NaN or Inf anywhere (only asked with ``allow_nonfinite``).
+
+    They are stored exactly per task instead: a NaN in one task must never change another
+    task's rebuild through the shared vector or the masks.
+    """
+    units = [BlockPass(spec, kp, i, has_nonfinite) for kp in plan.masked() for i in range(len(kp.blocks))]
+    return {unit.kp.key for unit, odd in executor.run(units) if odd}

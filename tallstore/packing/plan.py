@@ -84,8 +84,10 @@ def make_plan(
     names: list[str],
     block_elems: int,
     exact: tuple[str, ...] = (),
+    exact_keys: frozenset[str] = frozenset(),
 ) -> Plan:
-    """Classify every tensor name of the base and the tasks and lay out the mask bits."""
+    """Classify every tensor name of the base and the tasks and lay out the mask bits; ``exact``
+    globs and ``exact_keys`` (names, e.g. tensors holding NaN/Inf) are stored exactly per task."""
     order: list[str] = list(base.keys)
     seen = set(order)
     for ck in tasks:
@@ -110,6 +112,7 @@ def make_plan(
             and infos[0].dtype.is_float
             and infos[0].shape == base_info.shape
             and not any(fnmatch.fnmatchcase(key, p) for p in exact)
+            and key not in exact_keys
         )
         info = infos[0] if masked else (base_info or infos[0])
         kp = KeyPlan(

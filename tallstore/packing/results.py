@@ -19,6 +19,8 @@ class BlockResult:
     mask_bytes: np.ndarray
     base_digest: bytes
     base_crc: int
+    base_bits_crc: int
+    merged_crc: int
     task_digests: list[bytes]
     task_crcs: list[int]
     ones: np.ndarray
@@ -29,12 +31,13 @@ class BlockResult:
 
 @dataclass
 class SeparateResult:
-    """Summary of one separate tensor: the base digest and each task's source and digest."""
+    """Summary of one separate tensor: the base's block digests and CRCs, and each task's source
+    with its block digests and CRCs."""
 
     key: str
-    base_digest: str | None
+    base_blocks: list[bytes] | None
     base_crcs: list[int]
-    sources: dict[int, tuple[str, str, list[int]]]
+    sources: dict[int, tuple[str, list[bytes], list[int]]]
     exact_bytes: dict[int, int]
 
 
@@ -47,6 +50,8 @@ class PackState:
     writer: MaskWriter
     base_blocks: dict[str, list[bytes]] = field(default_factory=dict)
     base_crcs: dict[str, list[int]] = field(default_factory=dict)
+    base_bits_crcs: dict[str, list[int]] = field(default_factory=dict)
+    merged_crcs: dict[str, list[int]] = field(default_factory=dict)
     task_blocks: dict[str, list[list[bytes]]] = field(default_factory=dict)
     task_crcs: dict[str, list[list[int]]] = field(default_factory=dict)
     nonzero: set[str] = field(default_factory=set)
@@ -60,6 +65,8 @@ class PackState:
         for kp in self.plan.masked():
             self.base_blocks[kp.key] = [b""] * len(kp.blocks)
             self.base_crcs[kp.key] = [0] * len(kp.blocks)
+            self.base_bits_crcs[kp.key] = [0] * len(kp.blocks)
+            self.merged_crcs[kp.key] = [0] * len(kp.blocks)
             self.task_blocks[kp.key] = [[b""] * len(kp.blocks) for _ in range(self.n_tasks)]
             self.task_crcs[kp.key] = [[0] * len(kp.blocks) for _ in range(self.n_tasks)]
 
@@ -68,6 +75,8 @@ class PackState:
         self.writer.put(kp.mask_offset + kp.blocks[r.index][0] * kp.info.row_numel // 8, r.mask_bytes)
         self.base_blocks[r.key][r.index] = r.base_digest
         self.base_crcs[r.key][r.index] = r.base_crc
+        self.base_bits_crcs[r.key][r.index] = r.base_bits_crc
+        self.merged_crcs[r.key][r.index] = r.merged_crc
         for t, (d, c) in enumerate(zip(r.task_digests, r.task_crcs)):
             self.task_blocks[r.key][t][r.index] = d
             self.task_crcs[r.key][t][r.index] = c

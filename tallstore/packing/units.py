@@ -7,16 +7,19 @@ the driver's :class:`~tallstore.packing.results.PackState`. Units:
 - :class:`MaskedBlock` — one row block of one masked tensor across all tasks;
 - :class:`SeparateTensor` — a tensor stored exactly per task (or found equal to the base);
 - :class:`FileHash` — the SHA-256 of one input file;
+- :class:`StoreFile` — one non-weight input file (a config, a tokenizer) archived by content;
 - :class:`BlockPass` — a read-only pass function over one row block (TIES, λ selection).
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import crc32c
 import numpy as np
 import torch
 import zarr
@@ -24,13 +27,14 @@ import zarr
 from .. import dtypes
 from ..checkpoint import Checkpoint
 from ..checkpoint.opening import open_file
+from ..errors import CheckpointError
 from ..ops.kernel import pack_mask, rebuild_bits
 from ..ops.masks import merged_weights, tall_masks
 from ..ops.merges import TaskArithmetic, Ties
 from ..storage import layout
-from ..storage.arrays import WRITE_ALL, create_weights
+from ..storage.arrays import WRITE_ALL, create_file, create_weights
 from ..storage.codecs import Codecs
-from ..storage.digests import block_crc, block_digest, combine
+from ..storage.digests import block_crc, block_digest
 from ..storage.geometry import block_ranges, chunk_elems
 from ..storage.stores import open_store
 from .executors import PerProcess
@@ -137,6 +141,8 @@ class MaskedBlock:
             mask_bytes=packed,
             base_digest=block_digest(blk.base),
             base_crc=block_crc(base_t),
+            base_bits_crc=block_crc(blk.base),
+            merged_crc=crc32c.crc32c(xor.view(np.uint8)),
             task_digests=digests,
             task_crcs=crcs,
             ones=np.array([np.count_nonzero(r) for r in masks.numpy()], dtype=np.int64),
@@ -161,7 +167,7 @@ class SeparateTensor:
         spec, kp = self.spec, self.kp
         ctx = context(spec)
         got = inputs(spec.inputs)
-        base_digest = None
+        base_blocks = None
         base_crcs: list[int] = []
         if kp.base_info is not None:
             info = kp.base_info
@@ -171,22 +177,21 @@ class SeparateTensor:
                     ctx.root, layout.base_path(kp.node), info.numel, info.dtype.storage,
                     chunk_elems(info, spec.block_elems), spec.codecs,
                 )
-            hashes = []
+            base_blocks = []
             for a, b in kp.blocks:
                 t = got.base.read(kp.key, a, b)
                 _check_finite(spec, t, kp.key, "the base")
-                hashes.append(block_digest(t))
+                base_blocks.append(block_digest(t))
                 base_crcs.append(block_crc(t))
                 if arr is not None and t.numel():
                     arr[a * info.row_numel : b * info.row_numel] = dtypes.to_storage(t)
-            base_digest = combine(hashes)
-        sources: dict[int, tuple[str, str, list[int]]] = {}
+        sources: dict[int, tuple[str, list[bytes], list[int]]] = {}
         sizes: dict[int, int] = {}
         for ti in kp.tasks_with:
             ck = got.tasks[ti]
             info = ck.info(kp.key)
-            if info == kp.base_info and base_digest is not None and _equal_to_base(got.base, ck, kp):
-                sources[ti] = (layout.SOURCE_BASE, base_digest, base_crcs)
+            if info == kp.base_info and base_blocks is not None and _equal_to_base(got.base, ck, kp):
+                sources[ti] = (layout.SOURCE_BASE, base_blocks, base_crcs)
                 continue
             arr = create_weights(
                 ctx.root, layout.exact_path(kp.node, ti), info.numel, info.dtype.storage,
@@ -201,9 +206,9 @@ class SeparateTensor:
                 crcs.append(block_crc(t))
                 if t.numel():
                     arr[a * info.row_numel : b * info.row_numel] = dtypes.to_storage(t)
-            sources[ti] = (layout.SOURCE_EXACT, combine(hashes), crcs)
+            sources[ti] = (layout.SOURCE_EXACT, hashes, crcs)
             sizes[ti] = info.numel * info.dtype.itemsize
-        return SeparateResult(kp.key, base_digest, base_crcs, sources, sizes)
+        return SeparateResult(kp.key, base_blocks, base_crcs, sources, sizes)
 
     def absorb(self, result: SeparateResult, state: PackState) -> None:
         state.separate[self.kp.key] = result
@@ -226,6 +231,32 @@ class FileHash:
 
     def absorb(self, result: str, state: PackState) -> None:
         state.file_hashes[self.location] = result
+
+
+@dataclass(frozen=True)
+class StoreFile:
+    """Archive one non-weight input file at ``files/<sha256>`` (content-addressed: stored once)."""
+
+    spec: PackSpec
+    location: str
+    sha256: str
+    size: int
+    weight: int = 0
+
+    def run(self) -> None:
+        src = open_file(self.location, self.spec.storage_options)
+        try:
+            data = src.read(0, src.size)
+        finally:
+            src.close()
+        if data.size != self.size or hashlib.sha256(data).hexdigest() != self.sha256:
+            raise CheckpointError(f"{self.location} changed while it was packed")
+        arr = create_file(context(self.spec).root, layout.file_path(self.sha256), data.size, self.spec.codecs)
+        if data.size:
+            arr[:] = data
+
+    def absorb(self, result: None, state: PackState) -> None:
+        pass
 
 
 @dataclass(frozen=True)

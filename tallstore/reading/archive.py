@@ -140,6 +140,18 @@ class TaskView(Mapping[str, torch.Tensor]):
         """Dtype and shape of ``key`` in this task."""
         return self._rows[key].info
 
+    @property
+    def files(self) -> dict[str, int]:
+        """The task's archived non-weight files (config, tokenizer…): path in its folder → size."""
+        return {f.path: f.size for f in self._source.task(self.index).folder}
+
+    def read_file(self, path: str) -> bytes:
+        """One archived non-weight file of the task, checked against its recorded SHA-256."""
+        for f in self._source.task(self.index).folder:
+            if f.path == path:
+                return self._source.read_file(f)
+        raise KeyError(f"task {self.name!r} has no archived file {path!r}")
+
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self._rows:
             raise KeyError(f"task {self.name!r} has no tensor {key!r}")

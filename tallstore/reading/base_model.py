@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol
 
+import crc32c
+import numpy as np
 import torch
 
 from .. import dtypes
@@ -19,6 +21,7 @@ from ..locations import is_url
 from ..storage import layout
 from ..storage.codecs import ArrayFormat
 from ..storage.digests import checkpoint_fingerprint, probe
+from ..storage.geometry import block_ranges
 from ..storage.manifest import Manifest, TensorEntry
 from .source import ArchiveSource
 
@@ -50,7 +53,7 @@ class EmbeddedBase:
         """The checked ``base`` array of a tensor the base holds."""
         info = entry.base_info
         assert info is not None
-        return self.source.reader.array(layout.base_path(entry.node), info.dtype.storage, info.numel)
+        return self.source.reader.array(layout.base_path(entry.node), info.dtype.storage, info.numel, entry.base_crcs)
 
     def read(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         e = self.source.manifest.entries[key]
@@ -102,3 +105,21 @@ def check_base(manifest: Manifest, ckpt: Checkpoint, where: str) -> None:
         f"{where} is not the base this archive was packed against: "
         f"archive expects {b.fingerprint}, this base is {got}"
     )
+
+
+def read_checked(base: ExternalBase | EmbeddedBase, entry: TensorEntry, block_elems: int) -> torch.Tensor:
+    """The whole base tensor of ``entry``, every block checked against the CRC-32C recorded at pack
+    time (format v2): a base file changed after the archive was opened is an error, not weights."""
+    t = base.read(entry.key)
+    info = entry.base_info
+    if entry.base_crcs is None or info is None or info.numel == 0:
+        return t
+    bits = dtypes.to_storage(t).view(np.uint8)
+    step = info.row_numel * info.dtype.itemsize
+    for i, (a, b) in enumerate(block_ranges(info, block_elems)):
+        if crc32c.crc32c(bits[a * step : b * step]) != entry.base_crcs[i]:
+            raise BaseMismatchError(
+                f"base tensor {entry.key!r} (rows {a}:{b}) is not what the archive was packed against "
+                "(the base changed after it was opened?)"
+            )
+    return t

@@ -102,10 +102,10 @@ class Loader:
         data = None
         reader = self.source.reader
         if w.row.source == layout.SOURCE_MASKED:
-            data = reader.array(layout.merged_path(e.node), info.dtype.storage, info.numel)
+            data = reader.array(layout.merged_path(e.node), info.dtype.storage, info.numel, e.crcs)
             mask_ranges.append(e.mask_range)
         elif w.row.source == layout.SOURCE_EXACT:
-            data = reader.array(layout.exact_path(e.node, self.task), info.dtype.storage, info.numel)
+            data = reader.array(layout.exact_path(e.node, self.task), info.dtype.storage, info.numel, w.row.crcs)
         base_arr = None
         if w.row.source != layout.SOURCE_EXACT and isinstance(self.base, EmbeddedBase):
             base_arr = self.base.array(e)
@@ -174,7 +174,8 @@ class Loader:
         if not ranges:
             return
         nbytes = self.source.manifest.mask.nbytes
-        self._mask = self.source.reader.array(layout.mask_path(self.task), np.dtype(np.uint8), nbytes)
+        crcs = self.source.task(self.task).mask_crcs
+        self._mask = self.source.reader.array(layout.mask_path(self.task), np.dtype(np.uint8), nbytes, crcs)
         chunk = self._mask.chunk
         for a, b in coalesce(ranges, chunk):
             lo, hi = (a // chunk) * chunk, min(nbytes, ((b - 1) // chunk + 1) * chunk)

@@ -36,7 +36,7 @@ from ..ops.masks import consensus_mask
 from ..ops.merges import RULES
 from ..storage import layout
 from ..storage.manifest import TensorEntry
-from .base_model import EmbeddedBase, ExternalBase
+from .base_model import EmbeddedBase, ExternalBase, read_checked
 from .source import ArchiveSource
 
 CONSENSUS = "consensus"
@@ -104,7 +104,7 @@ class MergedView(Mapping[str, torch.Tensor]):
     def __getitem__(self, key: str) -> torch.Tensor:
         e = self._entry(key)
         info = self.info(key)
-        base = self._base.read(key)
+        base = read_checked(self._base, e, self._source.manifest.block_elems)
         if e.kind != layout.KIND_MASKED:
             return base.to(info.dtype.torch)
         try:
@@ -138,13 +138,14 @@ class MergedView(Mapping[str, torch.Tensor]):
         reader = source.reader
         n = info.numel
         lo, hi = e.mask_range
-        merged_arr = reader.array(layout.merged_path(e.node), info.dtype.storage, n)
+        merged_arr = reader.array(layout.merged_path(e.node), info.dtype.storage, n, e.crcs)
         batch = reader.batch()
         batch.add_range(merged_arr, 0, n)
         masks = []
         if self.method == CONSENSUS:
             nbytes = source.manifest.mask.nbytes
-            masks = [reader.array(layout.mask_path(t), np.dtype(np.uint8), nbytes) for t in range(len(source.manifest.tasks))]
+            masks = [reader.array(layout.mask_path(t), np.dtype(np.uint8), nbytes, source.task(t).mask_crcs)
+                     for t in range(len(source.manifest.tasks))]
             for m in masks:
                 batch.add_range(m, lo, hi)
         batch.fetch()

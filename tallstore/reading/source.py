@@ -6,14 +6,25 @@ Every read path (loads, extract, merge, stats, verify, info) starts from an
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from typing import Any
 
-from ..errors import ArchiveError, CorruptArchiveError, TallstoreError
+import numpy as np
+
+from ..errors import (
+    ArchiveError,
+    CorruptArchiveError,
+    IncompleteArchiveError,
+    NewerFormatError,
+    TallstoreError,
+)
 from ..locations import is_url, local_path
 from ..storage import layout
-from ..storage.chunks import ChunkReader, Objects
-from ..storage.manifest import Manifest, TaskRecord
+from ..storage.chunks import MAX_DOCUMENT, ChunkReader, Objects
+from ..storage.codecs import ArrayFormat
+from ..storage.manifest import FolderFile, Manifest, TaskRecord
 from ..storage.stores import open_store
 
 
@@ -32,17 +43,70 @@ class ArchiveSource:
             raise ArchiveError(f"{where}: no such archive")
         store = open_store(location, read_only=True, storage_options=storage_options, connections=concurrency) if remote else None
         self.objects = Objects(where, store, None if remote else local_path(location), concurrency)
+        self._tasks: dict[int, TaskRecord] = {}
+        self._raw_tasks: list[Any] | None = None
+        self.nodes: dict[str, Any] | None = None
+        self.damage: str | None = None
         try:
-            doc = self._root_document()
-            self.manifest = Manifest.from_json(doc["attributes"].get(layout.ATTR), where)
-            consolidated = doc.get("consolidated_metadata")
-            nodes = consolidated.get("metadata") if isinstance(consolidated, dict) else None
-            self.nodes: dict[str, Any] | None = nodes if isinstance(nodes, dict) else None
-            self.reader = ChunkReader(self.objects, self.nodes)
+            self._open_metadata()
         except BaseException:
             self.objects.close()
             raise
-        self._tasks: dict[int, TaskRecord] = {}
+
+    def _open_metadata(self) -> None:
+        """Read and check the manifest and task records; fall back to the checksummed copy (v2)
+        when the root document is lost, torn or does not match its digest."""
+        where = self.location
+        try:
+            doc = self._root_document()
+            raw = doc["attributes"].get(layout.ATTR)
+            self.manifest = Manifest.from_json(raw, where)
+            consolidated = doc.get("consolidated_metadata")
+            nodes = consolidated.get("metadata") if isinstance(consolidated, dict) else None
+            self.nodes = nodes if isinstance(nodes, dict) else None
+            self.reader = ChunkReader(self.objects, self.nodes)
+            if self.manifest.version >= 2:
+                self._raw_tasks = [self._raw_task(i) for i in range(len(self.manifest.tasks))]
+                self.manifest.check_digest(raw, self._raw_tasks, where)
+        except (IncompleteArchiveError, NewerFormatError):
+            raise
+        except ArchiveError as e:
+            if not self._open_copy():
+                raise
+            self.damage = f"{where}: the root zarr.json is damaged ({e}); its checksummed copy {layout.MANIFEST_COPY} was read"
+
+    def _open_copy(self) -> bool:
+        """Use the manifest's second copy (``meta/manifest``) if it is there and intact."""
+        where = self.location
+        self.nodes = None
+        self.reader = ChunkReader(self.objects, None)
+        try:
+            meta = self.objects.document(f"{layout.MANIFEST_COPY}/zarr.json")
+            if not isinstance(meta, dict) or not isinstance(meta.get("shape"), list) or len(meta["shape"]) != 1:
+                return False
+            n = meta["shape"][0]
+            if not isinstance(n, int) or not 0 < n <= MAX_DOCUMENT:
+                return False
+            arr = ArrayFormat.from_meta(meta, layout.MANIFEST_COPY, np.dtype(np.uint8), n)
+            doc = json.loads(self.reader.read(arr).tobytes())
+            raw, tasks = doc["manifest"], doc["tasks"]
+            manifest = Manifest.from_json(raw, where)
+            if manifest.version < 2 or not isinstance(tasks, list) or len(tasks) != len(manifest.tasks):
+                return False
+            manifest.check_digest(raw, tasks, where)
+        except (TallstoreError, ValueError, KeyError, TypeError):
+            return False
+        self.manifest = manifest
+        self._raw_tasks = tasks
+        return True
+
+    def _raw_task(self, index: int) -> Any:
+        try:
+            return self.reader.metadata(layout.task_group(index))["attributes"][layout.ATTR]
+        except TallstoreError as e:
+            raise CorruptArchiveError(f"{self.location}: task {index} metadata is missing ({e})") from None
+        except (KeyError, TypeError):
+            raise CorruptArchiveError(f"{self.location}: task {index} metadata is missing") from None
 
     @property
     def local(self) -> bool:
@@ -68,14 +132,17 @@ class ArchiveSource:
     def task(self, index: int) -> TaskRecord:
         """The checked record of task ``index`` (key listing, files, statistics)."""
         if index not in self._tasks:
-            try:
-                attrs = self.reader.metadata(layout.task_group(index))["attributes"][layout.ATTR]
-            except TallstoreError as e:
-                raise CorruptArchiveError(f"{self.location}: task {index} metadata is missing ({e})") from None
-            except (KeyError, TypeError):
-                raise CorruptArchiveError(f"{self.location}: task {index} metadata is missing") from None
+            attrs = self._raw_tasks[index] if self._raw_tasks is not None else self._raw_task(index)
             self._tasks[index] = TaskRecord.from_json(attrs, self.manifest, index, self.location)
         return self._tasks[index]
+
+    def read_file(self, f: FolderFile) -> bytes:
+        """An archived non-weight file's bytes, checked against its recorded size and SHA-256."""
+        arr = self.reader.array(layout.file_path(f.sha256), np.dtype(np.uint8), f.size)
+        data = self.reader.read(arr).tobytes()
+        if hashlib.sha256(data).hexdigest() != f.sha256:
+            raise CorruptArchiveError(f"{self.location}: archived file {f.path!r} does not match its SHA-256")
+        return data
 
     def index(self, task: str) -> int:
         """The index of task ``task``; a ``KeyError`` naming the tasks if there is none."""

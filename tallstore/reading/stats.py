@@ -121,7 +121,8 @@ def _read_window(source: ArchiveSource, w0: int, w1: int) -> np.ndarray:
     m = source.manifest
     out = np.empty((len(m.tasks), w1 - w0), np.uint8)
     try:
-        arrays = [source.reader.array(layout.mask_path(t), np.dtype(np.uint8), m.mask.nbytes) for t in range(len(m.tasks))]
+        arrays = [source.reader.array(layout.mask_path(t), np.dtype(np.uint8), m.mask.nbytes, source.task(t).mask_crcs)
+                  for t in range(len(m.tasks))]
         source.reader.read_into([(a, w0, out[t]) for t, a in enumerate(arrays)])
     except TallstoreError as e:
         raise CorruptArchiveError(f"{source.location}: mask data is unreadable or corrupt ({e})") from None

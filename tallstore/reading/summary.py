@@ -20,7 +20,8 @@ def describe(source: ArchiveSource, *, sizes: bool = True) -> dict[str, Any]:
         rec = source.task(i)
         tasks.append({
             "name": name, "lam": rec.lam, "source": rec.source, "files": [f.to_json() for f in rec.files],
-            "raw_bytes": sum(f.size for f in rec.files), **rec.stats.to_json(),
+            "raw_bytes": sum(f.size for f in rec.files) + sum(f.size for f in rec.folder), **rec.stats.to_json(),
+            "folder": [f.to_json() for f in rec.folder], "skipped": list(rec.skipped),
             "tensors": [{"key": r.key, "dtype": r.dtype.name, "shape": list(r.shape), "source": r.source,
                          "sha256": r.sha256} for r in rec.rows],
         })
@@ -36,6 +37,7 @@ def describe(source: ArchiveSource, *, sizes: bool = True) -> dict[str, Any]:
         "base": {
             "embedded": m.base.embedded, "location": m.base.location, "fingerprint": m.base.fingerprint,
             "keys": list(m.base.keys), "files": base_files, "bytes": base_bytes,
+            "folder": [f.to_json() for f in m.base.folder],
         },
         "tensors": [e.to_json() for e in m.tensors],
         "weight_codec": weight_codec(source),

@@ -17,9 +17,10 @@ Problems are collected, not raised, so one run reports all of them.
 
 from __future__ import annotations
 
+import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -32,7 +33,7 @@ from ..checkpoint import open_checkpoint
 from ..dtypes import TensorInfo
 from ..errors import ArchiveError, TallstoreError
 from ..storage import layout
-from ..storage.chunks import BUFFERS, MissingObject
+from ..storage.chunks import BUFFERS, MAX_DOCUMENT, MissingObject
 from ..storage.codecs import ArrayFormat
 from ..storage.digests import block_digest, combine, fingerprint
 from ..storage.geometry import block_ranges
@@ -83,30 +84,37 @@ class VerifyReport:
 
 @dataclass(frozen=True)
 class Expected:
-    """One array the manifest implies, and what it must hold."""
+    """One array the manifest implies, what it must hold and the recorded CRC-32C of each chunk."""
 
     path: str
     storage: np.dtype
     numel: int
     what: str
+    crcs: tuple[int, ...] | None = None
 
 
 def verify(
     source: ArchiveSource, base: ExternalBase | EmbeddedBase, *, deep: bool = False,
-    against: Mapping[str, str | os.PathLike[str]] | None = None,
+    against: Mapping[str, str | os.PathLike[str]] | None = None, progress: Callable[[int], None] | None = None,
 ) -> VerifyReport:
-    """Verify the archive (see the module docstring); tasks named in ``against`` must exist."""
+    """Verify the archive (see the module docstring); tasks named in ``against`` must exist.
+
+    ``progress`` is called with 1 for every tensor ``deep`` has rebuilt (or failed to).
+    """
     m = source.manifest
     against = dict(against or {})
     unknown = sorted(set(against) - set(m.tasks))
     if unknown:
         raise ArchiveError(f"{source.location}: no task {unknown[0]!r} (tasks: {', '.join(m.tasks)})")
     report = VerifyReport(source.location, deep)
+    if source.damage is not None:
+        report.problems.append(source.damage)
     _check_stored(source, report)
+    _check_copy(source, report)
     if deep:
         _check_base(source, base, report)
         for t, name in enumerate(m.tasks):
-            _check_task(source, base, t, name, report)
+            _check_task(source, base, t, name, report, progress)
     for name, path in against.items():
         result = _compare(source, base, name, str(path), report)
         if result is not None:
@@ -122,21 +130,27 @@ def expected_arrays(source: ArchiveSource, report: VerifyReport) -> list[Expecte
     for e in m.tensors:
         info = e.info
         if e.kind == layout.KIND_MASKED:
-            out.append(Expected(layout.merged_path(e.node), info.dtype.storage, info.numel, f"merged bits of {e.key!r}"))
+            out.append(Expected(layout.merged_path(e.node), info.dtype.storage, info.numel, f"merged bits of {e.key!r}", e.crcs))
         if m.base.embedded and e.base_dtype is not None:
-            out.append(Expected(layout.base_path(e.node), e.base_dtype.storage, info.numel, f"embedded base of {e.key!r}"))
+            out.append(Expected(layout.base_path(e.node), e.base_dtype.storage, info.numel, f"embedded base of {e.key!r}",
+                                e.base_crcs))
+    stored: dict[str, int] = {f.sha256: f.size for f in m.base.folder}
     for t, name in enumerate(m.tasks):
-        if m.mask.nbytes:
-            out.append(Expected(layout.mask_path(t), np.dtype(np.uint8), m.mask.nbytes, f"mask of task {name!r}"))
         try:
-            rows = source.task(t).rows
+            record = source.task(t)
         except TallstoreError as e:
             report.problems.append(str(e))
             continue
-        for row in rows:
+        stored.update((f.sha256, f.size) for f in record.folder)
+        if m.mask.nbytes:
+            out.append(Expected(layout.mask_path(t), np.dtype(np.uint8), m.mask.nbytes, f"mask of task {name!r}",
+                                record.mask_crcs))
+        for row in record.rows:
             if row.source == layout.SOURCE_EXACT:
                 path = layout.exact_path(m.entries[row.key].node, t)
-                out.append(Expected(path, row.dtype.storage, row.info.numel, f"exact {row.key!r} of task {name!r}"))
+                out.append(Expected(path, row.dtype.storage, row.info.numel, f"exact {row.key!r} of task {name!r}", row.crcs))
+    for sha, size in sorted(stored.items()):
+        out.append(Expected(layout.file_path(sha), np.dtype(np.uint8), size, f"archived file {sha[:12]}…"))
     return out
 
 
@@ -155,7 +169,7 @@ def _check_stored(source: ArchiveSource, report: VerifyReport) -> None:
     for exp in expected_arrays(source, report):
         report.arrays += 1
         try:
-            arr = source.reader.array(exp.path, exp.storage, exp.numel)
+            arr = source.reader.array(exp.path, exp.storage, exp.numel, exp.crcs)
         except TallstoreError as e:
             report.problems.append(f"{source.location}: {exp.what}: {e}")
             continue
@@ -171,6 +185,29 @@ def _check_stored(source: ArchiveSource, report: VerifyReport) -> None:
             report.problems.append(f"{source.location}: group {g}/zarr.json is missing or unreadable")
         elif g.startswith("tasks/") and source.nodes is not None and own.get("attributes") != _attrs(source, g):
             report.problems.append(f"{source.location}: {g}/zarr.json disagrees with the consolidated metadata")
+
+
+def _check_copy(source: ArchiveSource, report: VerifyReport) -> None:
+    """Format v2: the manifest's second copy is present, intact and agrees with the root (the
+    copy is what a reader falls back to when the root ``zarr.json`` is lost)."""
+    if source.manifest.version < 2 or source.damage is not None:
+        return
+    report.arrays += 1
+    where = f"{source.location}: the manifest's copy {layout.MANIFEST_COPY}"
+    meta = _own_document(source, layout.MANIFEST_COPY)
+    shape = meta.get("shape") if isinstance(meta, dict) else None
+    if not (isinstance(shape, list) and len(shape) == 1 and isinstance(shape[0], int) and 0 < shape[0] <= MAX_DOCUMENT):
+        report.problems.append(f"{where} is missing or unreadable")
+        return
+    try:
+        arr = ArrayFormat.from_meta(meta, layout.MANIFEST_COPY, np.dtype(np.uint8), shape[0])
+        report.chunks += arr.n_chunks
+        doc = json.loads(source.reader.read(arr).tobytes())
+    except (TallstoreError, ValueError) as e:
+        report.problems.append(f"{where} is unreadable ({e})")
+        return
+    if not isinstance(doc, dict) or doc.get("manifest", {}).get("digest") != source.manifest.digest:
+        report.problems.append(f"{where} disagrees with the root zarr.json")
 
 
 def _attrs(source: ArchiveSource, path: str) -> Any:
@@ -210,11 +247,12 @@ def _why(e: TallstoreError) -> str:
     return "is missing" if isinstance(e, MissingObject) else f"is unreadable ({e})"
 
 
-def _digest(t: torch.Tensor, info: TensorInfo, block_elems: int) -> str:
-    """The tree digest (§7) of a whole tensor."""
+def _digest(t: torch.Tensor, info: TensorInfo, block_elems: int, version: int = 1) -> str:
+    """The tree digest (§7) of a whole tensor (format v2: ``[dtype, shape]`` first)."""
     flat = t.reshape(-1)
     row = info.row_numel
-    return combine(block_digest(flat[a * row : b * row]) for a, b in block_ranges(info, block_elems))
+    return combine((block_digest(flat[a * row : b * row]) for a, b in block_ranges(info, block_elems)),
+                   info if version >= 2 else None)
 
 
 def _check_base(source: ArchiveSource, base: ExternalBase | EmbeddedBase, report: VerifyReport) -> None:
@@ -237,13 +275,35 @@ def _check_base(source: ArchiveSource, base: ExternalBase | EmbeddedBase, report
         report.problems.append(f"{source.location}: the base does not match its recorded fingerprint {m.base.fingerprint}")
 
 
+def _check_files(source: ArchiveSource, report: VerifyReport) -> None:
+    """Every archived non-weight file still has its recorded SHA-256."""
+    seen: set[str] = set()
+    records = [source.manifest.base.folder]
+    for t in range(len(source.manifest.tasks)):
+        try:
+            records.append(source.task(t).folder)
+        except TallstoreError:
+            continue  # already reported by the shallow checks
+    for f in (f for folder in records for f in folder):
+        if f.sha256 in seen:
+            continue
+        seen.add(f.sha256)
+        try:
+            source.read_file(f)
+        except TallstoreError as e:
+            report.problems.append(f"{source.location}: archived file {f.path!r}: {e}")
+
+
 def _rebuild(source: ArchiveSource, base: ExternalBase | EmbeddedBase, t: int, key: str, info: TensorInfo) -> torch.Tensor:
     out = torch.empty(info.shape, dtype=info.dtype.torch)
     loading.load(source, base, t, {key: out.view(-1)})
     return out
 
 
-def _check_task(source: ArchiveSource, base: ExternalBase | EmbeddedBase, t: int, name: str, report: VerifyReport) -> None:
+def _check_task(
+    source: ArchiveSource, base: ExternalBase | EmbeddedBase, t: int, name: str, report: VerifyReport,
+    progress: Callable[[int], None] | None,
+) -> None:
     """Rebuild every tensor of task ``t`` and compare its digest with the recorded one."""
     try:
         rows = source.task(t).rows
@@ -253,10 +313,14 @@ def _check_task(source: ArchiveSource, base: ExternalBase | EmbeddedBase, t: int
     bad = len(report.problems)
     for row in rows:
         try:
-            digest = _digest(_rebuild(source, base, t, row.key, row.info), row.info, source.manifest.block_elems)
+            digest = _digest(_rebuild(source, base, t, row.key, row.info), row.info, source.manifest.block_elems,
+                             source.manifest.version)
         except TallstoreError as e:
             report.problems.append(str(e))
             continue
+        finally:
+            if progress is not None:
+                progress(1)
         report.tensors_rebuilt += 1
         if digest != row.sha256:
             report.problems.append(
@@ -308,6 +372,8 @@ def _compare(
                 sq_err += float(diff.square().sum())
         original = [{"name": f.name, "size": f.size, "sha256": f.sha256()} for f in ck.files]
     rel = math.sqrt(sq_err / tau_sq) if tau_sq else (0.0 if sq_err == 0 else math.inf)
+    if not (math.isfinite(rel) and math.isfinite(max_abs)):
+        report.problems.append(f"{where}: the rebuild error is not finite (relative {rel}, max abs {max_abs})")
     return AgainstResult(
         task=name, path=path, relative_error=rel, max_abs_error=max_abs,
         recorded_error=record.stats.rebuild_error, exact_tensors=exact, tensors=total,

@@ -40,3 +40,20 @@ def create_masks(group: zarr.Group, path: str, nbytes: int, chunk_bytes: int, co
         overwrite=True,
         config=WRITE_ALL,
     )
+
+
+FILE_CHUNK_BYTES = 4 << 20
+
+
+def create_file(group: zarr.Group, path: str, nbytes: int, codecs: Codecs) -> zarr.Array:
+    """A flat uint8 array holding one archived non-weight file, zstd-compressed."""
+    return group.create_array(
+        path,
+        shape=(nbytes,),
+        dtype=np.uint8,
+        chunks=(max(1, min(FILE_CHUNK_BYTES, nbytes)),),
+        compressors=codecs.files(),
+        fill_value=0,
+        overwrite=True,
+        config=WRITE_ALL,
+    )

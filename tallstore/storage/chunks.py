@@ -297,8 +297,9 @@ class ChunkReader:
             raise MissingObject(f"{path} is missing")
         return meta
 
-    def array(self, path: str, storage: np.dtype, numel: int) -> ArrayFormat:
-        """The checked format of the flat array at ``path`` (``numel`` elements of ``storage``)."""
+    def array(self, path: str, storage: np.dtype, numel: int, crcs: tuple[int, ...] | None = None) -> ArrayFormat:
+        """The checked format of the flat array at ``path`` (``numel`` elements of ``storage``);
+        ``crcs``: the CRC-32C of each chunk's data as recorded, checked on every decode."""
         with self._lock:
             fmt = self._formats.get(path)
         if fmt is None:
@@ -307,7 +308,7 @@ class ChunkReader:
                 self._formats[path] = fmt
         if fmt.storage != storage or fmt.numel != numel:
             raise CorruptArchiveError(f"{path} holds ({fmt.numel},) {fmt.storage}, expected ({numel},) {storage}")
-        return fmt
+        return fmt.with_crcs(crcs)
 
     def batch(self) -> Batch:
         """A new set of chunk reads, fetched together."""

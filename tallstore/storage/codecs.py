@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import crc32c
@@ -46,6 +46,7 @@ class Codecs:
     weight_level: int = 5
     weight_shuffle: str = "shuffle"
     mask_level: int = 16
+    file_level: int = 12
 
     def weights(self, itemsize: int) -> list[BytesBytesCodec]:
         """Codecs for weight bit patterns of ``itemsize`` bytes."""
@@ -62,6 +63,10 @@ class Codecs:
     def masks(self) -> list[BytesBytesCodec]:
         """Codecs for packed mask bytes."""
         return [ZstdCodec(level=self.mask_level), Crc32cCodec()]
+
+    def files(self) -> list[BytesBytesCodec]:
+        """Codecs for archived non-weight files (configs, tokenizers: text that zstd shrinks well)."""
+        return [ZstdCodec(level=self.file_level), Crc32cCodec()]
 
 
 PRESETS = {
@@ -337,6 +342,15 @@ class ArrayFormat:
     separator: str
     v2_keys: bool
     chain: Chain
+    crcs: tuple[int, ...] | None = None
+
+    def with_crcs(self, crcs: tuple[int, ...] | None) -> ArrayFormat:
+        """This array, its decoded chunks checked against ``crcs`` (one CRC-32C of each chunk's
+        array bytes, as the manifest records them) when they are one per chunk; an array another
+        tool re-chunked is read without them."""
+        if crcs is None or len(crcs) != self.n_chunks:
+            return self
+        return replace(self, crcs=tuple(crcs))
 
     @classmethod
     def from_meta(cls, meta: Any, path: str, storage: np.dtype, numel: int) -> ArrayFormat:
@@ -387,5 +401,11 @@ class ArrayFormat:
         return min(self.chunk, self.numel - index * self.chunk) * self.storage.itemsize
 
     def decode(self, index: int, data: memoryview, out: np.ndarray) -> None:
-        """Decode chunk ``index`` from its stored bytes into ``out`` (``chunk_nbytes`` of uint8)."""
-        self.chain.decode(data, out, self.valid_nbytes(index), self.key(index))
+        """Decode chunk ``index`` from its stored bytes into ``out`` (``chunk_nbytes`` of uint8),
+        checking the recorded CRC-32C of its array bytes when there is one."""
+        valid = self.valid_nbytes(index)
+        self.chain.decode(data, out, valid, self.key(index))
+        if self.crcs is not None and crc32c.crc32c(out[:valid]) != self.crcs[index]:
+            raise CorruptArchiveError(
+                f"chunk {self.key(index)} does not hold what was packed (its data fails the manifest's CRC-32C)"
+            )

@@ -20,6 +20,7 @@ from ..checkpoint import Checkpoint
 from ..dtypes import TensorInfo
 from ..locations import is_url
 from .geometry import block_ranges
+from .manifest import canonical
 
 PROBE_THREADS = 16
 
@@ -34,9 +35,12 @@ def block_crc(t: torch.Tensor) -> int:
     return crc32c.crc32c(memoryview(dtypes.to_storage(t)).cast("B"))
 
 
-def combine(block_digests: Iterable[bytes]) -> str:
-    """The tensor digest (hex) from its blocks' digests, in block order."""
+def combine(block_digests: Iterable[bytes], info: TensorInfo | None = None) -> str:
+    """The tensor digest (hex) from its blocks' digests, in block order; with ``info`` (format v2)
+    the digest starts with the tensor's ``[dtype, shape]``, so it also pins what the bytes are."""
     h = hashlib.sha256()
+    if info is not None:
+        h.update(canonical([info.dtype.name, list(info.shape)]) + b"\n")
     for d in block_digests:
         h.update(d)
     return h.hexdigest()

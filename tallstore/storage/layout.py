@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 FORMAT = "tallstore"
-VERSION = 1
+VERSION = 2
+READABLE = (1, 2)
 ATTR = "tallstore"
 BITORDER = "little"
 
@@ -17,7 +18,8 @@ SOURCE_EXACT = "exact"
 SOURCE_BASE = "base"
 SOURCES = (SOURCE_MASKED, SOURCE_BASE, SOURCE_EXACT)
 
-GROUPS = ("tensors", "tasks", "masks")
+GROUPS = ("tensors", "tasks", "masks", "meta")
+MANIFEST_COPY = "meta/manifest"
 
 
 def merged_path(node: str) -> str:
@@ -43,3 +45,8 @@ def task_group(task_index: int) -> str:
 def mask_path(task_index: int) -> str:
     """One task's TALL mask bits for every masked tensor, concatenated (uint8)."""
     return f"masks/{task_index}"
+
+
+def file_path(sha256: str) -> str:
+    """One archived non-weight file (a config, a tokenizer…), addressed by its content's SHA-256."""
+    return f"files/{sha256}"

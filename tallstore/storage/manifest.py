@@ -7,6 +7,8 @@ never touch the raw JSON otherwise.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -14,11 +16,21 @@ from typing import Any
 
 from .. import dtypes
 from ..dtypes import DType, TensorInfo
-from ..errors import ArchiveError, CorruptArchiveError, TallstoreError
+from ..errors import (
+    ArchiveError,
+    CorruptArchiveError,
+    IncompleteArchiveError,
+    NewerFormatError,
+    TallstoreError,
+)
 from . import layout
+from .geometry import block_ranges
 
 NODE = re.compile(r"[a-z0-9_.~-]{1,255}")
 SHA256 = re.compile(r"[0-9a-f]{64}")
+GENERATION = re.compile(r"[0-9a-f]{32}")
+DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+MAX_PATH = 4096
 MAX_DIM = 1 << 62
 MAX_NDIM = 64
 REQUIRED = ("tasks", "lam", "merge", "base", "tensors", "mask", "block_elems")
@@ -62,6 +74,39 @@ def _shape(v: Any) -> tuple[int, ...] | None:
     return tuple(v) if n <= MAX_DIM else None
 
 
+def canonical(doc: Any) -> bytes:
+    """The canonical bytes of a JSON document (spec §7): keys sorted, no spaces, UTF-8, floats as
+    their shortest round-trip form (Python's ``repr``), no NaN or infinity."""
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def archive_digest(manifest: dict[str, Any], tasks: list[Any]) -> str:
+    """``sha256:`` over the canonical manifest (its ``digest`` left out) and every task's record."""
+    body = {k: v for k, v in manifest.items() if k != "digest"}
+    return "sha256:" + hashlib.sha256(canonical({"manifest": body, "tasks": tasks})).hexdigest()
+
+
+def _crc_list(v: Any, n: int) -> tuple[int, ...] | None:
+    """``v`` as a tuple of ``n`` CRC-32C values, or None if it is not one."""
+    if not isinstance(v, list) or len(v) != n or not all(_is_int(c, 0, 0xFFFFFFFF) for c in v):
+        return None
+    return tuple(v)
+
+
+def _n_blocks(info: TensorInfo, block_elems: int) -> int:
+    return sum(1 for _ in block_ranges(info, block_elems))
+
+
+def safe_relative_path(path: Any) -> bool:
+    """Whether ``path`` is a plain relative POSIX path inside a folder: no ``..``, no absolute
+    part, no backslash or control character, no empty or ``.`` component."""
+    if not isinstance(path, str) or not path or len(path) > MAX_PATH or path.startswith("/"):
+        return False
+    if any(ord(c) < 32 or c in "\\\x7f" for c in path):
+        return False
+    return all(part not in ("", ".", "..") for part in path.split("/"))
+
+
 def safe_node(node: Any) -> bool:
     """Whether ``node`` is one harmless path segment (§5): no ``/``, never ``.`` or ``..``."""
     return isinstance(node, str) and NODE.fullmatch(node) is not None and node not in (".", "..")
@@ -93,6 +138,86 @@ def _files(v: Any, where: str, who: str) -> tuple[FileRecord, ...]:
 
 
 @dataclass(frozen=True)
+class FolderFile:
+    """A non-weight file of an input model folder (config, tokenizer…), kept at ``files/<sha256>``."""
+
+    path: str
+    size: int
+    sha256: str
+
+    @classmethod
+    def from_json(cls, v: Any, where: str, who: str) -> FolderFile:
+        if not (isinstance(v, dict) and safe_relative_path(v.get("path")) and _is_int(v.get("size"))
+                and isinstance(v.get("sha256"), str) and SHA256.fullmatch(v["sha256"])):
+            raise Malformed(where, f"the {who}'s 'folder' lists a file without a safe path, size and sha256")
+        return cls(v["path"], v["size"], v["sha256"])
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "size": self.size, "sha256": self.sha256}
+
+
+def _folder(v: Any, where: str, who: str) -> tuple[FolderFile, ...]:
+    if not isinstance(v, list):
+        raise Malformed(where, f"the {who}'s 'folder' is not a list")
+    out = tuple(FolderFile.from_json(f, where, who) for f in v)
+    if len({f.path for f in out}) != len(out):
+        raise Malformed(where, f"the {who}'s 'folder' lists a path twice")
+    return out
+
+
+def _str_map(v: Any) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, str) for k, x in v.items())
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    """One input weight file: its name, how many of the task's tensors (in listing order) it held,
+    and its safetensors ``__metadata__``."""
+
+    name: str
+    tensors: int
+    metadata: dict[str, str] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "tensors": self.tensors}
+        if self.metadata is not None:
+            out["metadata"] = self.metadata
+        return out
+
+
+@dataclass(frozen=True)
+class WeightsLayout:
+    """How a task's weights were laid out in its input: file format, files in order, index metadata."""
+
+    format: str
+    files: tuple[WeightFile, ...]
+    index_metadata: dict[str, Any] | None = None
+
+    @classmethod
+    def from_json(cls, v: Any, rows: int, where: str, who: str) -> WeightsLayout:
+        bad = Malformed(where, f"the {who}'s 'weights' layout is malformed")
+        if not isinstance(v, dict) or v.get("format") not in ("safetensors", "torch") or not isinstance(v.get("files"), list):
+            raise bad
+        files = []
+        for f in v["files"]:
+            if not (isinstance(f, dict) and isinstance(f.get("name"), str) and "/" not in f["name"]
+                    and f["name"] not in ("", ".", "..") and _is_int(f.get("tensors"))
+                    and (f.get("metadata") is None or _str_map(f["metadata"]))):
+                raise bad
+            files.append(WeightFile(f["name"], f["tensors"], f.get("metadata")))
+        index = v.get("index_metadata")
+        if sum(f.tensors for f in files) != rows or (index is not None and not isinstance(index, dict)):
+            raise bad
+        return cls(v["format"], tuple(files), index)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"format": self.format, "files": [f.to_json() for f in self.files]}
+        if self.index_metadata is not None:
+            out["index_metadata"] = self.index_metadata
+        return out
+
+
+@dataclass(frozen=True)
 class TensorEntry:
     """How one tensor name is stored (``kind``), its task dtype and shape, its base dtype."""
 
@@ -103,6 +228,8 @@ class TensorEntry:
     shape: tuple[int, ...]
     base_dtype: DType | None = None
     mask_offset: int | None = None
+    crcs: tuple[int, ...] | None = None
+    base_crcs: tuple[int, ...] | None = None
 
     @property
     def info(self) -> TensorInfo:
@@ -120,7 +247,7 @@ class TensorEntry:
         return self.mask_offset, self.mask_offset + (self.info.numel + 7) // 8
 
     @classmethod
-    def from_json(cls, e: Any, where: str, mask_nbytes: int) -> TensorEntry:
+    def from_json(cls, e: Any, where: str, mask_nbytes: int, block_elems: int, version: int) -> TensorEntry:
         if not isinstance(e, dict) or not isinstance(e.get("key"), str):
             raise Malformed(where, "a 'tensors' entry has no key")
         what = f"tensor {e['key']!r}"
@@ -146,7 +273,18 @@ class TensorEntry:
                 raise Malformed(where, f"{what} has a mask_offset outside the masks")
         elif offset is not None and not _is_int(offset):
             raise Malformed(where, f"{what} has an invalid mask_offset")
-        return cls(e["key"], e["node"], kind, d, shape, base_dtype, offset)
+        crcs = base_crcs = None
+        if version >= 2:
+            blocks = _n_blocks(TensorInfo(d, shape), block_elems)
+            if kind == layout.KIND_MASKED:
+                crcs = _crc_list(e.get("crcs"), blocks)
+                if crcs is None:
+                    raise Malformed(where, f"{what} has no CRC-32C per block of its merged array")
+            if base_dtype is not None:
+                base_crcs = _crc_list(e.get("base_crcs"), blocks)
+                if base_crcs is None:
+                    raise Malformed(where, f"{what} has no CRC-32C per block of its base")
+        return cls(e["key"], e["node"], kind, d, shape, base_dtype, offset, crcs, base_crcs)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"key": self.key, "node": self.node, "dtype": self.dtype.name, "shape": list(self.shape),
@@ -155,6 +293,10 @@ class TensorEntry:
             out["mask_offset"] = self.mask_offset
         if self.base_dtype is not None:
             out["base_dtype"] = self.base_dtype.name
+        if self.crcs is not None:
+            out["crcs"] = list(self.crcs)
+        if self.base_crcs is not None:
+            out["base_crcs"] = list(self.base_crcs)
         return out
 
 
@@ -170,6 +312,11 @@ class MaskLayout:
     def stored_chunk(self) -> int:
         """The chunk length of each ``masks/<t>`` array as written (spec §2)."""
         return max(1, min(self.chunk_bytes, self.nbytes))
+
+    @property
+    def n_ranges(self) -> int:
+        """How many ``chunk_bytes`` ranges a mask has (each with its CRC-32C in v2 task records)."""
+        return -(-self.nbytes // self.chunk_bytes)
 
     @classmethod
     def from_json(cls, v: Any, where: str) -> MaskLayout:
@@ -192,6 +339,7 @@ class BaseRecord:
     fingerprint: str | None = None
     probe: str | None = None
     files: tuple[FileRecord, ...] | None = None
+    folder: tuple[FolderFile, ...] = ()
 
     @classmethod
     def from_json(cls, b: Any, where: str, entries: dict[str, TensorEntry]) -> BaseRecord:
@@ -207,13 +355,16 @@ class BaseRecord:
             if b.get(name) is not None and not isinstance(b[name], str):
                 raise Malformed(where, f"'base.{name}' is not a string")
         files = _files(b["files"], where, "base") if "files" in b else None
-        return cls(b.get("location"), b["embedded"], tuple(keys), b.get("fingerprint"), b.get("probe"), files)
+        folder = _folder(b["folder"], where, "base") if "folder" in b else ()
+        return cls(b.get("location"), b["embedded"], tuple(keys), b.get("fingerprint"), b.get("probe"), files, folder)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"location": self.location, "embedded": self.embedded, "keys": list(self.keys),
                                "fingerprint": self.fingerprint, "probe": self.probe}
         if self.files is not None:
             out["files"] = [f.to_json() for f in self.files]
+        if self.folder:
+            out["folder"] = [f.to_json() for f in self.folder]
         return out
 
 
@@ -250,6 +401,8 @@ class Manifest:
     created: str | None = None
     lam_selection: dict[str, Any] | None = None
     version: int = layout.VERSION
+    generation: str | None = None
+    digest: str | None = None
 
     @cached_property
     def entries(self) -> dict[str, TensorEntry]:
@@ -269,12 +422,14 @@ class Manifest:
         if not isinstance(version, int):
             raise ArchiveError(f"{where}: archive has no valid format version")
         if version > layout.VERSION:
-            raise ArchiveError(
+            raise NewerFormatError(
                 f"{where}: archive format version {version} is newer than this tallstore "
                 f"reads ({layout.VERSION}); upgrade tallstore"
             )
+        if version not in layout.READABLE:
+            raise ArchiveError(f"{where}: archive has no valid format version")
         if m.get("complete") is not True:
-            raise ArchiveError(f"{where}: archive is incomplete (packing did not finish); re-run pack")
+            raise IncompleteArchiveError(f"{where}: archive is incomplete (packing did not finish); re-run pack")
         missing = [k for k in REQUIRED if k not in m]
         if missing:
             raise ArchiveError(f"{where}: archive manifest lacks {missing[0]!r}")
@@ -293,7 +448,7 @@ class Manifest:
         entries: dict[str, TensorEntry] = {}
         nodes: set[str] = set()
         for raw in m["tensors"]:
-            e = TensorEntry.from_json(raw, where, mask.nbytes)
+            e = TensorEntry.from_json(raw, where, mask.nbytes, m["block_elems"], version)
             if e.key in entries:
                 raise Malformed(where, f"tensor {e.key!r} is listed twice")
             if e.node in nodes:
@@ -304,12 +459,19 @@ class Manifest:
         selection = m.get("lam_selection")
         if selection is not None and not isinstance(selection, dict):
             raise Malformed(where, "'lam_selection' is not an object")
+        generation = digest = None
+        if version >= 2:
+            generation, digest = m.get("generation"), m.get("digest")
+            if not isinstance(generation, str) or not GENERATION.fullmatch(generation):
+                raise Malformed(where, "'generation' is not 32 hex digits")
+            if not isinstance(digest, str) or not DIGEST.fullmatch(digest):
+                raise Malformed(where, "'digest' is not sha256:<64 hex digits>")
         return cls(
             tasks=tuple(tasks), lam=tuple(float(v) for v in lam), merge=merge, block_elems=m["block_elems"],
             mask=mask, base=base, tensors=tuple(entries.values()), complete=True,
             writer=m.get("writer") if isinstance(m.get("writer"), str) else None,
             created=m.get("created") if isinstance(m.get("created"), str) else None,
-            lam_selection=selection, version=version,
+            lam_selection=selection, version=version, generation=generation, digest=digest,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -321,7 +483,25 @@ class Manifest:
         }
         if self.lam_selection is not None:
             out["lam_selection"] = self.lam_selection
+        if self.generation is not None:
+            out["generation"] = self.generation
+        if self.digest is not None:
+            out["digest"] = self.digest
         return out
+
+    def check_digest(self, raw: dict[str, Any], tasks: list[Any], where: str) -> None:
+        """Refuse an archive whose manifest (``raw``, as stored) or task records are not those its
+        digest was made of."""
+        if self.version < 2:
+            return
+        try:
+            got = archive_digest(raw, tasks)
+        except (TypeError, ValueError):
+            raise Malformed(where, "the manifest or a task record is not canonical JSON") from None
+        if got != self.digest:
+            raise CorruptArchiveError(
+                f"{where}: archive metadata does not match its digest (the manifest or a task record was changed)"
+            )
 
 
 @dataclass(frozen=True)
@@ -369,6 +549,10 @@ class TaskRecord:
     files: tuple[FileRecord, ...]
     rows: tuple[TaskRow, ...]
     stats: TaskStats
+    mask_crcs: tuple[int, ...] | None = None
+    folder: tuple[FolderFile, ...] = ()
+    weights: WeightsLayout | None = None
+    skipped: tuple[str, ...] = ()
 
     @cached_property
     def by_key(self) -> dict[str, TaskRow]:
@@ -384,6 +568,8 @@ class TaskRecord:
             raise Malformed(where, f"the attributes of {who} do not name it")
         if not _is_number(attrs.get("lam")) or not isinstance(attrs.get("stats"), dict):
             raise Malformed(where, f"{who} lacks its lam or stats")
+        if float(attrs["lam"]) != manifest.lam[index]:
+            raise Malformed(where, f"{who} records λ {attrs['lam']} but the manifest {manifest.lam[index]}")
         files = _files(attrs.get("files"), where, who)
         raw_rows = attrs.get("tensors")
         if not isinstance(raw_rows, list):
@@ -394,12 +580,40 @@ class TaskRecord:
             if row.key in rows:
                 raise Malformed(where, f"tensor {row.key!r} of {who} is unknown to the manifest or listed twice")
             rows[row.key] = row
+        missing = [e.key for e in manifest.tensors if e.kind == layout.KIND_MASKED and e.key not in rows]
+        if missing:
+            raise Malformed(where, f"{who} lacks the masked tensor {missing[0]!r}")
+        mask_crcs = None
+        folder: tuple[FolderFile, ...] = ()
+        weights = None
+        skipped: tuple[str, ...] = ()
+        if manifest.version >= 2:
+            mask_crcs = _crc_list(attrs.get("mask_crcs"), manifest.mask.n_ranges)
+            if mask_crcs is None:
+                raise Malformed(where, f"{who} has no CRC-32C per mask range")
+            folder = _folder(attrs.get("folder", []), where, who)
+            weights = WeightsLayout.from_json(attrs.get("weights"), len(rows), where, who)
+            skipped_v = attrs.get("skipped", [])
+            if not _is_str_list(skipped_v) or not all(safe_relative_path(p) for p in skipped_v):
+                raise Malformed(where, f"{who}'s 'skipped' is not a list of safe paths")
+            skipped = tuple(skipped_v)
         return cls(name, float(attrs["lam"]), str(attrs.get("source", "")), files, tuple(rows.values()),
-                   _stats(attrs["stats"], where, who))
+                   _stats(attrs["stats"], where, who), mask_crcs, folder, weights, skipped)
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "lam": self.lam, "source": self.source, "files": [f.to_json() for f in self.files],
-                "tensors": [r.to_json() for r in self.rows], "stats": self.stats.to_json()}
+        out: dict[str, Any] = {
+            "name": self.name, "lam": self.lam, "source": self.source, "files": [f.to_json() for f in self.files],
+            "tensors": [r.to_json() for r in self.rows], "stats": self.stats.to_json(),
+        }
+        if self.mask_crcs is not None:
+            out["mask_crcs"] = list(self.mask_crcs)
+        if self.folder:
+            out["folder"] = [f.to_json() for f in self.folder]
+        if self.weights is not None:
+            out["weights"] = self.weights.to_json()
+        if self.skipped:
+            out["skipped"] = list(self.skipped)
+        return out
 
 
 def _row(raw: Any, manifest: Manifest, where: str, who: str) -> TaskRow:
