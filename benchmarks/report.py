@@ -343,6 +343,70 @@ reported validation split (the zoo has no separate test split).
 """
 
 
+RATE_LABELS = {
+    "tallstore": "tallstore (TALL+TA, lossless shared vector)", "emr": "EMR-merging",
+    "bitdelta": "BitDelta (no distillation)", "int4": "per-row int4 delta", "int3": "per-row int3 delta",
+    "int2": "per-row int2 delta",
+}
+
+
+def rate_section(r: dict[str, Any], out: Path, doc: Path) -> str:
+    """Bits per parameter per task against normalized test accuracy, every method on the same checkpoints.
+
+    ``r`` is the ``rate`` module's results; the ``rate_wide`` module's (the T = 20 zoo), when in ``out``, are
+    shown and plotted with them.
+    """
+    wide = load(out).get("rate_wide")
+    r = {**r, "collections": r["collections"] + (wide["results"]["collections"] if wide else [])}
+    parts = []
+    for c in r["collections"]:
+        tasks, methods = c["tasks"], c["methods"]
+        z = c["zoo"]
+        head = (f"**{c['variant']} zoo, T = {len(tasks)}** ({z['config']['train_max']} training examples at most, "
+                f"{z['config']['epochs']} epochs, max length {z['config']['max_len']}; built in "
+                f"{duration(z['build_seconds'])}, `{shown(Path(z['root']))}`). One test example is worth "
+                f"{min(c['points_per_test_example'].values()):.2f}–{max(c['points_per_test_example'].values()):.2f} "
+                f"points of its task's accuracy and {c['mean_points_per_test_example']:.3f} points of the mean "
+                "normalized accuracy.")
+        rows = [[RATE_LABELS.get(m, m), f"{x['bits_per_param_task']:.3f}", mb(x["stored_bytes"]),
+                 f"{c['raw_bytes'] / x['stored_bytes']:.1f}×", pct(x["mean_normalized_val"], 2),
+                 pct(x["mean_normalized_test"], 2), f"{x['worst_task']} {pct(x['worst_normalized_test'], 1)}",
+                 duration(x["seconds"])] for m, x in methods.items()]
+        per = [[t, c["n"][t]["test"], f"{c['points_per_test_example'][t]:.2f}",
+                f"{pct(c['finetuned'][t]['val'])} / {pct(c['finetuned'][t]['test'])}",
+                *(pct(x["per_task"][t]["normalized_test"]) for x in methods.values())] for t in tasks]
+        lam = methods.get("tallstore", {}).get("choices", {}).get("lam")
+        chosen = "" if not lam else "\n\ntallstore's λ per task (chosen on validation): " + ", ".join(
+            f"{t} {v:g}" for t, v in lam.items()) + "."
+        counted = "\n".join(f"- {RATE_LABELS.get(m, m)}: {x['counted']}; bytes: "
+                             + ", ".join(f"{k} {v / 1e6:,.3f} MB" for k, v in x["parts"].items())
+                             for m, x in methods.items())
+        parts.append(f"""{head}
+
+{table(["method", "bits/param/task", "stored MB", "raw ÷ stored", "mean normalized val", "mean normalized test",
+        "worst task (normalized test)", "time"], rows)}
+
+Per task (normalized test accuracy):
+
+{table(["task", "n_test", "points per test example", "fine-tuned val / test",
+        *(RATE_LABELS.get(m, m) for m in methods)], per)}{chosen}
+
+What is counted:
+
+{counted}""")
+    return f"""Every method stores the same fine-tuned checkpoints (`benchmarks/bench_rate.py`, peers computed in
+`benchmarks/peers.py` from the task vectors τ_t = θ_t − θ₀ of the base's tensors; zstd level {r['zstd_level']} for the
+peers' arrays). The base is external; every task's head is stored exact by every method. bits/param/task = 8 ×
+stored bytes ÷ (P × T), P = the base's parameters. Normalized = accuracy of the rebuilt model ÷ accuracy of the
+fine-tuned checkpoint on the same split; λ is chosen on validation from {braces(r['lam_grid'])} and accuracy is
+reported on the separate test split.
+
+{chr(10).join(parts)}
+
+{img('rate-fidelity', plot_rate(r, out), doc)}
+"""
+
+
 def size_section(s: dict[str, Any], out: Path, doc: Path) -> str:
     """Stored sizes against raw, zstd, ZipNN and the entropy bound, per codec profile; masks against H(p_t)."""
     profs = profiles(s)
@@ -576,6 +640,29 @@ def plot_fidelity(f: dict[str, Any], out: Path) -> Path:
     return _save(fig, out, "fidelity.png")
 
 
+def plot_rate(r: dict[str, Any], out: Path) -> Path:
+    """Mean normalized test accuracy against bits per parameter per task, one point per method and T."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    names = list(dict.fromkeys(m for c in r["collections"] for m in c["methods"]))
+    markers = "os^Dv"
+    for ci, c in enumerate(r["collections"]):
+        for m, x in c["methods"].items():
+            ax.scatter(x["bits_per_param_task"], 100 * x["mean_normalized_test"], color=f"C{names.index(m)}",
+                       marker=markers[ci % len(markers)], s=40,
+                       label=RATE_LABELS.get(m, m) if ci == 0 else None)
+            ax.annotate(f"{m} T={len(c['tasks'])}", (x["bits_per_param_task"], 100 * x["mean_normalized_test"]),
+                        fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(100, color="k", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("stored bits per parameter per task (base external, heads included)")
+    ax.set_ylabel("mean normalized test accuracy (%)")
+    ax.set_title("Rate–fidelity on real MiniLM fine-tunes (" + ", ".join(
+        f"{markers[i % len(markers)]}: T={len(c['tasks'])}" for i, c in enumerate(r["collections"])) + ")",
+        fontsize=9)
+    ax.legend(fontsize=7)
+    return _save(fig, out, "rate.png")
+
+
 def plot_size(s: dict[str, Any], out: Path) -> Path:
     """Times smaller than raw, per method, codec profile and collection."""
     profs = profiles(s)
@@ -677,6 +764,7 @@ def plot_pack(p: dict[str, Any], out: Path) -> Path:
 
 SECTIONS: list[tuple[str, str, Callable[[dict[str, Any], Path, Path], str]]] = [
     ("fidelity", "Fidelity on real fine-tuned checkpoints", fidelity_section),
+    ("rate", "Rate–fidelity against peers on the same checkpoints", rate_section),
     ("size", "Size", size_section),
     ("load", "One-task load time", load_section),
     ("pack", "Pack throughput and memory", pack_section),

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import bench_core, bench_fidelity, bench_load, bench_pack, bench_size, report
+from . import bench_core, bench_fidelity, bench_load, bench_pack, bench_rate, bench_size, report
 from .common import RESULTS, WORK, Config, load_average, machine, now
 
 
@@ -33,6 +33,8 @@ def run_remote(cfg: Config) -> dict[str, Any]:
 
 MODULES: dict[str, Callable[[Config], dict[str, Any]]] = {
     bench_fidelity.NAME: bench_fidelity.run,
+    bench_rate.NAME: bench_rate.run,
+    bench_rate.WIDE_NAME: bench_rate.run_wide,
     bench_size.NAME: bench_size.run,
     bench_load.NAME: bench_load.run,
     bench_core.NAME: bench_core.run,

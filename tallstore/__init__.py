@@ -17,7 +17,9 @@ from .errors import (
     BaseMismatchError,
     CheckpointError,
     CorruptArchiveError,
+    IncompleteArchiveError,
     MergeError,
+    NewerFormatError,
     OutputExistsError,
     PlanError,
     TallstoreError,
@@ -36,14 +38,17 @@ _LAZY = {
 }
 
 __all__ = [
+    "__version__",
     "Archive",
     "ArchiveError",
     "BaseMismatchError",
     "CheckpointError",
     "Codecs",
     "CorruptArchiveError",
+    "IncompleteArchiveError",
     "MergeError",
     "MergedView",
+    "NewerFormatError",
     "OutputExistsError",
     "PlanError",
     "TallstoreError",

@@ -6,6 +6,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from .checkpoint.folder_files import DEFAULT_MAX_FILE_BYTES
 from .ops.ties import DEFAULT_TOP
 from .packing import driver
 from .packing.lam import DEFAULT_GRID, Evaluate
@@ -32,6 +33,8 @@ def pack(
     block_elems: int = DEFAULT_BLOCK_ELEMS,
     workers: int = 2,
     codecs: Codecs | str = "fast",
+    key_map: Iterable[str] = (),
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     storage_options: dict[str, Any] | None = None,
     progress: Callable[[int], None] | None = None,
     client: Any = None,
@@ -48,13 +51,17 @@ def pack(
     - ``block_elems``: row-block size (elements) for streaming and chunking;
     - ``workers``: threads; ``client``: a ``dask.distributed`` client to run the pack units on;
     - ``codecs``: ``"fast"`` (LZ4HC weights, quickest loads), ``"compact"`` (zstd) or a ``Codecs``;
+    - ``key_map``: ``"OLD_PREFIX=NEW_PREFIX"`` rules renaming task tensors before they are matched
+      to the base (a consistent prefix difference such as ``bert.`` is found without them); a
+      PEFT LoRA folder given as a task is merged into the base as it is read;
+    - ``max_file_bytes``: the largest non-weight file of an input folder that is archived;
     - ``storage_options``: fsspec options for every URL (output and inputs);
     - ``progress``: called with the input bytes processed as the pack goes.
     """
     options = PackOptions(
         lam=lam, merge=merge, ties_top=ties_top, lam_grid=tuple(lam_grid), evaluate=evaluate, embed_base=embed_base,
         exact=tuple(exact), overwrite=overwrite, allow_nonfinite=allow_nonfinite, block_elems=block_elems,
-        workers=workers, codecs=codecs,
+        workers=workers, codecs=codecs, key_map=tuple(key_map), max_file_bytes=max_file_bytes,
     )
     loc = driver.pack(out, base, tasks, options, storage_options=storage_options, progress=progress, client=client)
     return open(loc, base=base, storage_options=storage_options)

@@ -36,8 +36,9 @@ from .errors import OutputExistsError, TallstoreError
 ARCHIVE_KEY = "tallstore"
 """The root ``zarr.json`` attribute holding an archive's manifest (spec §3)."""
 OUTPUT_KEY = "tallstore_output"
+MARKER = ".tallstore-output"
+COPY_CHUNK = ("meta", "manifest", "c", "0")
 """The safetensors ``__metadata__`` key marking a checkpoint tallstore wrote (value: which command)."""
-INDEX = "model.safetensors.index.json"
 """The index of a sharded (Hugging Face style) checkpoint folder."""
 LOCK = "tallstore.lock"
 """The lock file inside every hidden folder an output is built in."""
@@ -120,7 +121,7 @@ def kind_of(path: Path) -> str | None:
         if path.is_dir():
             if next(path.iterdir(), None) is None:
                 return EMPTY
-            if is_archive_document(_read(path / "zarr.json", MAX_DOCUMENT)):
+            if is_archive_document(_read(path / "zarr.json", MAX_DOCUMENT)) or _is_archive_copy(path):
                 return ARCHIVE
             return OUTPUT if _is_output_folder(path) else None
         return OUTPUT if path.is_file() and _is_marked(path) else None
@@ -187,13 +188,17 @@ def _is_marked(path: Path) -> bool:
 
 
 def _is_output_folder(path: Path) -> bool:
-    """``path`` holds an index whose every shard is a safetensors file tallstore marked."""
-    index = _json(_read(path / INDEX, MAX_DOCUMENT))
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
-        return False
-    shards = set(weight_map.values())
-    return all(isinstance(s, str) and "/" not in s and _is_marked(path / s) for s in shards)
+    """``path`` is a folder tallstore wrote: it holds the :data:`MARKER` file."""
+    doc = _json(_read(path / MARKER, 4096))
+    return isinstance(doc, dict) and doc.get("written_by") == "tallstore"
+
+
+def _is_archive_copy(path: Path) -> bool:
+    """``path`` holds an archive's manifest copy (its root ``zarr.json`` may be torn or lost)."""
+    raw = _read(path.joinpath(*COPY_CHUNK), MAX_DOCUMENT)
+    doc = _json(raw[:-4] if raw is not None and len(raw) > 4 else None)
+    manifest = doc.get("manifest") if isinstance(doc, dict) else None
+    return isinstance(manifest, dict) and manifest.get("format") == ARCHIVE_KEY
 
 
 @contextlib.contextmanager

@@ -127,7 +127,8 @@ def test_extract_to_a_folder_with_a_moved_base(cli: Cli, packed: tuple[Path, Pat
     moved = base.rename(tmp_path / "moved.safetensors")
     code, _, _ = cli("extract", archive, "task0", "-o", tmp_path / "t0", "--base", moved)
     assert code == 0
-    assert (tmp_path / "t0" / "model.safetensors.index.json").is_file()
+    assert (tmp_path / "t0" / "model.safetensors").is_file()
+    assert not (tmp_path / "t0" / "model.safetensors.index.json").exists()  # one file: no index, as transformers writes it
 
 
 # --- user mistakes: one line, non-zero, no traceback -----------------------------------------

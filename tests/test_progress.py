@@ -86,7 +86,7 @@ def test_save_reports_every_byte_it_writes_and_verify_every_tensor_it_rebuilds(
     writer.save(tmp_path / "x.safetensors", items, view.__getitem__, progress=written.append)
     assert sum(written) == sum(info.nbytes for _, info in items) and len(written) == len(items)
     rebuilt: list[int] = []
-    verify(arc._source, arc._base, deep=True, progress=rebuilt.append)
+    verify(arc._source, arc._handle.get, deep=True, progress=rebuilt.append)
     assert sum(rebuilt) == sum(len(arc[t]) for t in arc.tasks)
 
 

@@ -260,7 +260,7 @@ def test_a_remote_pack_leaves_objects_that_are_not_an_archive_alone_even_with_fo
 
 
 def test_the_markers_publishing_reads_are_the_ones_the_writers_write(inputs: Inputs, tmp_path: Path) -> None:
-    assert publishing.ARCHIVE_KEY == layout.ATTR and publishing.INDEX == writer.INDEX
+    assert publishing.ARCHIVE_KEY == layout.ATTR and publishing.COPY_CHUNK == (*layout.MANIFEST_COPY.split("/"), "c", "0")
     assert publishing.kind_of(inputs[2]) == publishing.ARCHIVE
     tallstore.open(inputs[2]).extract("t0", tmp_path / "x.safetensors")
     tallstore.open(inputs[2]).extract("t0", tmp_path / "folder")

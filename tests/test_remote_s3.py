@@ -145,6 +145,9 @@ def test_inputs_and_base_at_urls_pack_and_extract(
     assert from_urls.describe(sizes=False)["base"]["files"] == from_paths.describe(sizes=False)["base"]["files"]
     assert from_urls.describe(sizes=False)["tasks"][1]["tensors"] == from_paths.describe(sizes=False)["tasks"][1]["tensors"]
     reopened = tallstore.open(tmp_path / "urls.tall", storage_options=so)
+    with pytest.raises(ArchiveError, match="does not fetch on its own"):  # a recorded URL is never followed unasked
+        reopened["task1"]["embed.weight"]
+    reopened = tallstore.open(tmp_path / "urls.tall", base=base_url, storage_options=so)
     assert torch.equal(reopened["task1"]["embed.weight"], from_paths["task1"]["embed.weight"])
 
     out = tmp_path / "extracted.safetensors"

@@ -23,6 +23,7 @@ from tall_reference import Dense, authors_ties, save_collection, ties_thresholds
 import tallstore
 from tallstore import PlanError
 from tallstore.checkpoint import open_checkpoint
+from tallstore.checkpoint.tasks import TaskSource
 from tallstore.ops import ties
 from tallstore.ops.merges import Ties
 from tallstore.packing.executors import ThreadExecutor, Unit
@@ -61,7 +62,7 @@ class PickledReversed:
 def params_with(executor: Any, tmp_path: Path, top: float = 20.0, block_elems: int = 64) -> dict:
     base, tasks = random_collection(torch.float32)
     b, paths = save_collection(tmp_path / "in", base, {f"t{i}": sd for i, sd in enumerate(tasks)})
-    spec = InputSpec("tok-" + type(executor).__name__, str(b), tuple(map(str, paths.values())), tuple(paths), None, False)
+    spec = InputSpec("tok-" + type(executor).__name__, str(b), tuple(TaskSource(str(p)) for p in paths.values()), tuple(paths), None, False)
     with open_checkpoint(b) as bc:
         cks = [open_checkpoint(p) for p in paths.values()]
         plan = make_plan(bc, cks, list(paths), block_elems)

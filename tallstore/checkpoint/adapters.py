@@ -445,7 +445,7 @@ class AdapterCheckpoint(Checkpoint):
         lay = self._base.layout
         *head, (name, count, meta) = lay.files
         extra = len(self.keys) - len(self._base.keys)
-        return WeightLayout(lay.format, (*head, (name, count + extra, meta)), lay.index_metadata)
+        return WeightLayout(lay.format, (*head, (name, count + extra, meta)), lay.index_metadata, lay.folder)
 
     def close(self) -> None:
         self._factor.cache_clear()

@@ -23,10 +23,10 @@ def open_folder(folder: Folder) -> Checkpoint:
         return _open_indexed(folder)
     shards = folder.names("*.safetensors")
     if shards:
-        return SafetensorsCheckpoint([folder.file(n) for n in shards], folder.location)
+        return SafetensorsCheckpoint([folder.file(n) for n in shards], folder.location, folder=True)
     bins = folder.names("*.bin") + folder.names("*.pt")
     if len(bins) == 1 and isinstance(folder, LocalFolder):
-        return TorchCheckpoint(folder.path / bins[0])
+        return TorchCheckpoint(folder.path / bins[0], folder=True)
     if len(bins) == 1:
         raise CheckpointError(f"{folder.where(bins[0])}: torch files are read only from local paths; convert to safetensors")
     raise CheckpointError(f"{folder.location}: no model.safetensors, safetensors shards or single .bin found")
@@ -48,7 +48,8 @@ def _open_indexed(folder: Folder) -> Checkpoint:
             raise CheckpointError(f"{where}: shard name {n!r} is not a plain file name")
         if not folder.is_file(n):
             raise CheckpointError(f"{where}: shard {n} is missing")
-    ckpt = SafetensorsCheckpoint([folder.file(n) for n in names], folder.location, only=weight_map, index_metadata=metadata)
+    ckpt = SafetensorsCheckpoint([folder.file(n) for n in names], folder.location, only=weight_map,
+                                 index_metadata=metadata, folder=True)
     missing = set(weight_map) - set(ckpt.keys)
     if missing:
         ckpt.close()

@@ -15,11 +15,13 @@ from .sources import ByteSource
 
 @dataclass(frozen=True)
 class WeightLayout:
-    """The files a checkpoint's tensors came from, so an extract can lay them out the same way."""
+    """The files a checkpoint's tensors came from, so an extract can lay them out the same way
+    (``folder``: they were a model folder's, whose file names are worth keeping)."""
 
     format: str
     files: tuple[tuple[str, int, dict[str, str] | None], ...]
     index_metadata: dict[str, Any] | None = None
+    folder: bool = False
 
 
 class Checkpoint(ABC):

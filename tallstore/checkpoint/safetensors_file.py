@@ -93,11 +93,12 @@ class SafetensorsCheckpoint(Checkpoint):
 
     def __init__(
         self, sources: list[ByteSource], path: str, only: dict[str, str] | None = None,
-        index_metadata: dict[str, Any] | None = None,
+        index_metadata: dict[str, Any] | None = None, folder: bool = False,
     ) -> None:
         self.path = path
         self._sources = sources
         self._index_metadata = index_metadata
+        self._folder = folder
         self._infos: dict[str, TensorInfo] = {}
         self._where: dict[str, tuple[int, int]] = {}
         self.metadata: dict[str, dict[str, Any]] = {}
@@ -151,7 +152,7 @@ class SafetensorsCheckpoint(Checkpoint):
             counts[i] += 1
         return WeightLayout("safetensors", tuple(
             (src.name, counts[i], self.metadata.get(src.name)) for i, src in enumerate(self._sources)
-        ), self._index_metadata)
+        ), self._index_metadata, self._folder)
 
     def close(self) -> None:
         for src in self._sources:

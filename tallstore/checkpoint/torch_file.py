@@ -17,9 +17,10 @@ from .sources import ByteSource, LocalFile
 class TorchCheckpoint(Checkpoint):
     """A torch state dict file, memory-mapped where its format allows."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, folder: bool = False) -> None:
         self.path = str(path)
         self._path = path
+        self._folder = folder
         self._file: LocalFile | None = None
         sd = self._load(path)
         if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
@@ -67,7 +68,7 @@ class TorchCheckpoint(Checkpoint):
 
     @property
     def layout(self) -> WeightLayout:
-        return WeightLayout("torch", ((self._path.name, len(self.keys), None),))
+        return WeightLayout("torch", ((self._path.name, len(self.keys), None),), folder=self._folder)
 
     def close(self) -> None:
         self._sd = {}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,6 +17,8 @@ import torch
 
 from .. import dtypes, publishing
 from ..dtypes import TensorInfo
+from ..errors import TallstoreError
+from .interface import WeightLayout
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 INDEX = "model.safetensors.index.json"
@@ -105,43 +107,82 @@ def shard(
     return groups
 
 
+FileSource = tuple[str, Callable[[], bytes]]
+
+
 def save(
     out: str | os.PathLike[str],
     items: Iterable[tuple[str, TensorInfo]],
     get: Callable[[str], torch.Tensor],
     *,
     overwrite: bool = False,
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    max_shard_bytes: int | None = None,
     metadata: dict[str, str] | None = None,
     progress: Callable[[int], None] | None = None,
+    layout: WeightLayout | None = None,
+    files: Sequence[FileSource] = (),
+    command: str = "checkpoint",
 ) -> Path:
-    """Save to a ``.safetensors`` file, or to a HF-style folder when ``out`` has no suffix.
+    """Save to a ``.safetensors`` file, or to a model folder when ``out`` has no suffix.
 
-    Every file's ``__metadata__`` carries ``publishing.OUTPUT_KEY`` (``metadata`` may say which
-    command wrote it), which is what lets ``overwrite`` replace it later; ``progress`` is called
-    with each tensor's byte count as it is written.
+    A folder gets the weights laid out as ``layout`` recorded them (file names, which tensors in
+    which file, each file's ``__metadata__``, the index's ``metadata``) unless ``max_shard_bytes``
+    asks for transformers-style shards of that size, and every ``(path, read)`` of ``files``. It
+    is marked with :data:`publishing.MARKER` (a single file: ``__metadata__`` key
+    :data:`publishing.OUTPUT_KEY`, naming ``command``), which is what lets ``overwrite`` replace
+    it later. ``progress`` is called with each tensor's byte count as it is written.
     """
     out = Path(out)
     items = list(items)
-    meta = {"format": "pt", publishing.OUTPUT_KEY: "checkpoint", **(metadata or {})}
+    if max_shard_bytes is not None and max_shard_bytes <= 0:
+        raise TallstoreError(f"the shard size must be positive, got {max_shard_bytes} bytes")
     if progress is not None:
         get = _counting(get, progress)
+    recorded = layout.files[0][2] if layout is not None and layout.files and layout.files[0][2] else {}
     if out.suffix == ".safetensors":
+        meta = {"format": "pt", **recorded, **(metadata or {}), publishing.OUTPUT_KEY: command}
         with atomic_path(out, overwrite) as tmp:
             write_safetensors(tmp, items, get, meta)
         return out
-    groups = shard(items, max_shard_bytes)
+    groups = _groups(items, layout, max_shard_bytes, metadata)
     with atomic_path(out, overwrite, is_dir=True) as tmp:
         weight_map: dict[str, str] = {}
         total = 0
-        for i, group in enumerate(groups, 1):
-            name = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
-            if len(groups) == 1:
-                name = "model.safetensors"
+        for name, group, meta in groups:
             write_safetensors(tmp / name, group, get, meta)
             for key, info in group:
                 weight_map[key] = name
                 total += info.numel * info.dtype.itemsize
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (tmp / INDEX).write_text(json.dumps(index, indent=2, ensure_ascii=False))
+        index_meta = layout.index_metadata if layout is not None else None
+        if len(groups) > 1 or index_meta is not None:
+            index = {"metadata": {**(index_meta or {}), "total_size": total}, "weight_map": weight_map}
+            (tmp / INDEX).write_text(json.dumps(index, indent=2, ensure_ascii=False))
+        for path, read in files:
+            target = tmp.joinpath(*path.split("/"))
+            if target.exists():
+                raise TallstoreError(f"archived file {path!r} collides with a weight file of the output")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(read())
+        (tmp / publishing.MARKER).write_text(json.dumps({"written_by": "tallstore", "command": command}) + "\n")
     return out
+
+
+def _groups(
+    items: list[tuple[str, TensorInfo]], layout: WeightLayout | None, max_shard_bytes: int | None,
+    metadata: dict[str, str] | None,
+) -> list[tuple[str, list[tuple[str, TensorInfo]], dict[str, str]]]:
+    """``(file name, items, __metadata__)`` per output file: as recorded, or resharded."""
+    if layout is not None and layout.folder and layout.format == "safetensors" and max_shard_bytes is None:
+        out = []
+        at = 0
+        for name, count, meta in layout.files:
+            out.append((name, items[at : at + count], {**(meta or {}), **(metadata or {})}))
+            at += count
+        if at == len(items):
+            return out
+    shards = shard(items, max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
+    recorded = layout.files[0][2] if layout is not None and layout.files and layout.files[0][2] else {}
+    meta = {"format": "pt", **recorded, **(metadata or {})}
+    if len(shards) == 1:
+        return [("model.safetensors", shards[0], meta)]
+    return [(f"model-{i:05d}-of-{len(shards):05d}.safetensors", group, meta) for i, group in enumerate(shards, 1)]

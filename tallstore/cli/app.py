@@ -6,8 +6,10 @@ import logging
 import sys
 
 import typer
+from rich.text import Text
 
 from ..errors import TallstoreError
+from ..text import printable
 
 app = typer.Typer(
     name="tallstore",
@@ -19,9 +21,21 @@ app = typer.Typer(
 )
 
 
+def error_line(message: object) -> str:
+    """``error: message`` on one line, with whatever in it a terminal would act on escaped (archive
+    names and bytes reach error messages)."""
+    return f"error: {printable(' '.join(str(message).split()))}"
+
+
+def plain(value: object) -> Text:
+    """Archive-provided text for Rich output: escaped as in :func:`error_line`, never read as
+    markup (``[link=…]``) or emoji codes."""
+    return Text(printable(value))
+
+
 def fail(message: str) -> "typer.Exit":
     """Print ``error: message`` on one line to stderr and return the exit to raise."""
-    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    print(error_line(message), file=sys.stderr)
     return typer.Exit(2)
 
 
@@ -44,7 +58,7 @@ def run() -> None:
         if any(c.__name__ == "ClickException" for c in type(e).__mro__):
             e.show()  # type: ignore[attr-defined]
             raise SystemExit(e.exit_code) from None  # type: ignore[attr-defined]
-        print(f"error: internal error, please report it: {' '.join(f'{type(e).__name__}: {e}'.split())}", file=sys.stderr)
+        print(error_line(f"internal error, please report it: {type(e).__name__}: {e}"), file=sys.stderr)
         raise SystemExit(1) from None
     if isinstance(code, int) and code:
         raise SystemExit(code)
@@ -62,5 +76,5 @@ def _register_commands() -> None:
 
 
 def _one_line(e: BaseException) -> int:
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    print(error_line(e), file=sys.stderr)
     return 2

@@ -6,8 +6,6 @@ from typing import Annotated
 
 import typer
 
-from ..checkpoint.writer import save
-from ..publishing import OUTPUT_KEY
 from ..reading.archive import open as open_archive
 from . import options
 from .app import app
@@ -18,10 +16,10 @@ from .progress import bar
 def extract(
     archive: Annotated[str, typer.Argument(help="Archive folder or URL.")],
     task: Annotated[str, typer.Argument(help="Task name (see `tallstore info`).")],
-    out: Annotated[str, typer.Option("-o", "--out", help="OUT.safetensors, or a folder for a sharded HF layout.")],
+    out: Annotated[str, typer.Option("-o", "--out", help="A folder: the whole model folder as it was packed (weights, config, tokenizer…); or OUT.safetensors: the weights alone.")],
     base: options.ArchiveBase = None,
     force: options.Force = False,
-    max_shard_gb: options.MaxShardGB = 5.0,
+    max_shard_gb: options.MaxShardGB = None,
     storage_option: options.StorageOptions = None,
     quiet: options.Quiet = False,
 ) -> None:
@@ -30,10 +28,10 @@ def extract(
         if task not in arc:
             raise options.UsageError(f"no task {task!r} in {archive} (tasks: {', '.join(arc.tasks)})")
         view = arc[task]
-        items = [(key, view.info(key)) for key in view]
-        with bar("extracting", sum(info.nbytes for _, info in items), enabled=not quiet) as advance:
-            path = save(
-                out, items, view.__getitem__, overwrite=force, max_shard_bytes=int(max_shard_gb * 1e9),
-                metadata={OUTPUT_KEY: "extract"}, progress=advance,
-            )
+        total = sum(view.info(key).nbytes for key in view)
+        with bar("extracting", total, enabled=not quiet) as advance:
+            path = view.save(out, overwrite=force, max_shard_bytes=options.shard_bytes(max_shard_gb), progress=advance)
+        left = len(view.files) if path.suffix == ".safetensors" else 0
     print(f"wrote {path}")
+    if left:
+        print(f"note: the task's {left} other files (config, tokenizer…) are written only to a folder output (-o DIR)")

@@ -8,38 +8,47 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from ..reading.archive import open as open_archive
+from ..text import printable
 from . import options
-from .app import app
+from .app import app, plain
 
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:,.1f} MB"
 
 
+def _num(v: Any) -> str:
+    """A number as ``:g`` formats it; anything else an archive put there, escaped."""
+    return f"{v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else printable(v)
+
+
 def render(d: dict[str, Any]) -> None:
-    """Print a summary made by :meth:`tallstore.Archive.describe` as tables."""
+    """Print a summary made by :meth:`tallstore.Archive.describe` as tables (every name and string
+    the archive provides printed as plain, escaped text)."""
     c = Console()
     base = d["base"]
     top = d["merge"]["params"].get("top")
-    rule = d["merge"]["rule"] + (f" (top {top:g}%)" if top is not None else "")
-    c.print(f"[bold]{d['location']}[/bold]  format v{d['format_version']}  merge={rule}  "
-            f"{len(d['tensors'])} tensors")
-    c.print(f"base: {'embedded' if base['embedded'] else base['location']}  {base['fingerprint']}")
+    rule = d["merge"]["rule"] + (f" (top {_num(top)}%)" if top is not None else "")
+    c.print(Text.assemble((printable(d["location"]), "bold"),
+                          f"  format v{d['format_version']}  merge={printable(rule)}  {len(d['tensors'])} tensors"))
+    c.print(plain(f"base: {'embedded' if base['embedded'] else base['location']}  {base['fingerprint']}"))
     if d.get("weight_codec"):
-        c.print(f"weights compressed with {d['weight_codec']}")
+        c.print(plain(f"weights compressed with {d['weight_codec']}"))
     t = Table("task", "λ", "mask density", "rebuild error", "exact MB", "raw MB")
     for task in d["tasks"]:
-        t.add_row(task["name"], f"{task['lam']:.2f}", f"{task['mask_density']:.3f}",
+        t.add_row(plain(task["name"]), f"{task['lam']:.2f}", f"{task['mask_density']:.3f}",
                   f"{task['rebuild_error']:.4f}", f"{task['exact_bytes'] / 1e6:.2f}", f"{task['raw_bytes'] / 1e6:.1f}")
     c.print(t)
     sel = d.get("lam_selection", {})
     if sel.get("method", "fixed") != "fixed":
-        grid = ", ".join(f"{v:g}" for v in sel["grid"])
-        c.print(f"λ chosen per task by {sel['method']} ({sel['criterion']}) from {{{grid}}}")
+        grid = sel.get("grid")
+        values = ", ".join(_num(v) for v in grid) if isinstance(grid, list) else _num(grid)
+        c.print(plain(f"λ chosen per task by {sel['method']} ({sel.get('criterion')}) from {{{values}}}"))
     parts = ", ".join(f"{k} {_mb(v)}" for k, v in sorted(d["archive_parts"].items()))
-    c.print(f"archive {_mb(d['archive_bytes'])} ({parts}); raw tasks {_mb(d['raw_task_bytes'])}")
+    c.print(plain(f"archive {_mb(d['archive_bytes'])} ({parts}); raw tasks {_mb(d['raw_task_bytes'])}"))
     line = f"compression: {d['ratio']:.2f}x"
     if not base["embedded"]:
         line += f" (archive only), {d['ratio_with_base']:.2f}x counting the external base ({_mb(base['bytes'])})"

@@ -6,8 +6,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..checkpoint.writer import save
-from ..publishing import OUTPUT_KEY
 from ..reading.archive import open as open_archive
 from . import options
 from .app import app
@@ -23,19 +21,15 @@ def merge(
     alpha: Annotated[float, typer.Option("--alpha", help="Scale of the merged task vector.")] = 1.0,
     base: options.ArchiveBase = None,
     force: options.Force = False,
-    max_shard_gb: options.MaxShardGB = 5.0,
+    max_shard_gb: options.MaxShardGB = None,
     storage_option: options.StorageOptions = None,
     quiet: options.Quiet = False,
 ) -> None:
     """Write θ₀ + α·(m ⊙ τ_MTL) one tensor at a time; tensors the base lacks (heads) are left out."""
     with open_archive(archive, base=base, storage_options=options.storage_options(storage_option)) as arc:
         view = arc.merge(method, k=k, alpha=alpha)
-        items = [(key, view.info(key)) for key in view]
-        with bar("merging", sum(info.nbytes for _, info in items), enabled=not quiet) as advance:
-            path = save(
-                out, items, view.__getitem__, overwrite=force, max_shard_bytes=int(max_shard_gb * 1e9),
-                metadata={"tallstore_merge": view.describe(), OUTPUT_KEY: "merge"}, progress=advance,
-            )
+        with bar("merging", sum(view.info(key).nbytes for key in view), enabled=not quiet) as advance:
+            path = view.save(out, overwrite=force, max_shard_bytes=options.shard_bytes(max_shard_gb), progress=advance)
     print(f"wrote {path} ({view.describe()}, {len(view)} tensors)")
     if view.omitted:
         print(f"left out {len(view.omitted)} task-specific tensors the base lacks: {', '.join(view.omitted)}")

@@ -13,7 +13,20 @@ from ..packing.options import DEFAULT_LAM
 
 ArchiveBase = Annotated[Optional[str], typer.Option("--base", help="Base checkpoint, if not embedded or moved.")]
 Force = Annotated[bool, typer.Option("--force", help="Replace OUT if it is a tallstore archive, or a file or folder tallstore wrote.")]
-MaxShardGB = Annotated[float, typer.Option("--max-shard-gb", help="Shard size for folder output.")]
+MaxShardGB = Annotated[Optional[float], typer.Option(
+    "--max-shard-gb",
+    help="Folder output: reshard the weights into transformers-style files of at most this many GB "
+         "(by default a task keeps the layout it was packed from; a merged model gets 5 GB shards).",
+)]
+
+
+def shard_bytes(gb: float | None) -> int | None:
+    """``--max-shard-gb`` in bytes, checked (``None``: keep the recorded layout)."""
+    if gb is None:
+        return None
+    if not gb > 0:
+        raise UsageError(f"--max-shard-gb must be a positive number, got {gb}")
+    return max(1, int(gb * 1e9))
 StorageOptions = Annotated[
     Optional[list[str]], typer.Option("--storage-option", help="fsspec option key=value for URLs; repeatable.")
 ]

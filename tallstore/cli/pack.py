@@ -29,6 +29,8 @@ def pack(
     ties_top: Annotated[Optional[float], typer.Option("--ties-top", help="ties: percent of each task's largest-magnitude entries kept, by one threshold over the model (20).")] = None,
     embed_base: Annotated[bool, typer.Option("--embed-base", help="Store the base inside for a self-contained archive.")] = False,
     exact: Annotated[Optional[list[str]], typer.Option("--exact", help="Glob of tensor names to store exactly per task (e.g. 'classifier.*').")] = None,
+    key_map: Annotated[Optional[list[str]], typer.Option("--key-map", help="OLD_PREFIX=NEW_PREFIX: rename task tensors before matching them to the base (e.g. 'bert.='); repeatable. A consistent prefix difference is found without it.")] = None,
+    max_file_mb: Annotated[float, typer.Option("--max-file-mb", help="Largest non-weight file (config, tokenizer…) of an input folder that is archived, in MB.")] = 256.0,
     force: options.Force = False,
     allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Accept NaN/Inf weights instead of refusing.")] = False,
     codecs: Annotated[str, typer.Option("--codecs", help="Weight compression: 'fast' (LZ4HC, default: quickest loads) or 'compact' (zstd: a slightly smaller archive, slower loads).")] = "fast",
@@ -53,7 +55,7 @@ def pack(
     opts = PackOptions(
         lam="auto" if lam == ["auto"] else options.lams(lam, list(tasks)), lam_grid=options.grid(lam_grid),
         merge=merge, ties_top=DEFAULT_TOP if ties_top is None else ties_top, embed_base=embed_base,
-        exact=tuple(exact or ()), overwrite=force, allow_nonfinite=allow_nonfinite, codecs=codecs, workers=workers,
+        exact=tuple(exact or ()), key_map=tuple(key_map or ()), max_file_bytes=int(max_file_mb * 2**20), overwrite=force, allow_nonfinite=allow_nonfinite, codecs=codecs, workers=workers,
     )
     with dask_client(scheduler, dask_workers) as client, bars(enabled=not quiet) as display:
         packing = display.add("packing")

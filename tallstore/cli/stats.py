@@ -8,31 +8,34 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from ..reading.archive import open as open_archive
 from ..reading.stats import plot
+from ..text import printable
 from . import options
-from .app import app
+from .app import app, plain
 
 
 def render(s: dict[str, Any]) -> None:
-    """Print mask statistics made by :meth:`tallstore.Archive.stats` as tables."""
+    """Print mask statistics made by :meth:`tallstore.Archive.stats` as tables (task and layer
+    names as plain, escaped text)."""
     c = Console()
     T = len(s["tasks"])
-    c.print(f"[bold]{s['location']}[/bold]  {T} tasks, {s['masked_params']:,} maskable weights: "
-            f"catastrophic (0 tasks) {s['catastrophic']:.2%}, selfish (1 task) {s['selfish']:.2%}")
+    c.print(Text.assemble((printable(s["location"]), "bold"), f"  {T} tasks, {s['masked_params']:,} maskable weights: "
+                          f"catastrophic (0 tasks) {s['catastrophic']:.2%}, selfish (1 task) {s['selfish']:.2%}"))
     total = max(s["masked_params"], 1)
     h = Table("tasks selecting", *[str(i) for i in range(T + 1)])
     h.add_row("% of weights", *[f"{n / total:.1%}" for n in s["histogram"]])
     c.print(h)
     t = Table("task", "mask density", "selfish", *[f"J·{i}" for i in range(T)])
     for i, name in enumerate(s["tasks"]):
-        t.add_row(name, f"{s['density'][name]:.3f}", f"{s['selfish_by_task'][name]:.3f}",
+        t.add_row(plain(name), f"{s['density'][name]:.3f}", f"{s['selfish_by_task'][name]:.3f}",
                   *[f"{v:.2f}" for v in s["jaccard"][i]])
     c.print(t)
     layers = Table("layer", "params", "catastrophic", "selfish")
     for row in s["layers"]:
-        layers.add_row(row["layer"], f"{row['params']:,}", f"{row['catastrophic']:.2%}", f"{row['selfish']:.2%}")
+        layers.add_row(plain(row["layer"]), f"{row['params']:,}", f"{row['catastrophic']:.2%}", f"{row['selfish']:.2%}")
     c.print(layers)
 
 

@@ -11,27 +11,28 @@ from ..errors import CorruptArchiveError, TallstoreError
 from ..reading.archive import Archive
 from ..reading.archive import open as open_archive
 from ..reading.verify import VerifyReport
-from ..reading.verify import verify as verify_archive
+from ..text import printable
 from . import options
 from .app import app
 from .progress import bar
 
 
 def render(r: VerifyReport) -> None:
-    """Print what was checked, one line per level and per ``--against`` task."""
-    print(f"{r.location}: {r.arrays} arrays, {r.chunks} chunks present and checksummed")
+    """Print what was checked, one line per level and per ``--against`` task (names and problems
+    escaped: they carry archive-provided text)."""
+    print(printable(f"{r.location}: {r.arrays} arrays, {r.chunks} chunks present and checksummed"))
     if r.deep:
         base = "base matches its fingerprint; " if r.base_checked else ""
         print(f"deep: {base}{r.tasks_rebuilt} tasks rebuilt, {r.tensors_rebuilt} tensors match their packed sha256")
     for a in r.against:
         recorded = f" (packed: {a.recorded_error:.6g})" if a.recorded_error is not None else ""
         files = "same files as packed" if a.files_match else "files differ from those packed"
-        print(
+        print(printable(
             f"{a.task} vs {a.path}: relative error {a.relative_error:.6g}{recorded}, max abs error "
             f"{a.max_abs_error:.6g}, {a.exact_tensors}/{a.tensors} tensors exact, {files}"
-        )
+        ))
     for p in r.problems:
-        print(f"problem: {p}")
+        print(f"problem: {printable(p)}")
 
 
 def _tensors(arc: Archive) -> int | None:
@@ -58,9 +59,8 @@ def verify(
         unknown = sorted(set(originals) - set(arc.tasks))
         if unknown:
             raise options.UsageError(f"no task {unknown[0]!r} in {archive} (tasks: {', '.join(arc.tasks)})")
-        # verify() itself, for its progress callback: Archive.verify has none
         with bar("verifying", _tensors(arc) if deep else 0, unit="tensors", enabled=deep and not quiet) as advance:
-            report = verify_archive(arc._source, arc._base, deep=deep, against=originals, progress=advance)
+            report = arc.verify(deep=deep, against=originals, progress=advance)
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
     else:

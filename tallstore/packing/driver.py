@@ -27,6 +27,8 @@ from zarr.core.sync import sync
 from .. import publishing
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..checkpoint.folder_files import FolderListing, list_folder
+from ..checkpoint.keymap import KeyMapReport
+from ..checkpoint.tasks import original_key, resolve_task
 from ..errors import OutputExistsError
 from ..locations import absolute, is_url, local_path
 from ..storage import layout
@@ -94,13 +96,21 @@ def pack(
     with ExitStack() as stack:
         # absolute, as the units open them: their file lists key the file hashes in _finish
         base_ck = stack.enter_context(open_checkpoint(absolute(base), storage_options))
-        task_cks = [stack.enter_context(open_checkpoint(absolute(tasks[n]), storage_options)) for n in names]
+        sources, task_cks, key_maps = [], [], []
+        for n in names:
+            source, ck, report = resolve_task(absolute(tasks[n]), base_ck, options.key_map, storage_options)
+            stack.enter_context(ck)
+            sources.append(source)
+            task_cks.append(ck)
+            key_maps.append(report)
         ex = executor or _executor(client, options.workers)
-        listings = [list_folder(absolute(p), ck, storage_options, options.max_file_bytes)
-                    for p, ck in zip([base, *(tasks[n] for n in names)], [base_ck, *task_cks])]
+        listings = [list_folder(absolute(base), base_ck, storage_options, options.max_file_bytes)]
+        for source, ck in zip(sources, task_cks):
+            own = list_folder(source.location, ck, storage_options, options.max_file_bytes)
+            listings.append(_with_base_files(own, listings[0]) if source.adapter else own)
         plan = make_plan(base_ck, task_cks, names, options.block_elems, options.exact)
         inputs = InputSpec(
-            token=uuid.uuid4().hex, base=absolute(base), tasks=tuple(absolute(tasks[n]) for n in names),
+            token=uuid.uuid4().hex, base=absolute(base), tasks=tuple(sources),
             names=tuple(names), storage_options=storage_options, allow_nonfinite=options.allow_nonfinite,
         )
         try:
@@ -136,7 +146,7 @@ def pack(
                 state = _run(spec, root, plan, base_ck, task_cks, listings, ex, progress, on_start)
             finally:
                 ex.broadcast(release, spec)
-            _finish(root, spec, plan, manifest, state, base_ck, task_cks, listings)
+            _finish(root, spec, plan, manifest, state, base_ck, task_cks, listings, key_maps)
     return str(out)
 
 
@@ -260,18 +270,27 @@ def _files(ck: Checkpoint, state: PackState) -> tuple[FileRecord, ...]:
     return tuple(FileRecord(f.name, f.size, state.file_hashes[f.location]) for f in ck.files)
 
 
+def _with_base_files(own: FolderListing, base: FolderListing) -> FolderListing:
+    """An adapter task's files: the base folder's (its config, tokenizer: the merged model is the
+    base's architecture) overlaid with the adapter folder's own."""
+    mine = {f.path for f in own.files}
+    files = sorted([*own.files, *(f for f in base.files if f.path not in mine)], key=lambda f: f.path)
+    return FolderListing(tuple(files), own.skipped)
+
+
 def _folder(listing: FolderListing, state: PackState) -> tuple[FolderFile, ...]:
     return tuple(FolderFile(f.path, f.size, state.file_hashes[f.location]) for f in listing.files)
 
 
 def _weights(ck: Checkpoint) -> WeightsLayout:
     lay = ck.layout
-    return WeightsLayout(lay.format, tuple(WeightFile(n, c, m) for n, c, m in lay.files), lay.index_metadata)
+    return WeightsLayout(lay.format, tuple(WeightFile(n, c, m) for n, c, m in lay.files), lay.index_metadata, lay.folder)
 
 
 def _finish(
     root: zarr.Group, spec: PackSpec, plan: Plan, manifest: Manifest,
     s: PackState, base_ck: Checkpoint, task_cks: list[Checkpoint], listings: list[FolderListing],
+    key_maps: list[KeyMapReport],
 ) -> None:
     """Write per-task records and the tensor index, the manifest's checksummed copy, then the
     manifest with its digest and the completeness marker, last."""
@@ -320,7 +339,7 @@ def _finish(
                 src, blocks, crcs = layout.SOURCE_MASKED, s.task_blocks[key][t], s.task_crcs[key][t]
             else:
                 src, blocks, crcs = layout.SOURCE_BASE, s.task_blocks[key][t], s.base_crcs[key]
-            rows.append(TaskRow(key, info.dtype, info.shape, src, combine(blocks, info), tuple(crcs)))
+            rows.append(TaskRow(original_key(ck, key), info.dtype, info.shape, src, combine(blocks, info), tuple(crcs)))
         tau_norm = math.sqrt(tau_sq[t])
         stats = TaskStats(
             masked_params=total_masked, mask_ones=int(s.ones[t]),
@@ -329,9 +348,13 @@ def _finish(
         )
         mask_crcs = tuple(s.writer.crcs[t]) if plan.mask_nbytes else ()
         listing = listings[t + 1]
-        records.append(TaskRecord(name, manifest.lam[t], str(ck.path), _files(ck, s), tuple(rows), stats,
+        renames = {r.key: key for r, key in zip(rows, ck.keys) if r.key != key}
+        source = spec.inputs.tasks[t]
+        key_map = str(key_maps[t]) if renames or source.adapter else None
+        records.append(TaskRecord(name, manifest.lam[t], source.location, _files(ck, s), tuple(rows), stats,
                                   mask_crcs=mask_crcs, folder=_folder(listing, s), weights=_weights(ck),
-                                  skipped=listing.skipped).to_json())
+                                  skipped=listing.skipped, renames=renames, key_map=key_map,
+                                  adapter=source.adapter).to_json())
     for t, record in enumerate(records):
         root.create_group(layout.task_group(t), attributes={layout.ATTR: record})
     doc = manifest.to_json()

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import Checkpoint, open_checkpoint
+from ..checkpoint.tasks import TaskSource
 from ..errors import PlanError
 from ..ops.masks import task_vectors
 from .executors import PerProcess
@@ -24,7 +25,7 @@ class InputSpec:
 
     token: str
     base: str
-    tasks: tuple[str, ...]
+    tasks: tuple[TaskSource, ...]
     names: tuple[str, ...]
     storage_options: dict[str, Any] | None
     allow_nonfinite: bool
@@ -43,10 +44,11 @@ _OPEN: PerProcess[Inputs] = PerProcess()
 
 def inputs(spec: InputSpec) -> Inputs:
     """This process's open inputs for ``spec``, opened on first use."""
-    return _OPEN.get(spec.token, lambda: Inputs(
-        base=open_checkpoint(spec.base, spec.storage_options),
-        tasks=[open_checkpoint(p, spec.storage_options) for p in spec.tasks],
-    ))
+    def make() -> Inputs:
+        base = open_checkpoint(spec.base, spec.storage_options)
+        return Inputs(base=base, tasks=[t.open(base, spec.storage_options) for t in spec.tasks])
+
+    return _OPEN.get(spec.token, make)
 
 
 def release(spec: InputSpec) -> None:

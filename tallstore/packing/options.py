@@ -9,6 +9,7 @@ from types import MappingProxyType
 from typing import Any
 
 from ..checkpoint.folder_files import DEFAULT_MAX_FILE_BYTES
+from ..checkpoint.keymap import parse_key_map
 from ..errors import PlanError
 from ..ops import merges, ties
 from ..storage.codecs import Codecs, preset
@@ -40,6 +41,7 @@ class PackOptions:
     workers: int = 2
     codecs: Codecs | str = field(default_factory=Codecs)
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+    key_map: tuple[str, ...] = ()
     rule: merges.TaskArithmetic | merges.Ties = field(init=False)
 
     def __post_init__(self) -> None:
@@ -56,6 +58,8 @@ class PackOptions:
             raise PlanError(f"codecs must be 'fast', 'compact' or a Codecs value, got {self.codecs!r}")
         if isinstance(self.exact, str):
             set_(self, "exact", (self.exact,))
+        set_(self, "key_map", tuple(self.key_map))
+        parse_key_map(self.key_map)
         set_(self, "exact", tuple(self.exact))
         if isinstance(self.block_elems, bool) or not isinstance(self.block_elems, int) or self.block_elems < 1:
             raise PlanError(f"block_elems must be a positive integer, got {self.block_elems!r}")

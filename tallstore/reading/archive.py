@@ -8,21 +8,25 @@ CRC-32C recorded at pack time, so corruption or a wrong base never yields silent
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, save
+from ..checkpoint.interface import WeightLayout
+from ..checkpoint.writer import save
 from ..dtypes import TensorInfo
 from ..errors import TallstoreError
 from ..storage.stores import read_concurrency
 from . import loading, stats, summary
-from .base_model import EmbeddedBase, ExternalBase, open_base
+from .base_model import BaseHandle, EmbeddedBase, ExternalBase
 from .merging import MergedView
 from .source import ArchiveSource
 from .verify import VerifyReport, verify
+
+Progress = Callable[[int], None]
 
 
 def open(
@@ -34,7 +38,9 @@ def open(
 ) -> Archive:
     """Open the archive at ``location`` (folder or URL) for reading.
 
-    ``base`` is needed only when the base is neither embedded nor at its recorded location.
+    ``base`` is needed only when the base is neither embedded nor at its recorded local path (a
+    recorded URL is never fetched unless given here); it is opened, and checked, when a read
+    first needs it — at once when given.
     ``storage_options`` (fsspec) apply to the archive's URL and a base URL. ``concurrency`` caps
     the archive reads in flight and sets the threads rebuilding tensors (which read the base):
     by default ``$TALLSTORE_CONCURRENCY``, else 64 when the archive or the base is a URL; local
@@ -45,7 +51,7 @@ def open(
         b = source.manifest.base
         base_at = base if base is not None or b.embedded else b.location
         source.concurrency = read_concurrency(location, concurrency, base_at)
-        return Archive(source, open_base(source, base, storage_options))
+        return Archive(source, BaseHandle(source, base, storage_options))
     except BaseException:
         source.close()
         raise
@@ -54,9 +60,13 @@ def open(
 class Archive(Mapping[str, "TaskView"]):
     """A packed collection: ``arc.tasks``, ``arc[name]``, ``arc.extract(name, out)``, ``arc.merge()``."""
 
-    def __init__(self, source: ArchiveSource, base: ExternalBase | EmbeddedBase) -> None:
+    def __init__(self, source: ArchiveSource, base: BaseHandle) -> None:
         self._source = source
-        self._base = base
+        self._handle = base
+
+    @property
+    def _base(self) -> ExternalBase | EmbeddedBase:
+        return self._handle.get()
 
     @property
     def location(self) -> str:
@@ -89,10 +99,11 @@ class Archive(Mapping[str, "TaskView"]):
 
     def extract(
         self, task: str, out: str | os.PathLike[str], *, overwrite: bool = False,
-        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+        max_shard_bytes: int | None = None, progress: Progress | None = None,
     ) -> Path:
-        """Write one task to a ``.safetensors`` file or, for a folder path, a sharded HF folder."""
-        return self[task].save(out, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
+        """Write one task to a ``.safetensors`` file or, for a folder path, its whole model folder
+        (see :meth:`TaskView.save`)."""
+        return self[task].save(out, overwrite=overwrite, max_shard_bytes=max_shard_bytes, progress=progress)
 
     def merge(self, method: str = "consensus", *, k: int | None = None, alpha: float = 1.0) -> MergedView:
         """A lazy merged model from the archive alone: ``consensus`` (``k``, default 2), ``ta`` or ``ties``."""
@@ -100,15 +111,16 @@ class Archive(Mapping[str, "TaskView"]):
 
     def verify(
         self, *, deep: bool = False, against: Mapping[str, str | os.PathLike[str]] | None = None,
+        progress: Progress | None = None,
     ) -> VerifyReport:
-        """Check every stored chunk; ``deep``: every task's digests; ``against``: rebuild errors."""
-        return verify(self._source, self._base, deep=deep, against=against)
+        """Check every stored chunk; ``deep``: every task's digests; ``against``: rebuild errors.
+        ``progress`` is called once per tensor rebuilt."""
+        return verify(self._source, self._handle.get, deep=deep, against=against, progress=progress)
 
     def close(self) -> None:
         """Release the archive's handles (its folder, the base's files)."""
         self._source.close()
-        if isinstance(self._base, ExternalBase):
-            self._base.ckpt.close()
+        self._handle.close()
 
     def __enter__(self) -> Archive:
         return self
@@ -122,7 +134,7 @@ class TaskView(Mapping[str, torch.Tensor]):
 
     def __init__(self, archive: Archive, index: int) -> None:
         self._source = archive._source
-        self._base = archive._base
+        self._archive = archive
         self.index = index
         self.name = self._source.manifest.tasks[index]
         self._rows = self._source.task(index).by_key
@@ -193,20 +205,30 @@ class TaskView(Mapping[str, torch.Tensor]):
                 direct[key] = t.view(-1)
             else:
                 staged[key] = t
-        loading.load(self._source, self._base, self.index, direct)
+        loading.load(self._source, self._archive._base, self.index, direct)
         for key, got in self._load(list(staged)).items():
             staged[key].copy_(got)
 
     def save(
         self, out: str | os.PathLike[str], *, overwrite: bool = False,
-        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+        max_shard_bytes: int | None = None, progress: Progress | None = None,
     ) -> Path:
-        """Stream this task to a safetensors file or HF folder, one tensor at a time."""
+        """Stream this task to a ``.safetensors`` file, or to a folder holding everything its input
+        folder held: the weights laid out as they came (file names, shards, each file's
+        ``__metadata__``; ``max_shard_bytes`` reshards them) and every archived file (config,
+        tokenizer…), each checked against its SHA-256. One tensor in memory at a time."""
+        record = self._source.task(self.index)
         items = [(k, self.info(k)) for k in self._rows]
-        return save(out, items, self.__getitem__, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
+        layout = None
+        if record.weights is not None:
+            w = record.weights
+            layout = WeightLayout(w.format, tuple((f.name, f.tensors, f.metadata) for f in w.files), w.index_metadata, w.folder)
+        files = [(f.path, partial(self._source.read_file, f)) for f in record.folder]
+        return save(out, items, self.__getitem__, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
+                    progress=progress, layout=layout, files=files, command="extract")
 
     def _load(self, keys: list[str]) -> dict[str, torch.Tensor]:
         """Fresh tensors for ``keys``, rebuilt in place."""
         out = {k: torch.empty(self.info(k).shape, dtype=self.info(k).dtype.torch) for k in keys}
-        loading.load(self._source, self._base, self.index, {k: t.view(-1) for k, t in out.items()})
+        loading.load(self._source, self._archive._base, self.index, {k: t.view(-1) for k, t in out.items()})
         return out

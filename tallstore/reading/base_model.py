@@ -6,6 +6,7 @@ full fingerprint would hash the whole model); a mismatch names both fingerprints
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -69,19 +70,47 @@ class EmbeddedBase:
         return dtypes.from_storage(bits, info.dtype, rows)
 
 
-def open_base(source: ArchiveSource, base: Any, storage_options: dict[str, Any] | None) -> ExternalBase | EmbeddedBase:
-    """The archive's base: ``base`` if given, else the embedded copy, else the recorded location."""
-    b = source.manifest.base
-    if base is None and b.embedded:
-        return EmbeddedBase(source)
-    if base is None:
-        recorded = b.location
-        if not recorded or (not is_url(recorded) and not Path(recorded).exists()):
-            raise ArchiveError(
-                f"{source.location}: its base is not embedded and not found at {recorded}; pass base="
-                " (or --base) to say where it is"
-            )
-        base = recorded
+class BaseHandle:
+    """The archive's base, opened only when a read needs it: metadata commands (info, stats,
+    shallow verify) run without it, and nothing is fetched from a location the caller did not
+    name (an archive could record any URL: it is never followed on its own)."""
+
+    def __init__(self, source: ArchiveSource, base: Any, storage_options: dict[str, Any] | None) -> None:
+        self._source = source
+        self._storage_options = storage_options
+        self._lock = threading.Lock()
+        self._opened: ExternalBase | EmbeddedBase | None = None
+        if base is not None:
+            self._opened = open_base(source, base, storage_options)
+        elif source.manifest.base.embedded:
+            self._opened = EmbeddedBase(source)
+
+    def get(self) -> ExternalBase | EmbeddedBase:
+        """The base, opened from its recorded local path on first use."""
+        with self._lock:
+            if self._opened is None:
+                recorded = self._source.manifest.base.location
+                if recorded and is_url(recorded):
+                    raise ArchiveError(
+                        f"{self._source.location}: its base is not embedded; the archive records it at {recorded}, "
+                        "which tallstore does not fetch on its own: pass base= (or --base) to read it"
+                    )
+                if not recorded or not Path(recorded).exists():
+                    raise ArchiveError(
+                        f"{self._source.location}: its base is not embedded and not found at {recorded}; pass base="
+                        " (or --base) to say where it is"
+                    )
+                self._opened = open_base(self._source, recorded, self._storage_options)
+            return self._opened
+
+    def close(self) -> None:
+        """Close the base's files, if it was opened from a checkpoint."""
+        if isinstance(self._opened, ExternalBase):
+            self._opened.ckpt.close()
+
+
+def open_base(source: ArchiveSource, base: Any, storage_options: dict[str, Any] | None) -> ExternalBase:
+    """The checkpoint at ``base``, checked to be the archive's base."""
     ckpt = open_checkpoint(base, storage_options)
     try:
         check_base(source.manifest, ckpt, str(base))

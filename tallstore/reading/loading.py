@@ -37,6 +37,7 @@ class Wanted:
 
     row: TaskRow
     out: torch.Tensor
+    entry: str
 
 
 def _batches(jobs: list[tuple[int, Callable[[], None]]]) -> list[list[Callable[[], None]]]:
@@ -55,8 +56,8 @@ def _batches(jobs: list[tuple[int, Callable[[], None]]]) -> list[list[Callable[[
 
 def load(source: ArchiveSource, base: ExternalBase | EmbeddedBase, task: int, targets: dict[str, torch.Tensor]) -> None:
     """Rebuild task ``task``'s tensors ``targets`` (key → flat contiguous CPU tensor) in place."""
-    rows = source.task(task).by_key
-    Loader(source, base, task).run([Wanted(rows[k], t) for k, t in targets.items()])
+    record = source.task(task)
+    Loader(source, base, task).run([Wanted(record.by_key[k], t, record.entry_key(k)) for k, t in targets.items()])
 
 
 class Loader:
@@ -92,7 +93,7 @@ class Loader:
 
     def _plan(self, w: Wanted, mask_ranges: list[tuple[int, int]]) -> list[tuple[int, Callable[[], None]]]:
         """Plan ``w``'s chunk reads; one ``(elements, job)`` per row block."""
-        e = self.source.manifest.entries[w.row.key]
+        e = self.source.manifest.entries[w.entry]
         info = w.row.info
         ranges = list(block_ranges(info, self.block_elems))
         if len(ranges) != len(w.row.crcs):
@@ -158,7 +159,7 @@ class Loader:
         """Rows ``a:b`` of the base tensor, cast to the task's dtype, as storage bits."""
         task_dtype = w.row.dtype.torch
         if base_arr is None:
-            t = self.base.read(w.row.key, a, b).reshape(-1)
+            t = self.base.read(w.entry, a, b).reshape(-1)
             yield dtypes.to_storage(t.to(task_dtype))
             return
         info = e.base_info

@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .. import dtypes
-from ..checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, save
+from ..checkpoint.writer import save
 from ..dtypes import TensorInfo
 from ..errors import CorruptArchiveError, MergeError, TallstoreError
 from ..ops.kernel import pack_mask, rebuild_bits
@@ -121,12 +122,16 @@ class MergedView(Mapping[str, torch.Tensor]):
         return {key: self[key] for key in self._keys}
 
     def save(
-        self, out: str | os.PathLike[str], *, overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+        self, out: str | os.PathLike[str], *, overwrite: bool = False, max_shard_bytes: int | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> Path:
-        """Stream the merged model to a safetensors file or HF folder, one tensor at a time."""
+        """Stream the merged model to a safetensors file or a folder (with the base folder's
+        archived files: its config, tokenizer…), one tensor at a time."""
         items = [(key, self.info(key)) for key in self._keys]
         meta = {"tallstore_merge": self.describe()}
-        return save(out, items, self.__getitem__, overwrite=overwrite, max_shard_bytes=max_shard_bytes, metadata=meta)
+        files = [(f.path, partial(self._source.read_file, f)) for f in self._source.manifest.base.folder]
+        return save(out, items, self.__getitem__, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
+                    metadata=meta, progress=progress, files=files, command="merge")
 
     def _entry(self, key: str) -> TensorEntry:
         if key not in self:

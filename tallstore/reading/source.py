@@ -68,6 +68,11 @@ class ArchiveSource:
             if self.manifest.version >= 2:
                 self._raw_tasks = [self._raw_task(i) for i in range(len(self.manifest.tasks))]
                 self.manifest.check_digest(raw, self._raw_tasks, where)
+            elif self.objects.document(f"{layout.MANIFEST_COPY}/zarr.json") is not None:
+                raise CorruptArchiveError(
+                    f"{where}: the root zarr.json says format v{self.manifest.version}, but the archive holds the "
+                    "manifest copy only format v2 writes (a relabelled version)"
+                )
         except (IncompleteArchiveError, NewerFormatError):
             raise
         except ArchiveError as e:
@@ -94,7 +99,7 @@ class ArchiveSource:
             if manifest.version < 2 or not isinstance(tasks, list) or len(tasks) != len(manifest.tasks):
                 return False
             manifest.check_digest(raw, tasks, where)
-        except (TallstoreError, ValueError, KeyError, TypeError):
+        except (TallstoreError, ValueError, KeyError, TypeError, RecursionError):
             return False
         self.manifest = manifest
         self._raw_tasks = tasks

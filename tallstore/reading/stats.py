@@ -16,12 +16,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import CorruptArchiveError, TallstoreError
+from ..errors import ArchiveError, CorruptArchiveError, TallstoreError
 from ..storage import layout
 from .source import ArchiveSource
 
-PIECE = 1 << 20  # mask elements unpacked at a time (a multiple of 8)
+PIECE = 1 << 20  # mask elements unpacked per task at a time (a multiple of 8)
 WINDOW = 4 << 20  # mask bytes read per task at a time (rounded down to whole chunks)
+BUDGET = 64 << 20  # bytes of windows (and of unpacked pieces) of all tasks together: many tasks get less each
+MAX_TASKS = 1_000
+"""Tasks ``stats`` compares: its pairwise overlaps alone grow as the square of the task count."""
 
 
 def layer_of(key: str) -> str:
@@ -64,6 +67,9 @@ def mask_stats(source: ArchiveSource) -> dict[str, Any]:
     m = source.manifest
     names = list(m.tasks)
     T = len(names)
+    if T > MAX_TASKS:
+        raise ArchiveError(f"{source.location}: stats compares every pair of tasks; {T} tasks are more than it "
+                           f"does ({MAX_TASKS})")
     entries = sorted(
         (e for e in m.tensors if e.kind in (layout.KIND_MASKED, layout.KIND_BASE) and e.mask_offset is not None),
         key=lambda e: e.mask_offset or 0,
@@ -75,8 +81,8 @@ def mask_stats(source: ArchiveSource) -> dict[str, Any]:
     segments = []
     for e in entries:
         segments.append((e.mask_offset, e.info.numel, layers.setdefault(layer_of(e.key), _Counts(T))))
-    chunk = m.mask.chunk_bytes
-    window = WINDOW - WINDOW % chunk if WINDOW >= chunk else WINDOW
+    window = _window(T, m.mask.chunk_bytes)
+    piece = min(PIECE, max(8, BUDGET // 4 // T)) // 8  # mask bytes unpacked per task at a time (as float32 too)
     total_bytes = m.mask.nbytes
     s = 0
     for w0 in range(0, total_bytes, window):
@@ -85,8 +91,8 @@ def mask_stats(source: ArchiveSource) -> dict[str, Any]:
         while s < len(segments) and segments[s][0] < w1:
             lo, n, counts = segments[s]
             a, b = max(lo, w0), min(lo + (n + 7) // 8, w1)
-            for p in range(a, b, PIECE // 8):
-                q = min(p + PIECE // 8, b)
+            for p in range(a, b, piece):
+                q = min(p + piece, b)
                 count = min((q - p) * 8, n - (p - lo) * 8)
                 bits = np.unpackbits(data[:, p - w0 : q - w0], axis=1, count=count, bitorder=layout.BITORDER)
                 selected = bits.sum(axis=0, dtype=np.int64)
@@ -114,6 +120,13 @@ def mask_stats(source: ArchiveSource) -> dict[str, Any]:
         "layers": [{"layer": name, **layers[name].summary()} for name in sorted(layers, key=natural_key)],
         "jaccard": jaccard.tolist(),
     }
+
+
+def _window(T: int, chunk: int) -> int:
+    """Mask bytes read per task at a time: ``WINDOW``, or less when ``T`` tasks would exceed
+    ``BUDGET``, in whole chunks where one fits (each chunk is then decoded once)."""
+    share = min(WINDOW, max(8, BUDGET // T))
+    return share - share % chunk if share >= chunk else share
 
 
 def _read_window(source: ArchiveSource, w0: int, w1: int) -> np.ndarray:
@@ -165,8 +178,9 @@ def plot(stats: dict[str, Any], out: str | Path) -> Path:
     ax = fig.add_subplot(grid[0, 1])
     im = ax.imshow(np.array(stats["jaccard"]), vmin=0, vmax=1, cmap="viridis")
     labels = [n if len(n) <= 14 else n[:13] + "…" for n in names]
-    ax.set_xticks(range(T), labels, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(T), labels, fontsize=8)
+    # names come from the archive: "$…$" in one must not be read as mathtext
+    ax.set_xticks(range(T), labels, rotation=60, ha="right", fontsize=8, parse_math=False)
+    ax.set_yticks(range(T), labels, fontsize=8, parse_math=False)
     ax.set_title("Mask overlap between tasks (Jaccard)")
     if T <= 12:
         for i in range(T):
@@ -184,7 +198,8 @@ def plot(stats: dict[str, Any], out: str | Path) -> Path:
     ax.bar(x, sel, bottom=cat, color=colors["selfish"], label="selfish (1 task)")
     ax.bar(x, 100 - cat - sel, bottom=cat + sel, color=colors["shared"], alpha=0.35, label="shared (2+ tasks)")
     step = max(1, len(layers) // 40)
-    ax.set_xticks(x[::step], [layers[i]["layer"] for i in range(0, len(layers), step)], rotation=70, ha="right", fontsize=7)
+    ax.set_xticks(x[::step], [layers[i]["layer"] for i in range(0, len(layers), step)], rotation=70, ha="right", fontsize=7,
+                  parse_math=False)
     ax.set_xlim(-0.6, len(layers) - 0.4)
     ax.set_ylim(0, 100)
     ax.set_ylabel("% of the layer's weights")

@@ -17,10 +17,11 @@ Problems are collected, not raised, so one run reports all of them.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -36,12 +37,15 @@ from ..storage import layout
 from ..storage.chunks import BUFFERS, MAX_DOCUMENT, MissingObject
 from ..storage.codecs import ArrayFormat
 from ..storage.digests import block_digest, combine, fingerprint
+from ..storage.manifest import archive_digest
 from ..storage.geometry import block_ranges
 from . import loading
 from .base_model import EmbeddedBase, ExternalBase
 from .source import ArchiveSource
 
 READ_BATCH = 16
+ARRAY_PROBLEMS = 8
+"""Bad chunks reported of one array; its other chunks are then left unchecked (and that said)."""
 
 
 @dataclass
@@ -94,10 +98,11 @@ class Expected:
 
 
 def verify(
-    source: ArchiveSource, base: ExternalBase | EmbeddedBase, *, deep: bool = False,
+    source: ArchiveSource, base: Callable[[], ExternalBase | EmbeddedBase], *, deep: bool = False,
     against: Mapping[str, str | os.PathLike[str]] | None = None, progress: Callable[[int], None] | None = None,
 ) -> VerifyReport:
     """Verify the archive (see the module docstring); tasks named in ``against`` must exist.
+    ``base`` opens the base when a level needs it (shallow verification never does).
 
     ``progress`` is called with 1 for every tensor ``deep`` has rebuilt (or failed to).
     """
@@ -112,11 +117,11 @@ def verify(
     _check_stored(source, report)
     _check_copy(source, report)
     if deep:
-        _check_base(source, base, report)
+        _check_base(source, base(), report)
         for t, name in enumerate(m.tasks):
-            _check_task(source, base, t, name, report, progress)
+            _check_task(source, base(), t, name, report, progress)
     for name, path in against.items():
-        result = _compare(source, base, name, str(path), report)
+        result = _compare(source, base(), name, str(path), report)
         if result is not None:
             report.against.append(result)
     report.problems = list(dict.fromkeys(report.problems))
@@ -147,7 +152,7 @@ def expected_arrays(source: ArchiveSource, report: VerifyReport) -> list[Expecte
                                 record.mask_crcs))
         for row in record.rows:
             if row.source == layout.SOURCE_EXACT:
-                path = layout.exact_path(m.entries[row.key].node, t)
+                path = layout.exact_path(m.entries[record.entry_key(row.key)].node, t)
                 out.append(Expected(path, row.dtype.storage, row.info.numel, f"exact {row.key!r} of task {name!r}", row.crcs))
     for sha, size in sorted(stored.items()):
         out.append(Expected(layout.file_path(sha), np.dtype(np.uint8), size, f"archived file {sha[:12]}…"))
@@ -203,11 +208,21 @@ def _check_copy(source: ArchiveSource, report: VerifyReport) -> None:
         arr = ArrayFormat.from_meta(meta, layout.MANIFEST_COPY, np.dtype(np.uint8), shape[0])
         report.chunks += arr.n_chunks
         doc = json.loads(source.reader.read(arr).tobytes())
-    except (TallstoreError, ValueError) as e:
-        report.problems.append(f"{where} is unreadable ({e})")
+    except (TallstoreError, ValueError, RecursionError) as e:
+        report.problems.append(f"{where} is unreadable ({e if isinstance(e, TallstoreError) else 'not JSON'})")
         return
-    if not isinstance(doc, dict) or doc.get("manifest", {}).get("digest") != source.manifest.digest:
+    if not _copy_holds(doc, source.manifest.digest):
         report.problems.append(f"{where} disagrees with the root zarr.json")
+
+
+def _copy_holds(doc: Any, digest: str | None) -> bool:
+    """Whether the manifest copy ``doc`` is the root's: it records ``digest``, and its content hashes to it."""
+    if not (isinstance(doc, dict) and isinstance(doc.get("manifest"), dict) and isinstance(doc.get("tasks"), list)):
+        return False
+    try:
+        return doc["manifest"].get("digest") == digest == archive_digest(doc["manifest"], doc["tasks"])
+    except (TypeError, ValueError):  # not canonical JSON (a NaN, say)
+        return False
 
 
 def _attrs(source: ArchiveSource, path: str) -> Any:
@@ -216,8 +231,19 @@ def _attrs(source: ArchiveSource, path: str) -> Any:
 
 
 def _check_chunks(source: ArchiveSource, checks: list[tuple[Expected, ArrayFormat]], report: VerifyReport) -> None:
-    """Every chunk of every array present and decodable, ``READ_BATCH`` chunks a round."""
-    chunks = [(exp, arr, i) for exp, arr in checks for i in range(arr.n_chunks)]
+    """Every chunk of every array present and decodable, ``READ_BATCH`` chunks a round; after
+    ``ARRAY_PROBLEMS`` bad chunks of one array its remaining chunks are one more problem."""
+    bad: dict[str, int] = {}
+
+    def chunks() -> Iterator[tuple[Expected, ArrayFormat, int]]:
+        for exp, arr in checks:
+            for i in range(arr.n_chunks):
+                if bad.get(exp.path, 0) >= ARRAY_PROBLEMS:
+                    report.problems.append(f"{source.location}: {exp.what}: its other {arr.n_chunks - i} chunks "
+                                           f"were not checked after {bad[exp.path]} bad ones")
+                    break
+                yield exp, arr, i
+
     threads = 1 if not source.local else (os.cpu_count() or 2)
 
     def check(item: tuple[Expected, ArrayFormat, int], batch: Any) -> str | None:
@@ -229,15 +255,16 @@ def _check_chunks(source: ArchiveSource, checks: list[tuple[Expected, ArrayForma
                 return f"{source.location}: {exp.what}: chunk {arr.key(i)} {_why(e)}"
         return None
 
+    pending = chunks()
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        for s in range(0, len(chunks), READ_BATCH):
-            part = chunks[s : s + READ_BATCH]
+        while part := list(itertools.islice(pending, READ_BATCH)):
             batch = source.reader.batch()
             for _, arr, i in part:
                 batch.add(arr, i)
             batch.fetch()
-            for problem in pool.map(lambda item: check(item, batch), part):
+            for (exp, _, _), problem in zip(part, pool.map(lambda item: check(item, batch), part)):
                 if problem is not None:
+                    bad[exp.path] = bad.get(exp.path, 0) + 1
                     report.problems.append(problem)
             report.chunks += len(part)
 
@@ -357,7 +384,7 @@ def _compare(
             want = ck.read(key)
             masked = row.source == layout.SOURCE_MASKED
             if masked:
-                tau_sq += float((want.to(torch.float64) - base.read(key).to(torch.float64)).square().sum())
+                tau_sq += float((want.to(torch.float64) - base.read(record.entry_key(key)).to(torch.float64)).square().sum())
             try:
                 got = _rebuild(source, base, t, key, row.info)
             except TallstoreError as e:

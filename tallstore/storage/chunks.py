@@ -33,15 +33,51 @@ from zarr.abc.store import RangeByteRequest, Store
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from ..errors import CorruptArchiveError
+from ..errors import ArchiveError, CorruptArchiveError
 from .codecs import ArrayFormat
 
 MAX_DOCUMENT = 64 << 20
-_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0)
 
 
 class MissingObject(CorruptArchiveError):
     """A stored object the archive must hold is absent."""
+
+
+def _kind(mode: int) -> str:
+    """What a file of ``mode`` is, in words."""
+    for test, name in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a device"),
+                       (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return name
+    return "a regular file"
+
+
+def _refused(what: str, key: str, path: str, mode: int, want: str, why: str | None = None) -> CorruptArchiveError:
+    """The error for an archive entry that is not the folder or regular file it must be."""
+    kind = _kind(mode)
+    if kind == f"a {want}":  # it is what it must be, yet it could not be opened
+        return CorruptArchiveError(f"{what} {key} cannot be opened ({why})")
+    return CorruptArchiveError(f"{what} {key} is refused: {path} is {kind}, not a {want} "
+                               "(an archive holds no links or special files)")
+
+
+def _lstat(dir_fd: int, name: str, key: str, what: str) -> os.stat_result:
+    """``name`` in the folder ``dir_fd`` as it is, not where a link points."""
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        raise MissingObject(f"{what} {key} is missing") from None
+    except OSError as e:
+        raise CorruptArchiveError(f"{what} {key} cannot be opened ({e.strerror})") from None
+
+
+def _check_object(st: os.stat_result, key: str, limit: int, what: str) -> None:
+    """Refuse a stored object that is not a regular file of at most ``limit`` bytes."""
+    if not stat.S_ISREG(st.st_mode):
+        raise _refused(what, key, key, st.st_mode, "regular file")
+    if st.st_size > limit:
+        raise CorruptArchiveError(f"{what} {key} holds {st.st_size} bytes, more than it may ({limit})")
 
 
 class BufferPool:
@@ -61,9 +97,14 @@ class BufferPool:
         """A writable view of ``n`` bytes, returned to the pool afterwards."""
         with self._lock:
             fits = [b for b in self._free if len(b) >= n]
-            buf = min(fits, key=len) if fits else bytearray(n)
             if fits:
+                buf = min(fits, key=len)
                 self._free.remove(buf)
+        if not fits:
+            try:
+                buf = bytearray(n)
+            except MemoryError:
+                raise ArchiveError(f"a chunk of {n} bytes does not fit in memory") from None
         try:
             yield memoryview(buf)[:n]
         finally:
@@ -113,19 +154,19 @@ class Objects:
         try:
             for i, part in enumerate(parts):
                 last = i == len(parts) - 1
+                if last:  # refused before it is opened: opening a FIFO or a device is already acting on it
+                    _check_object(_lstat(fd, part, key, what), key, limit, what)
                 try:
                     fd = os.open(part, _FLAGS | (0 if last else os.O_DIRECTORY), dir_fd=fd)
                 except FileNotFoundError:
                     raise MissingObject(f"{what} {key} is missing") from None
                 except OSError as e:
-                    raise CorruptArchiveError(f"{what} {key} cannot be opened inside the archive "
-                                              f"({e.strerror}: a symlink or not a folder?)") from None
+                    mode = _lstat(fd, part, key, what).st_mode
+                    raise _refused(what, key, "/".join(parts[: i + 1]), mode, "regular file" if last else "folder",
+                                   e.strerror) from None
                 opened.append(fd)
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise CorruptArchiveError(f"{what} {key} is not a regular file")
-            if st.st_size > limit:
-                raise CorruptArchiveError(f"{what} {key} holds {st.st_size} bytes, more than it may")
+            _check_object(st, key, limit, what)  # what was opened, should it have been swapped since
             with BUFFERS.take(st.st_size) as view:
                 if st.st_size and os.preadv(fd, [view], 0) != st.st_size:
                     raise CorruptArchiveError(f"{what} {key} changed while it was read")
@@ -179,7 +220,7 @@ class Objects:
             raise CorruptArchiveError(f"metadata document {key} cannot be read ({type(e).__name__})") from None
         try:
             return json.loads(raw)
-        except (UnicodeDecodeError, ValueError):
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
             raise CorruptArchiveError(f"metadata document {key} is not valid JSON") from None
 
 

@@ -33,6 +33,8 @@ from ..errors import CorruptArchiveError, PlanError
 SPEC_CODECS = frozenset({"bytes", "blosc", "zstd", "gzip", "crc32c", "transpose", "sharding_indexed"})
 COMPRESSORS = ("blosc", "zstd", "gzip")
 SLACK = 64 << 10
+MAX_CHUNKS = 1 << 23
+"""Chunks one array may have: more CRC-32C values (one per chunk) than a root document holds."""
 _BLOSC_HEADER = 16
 _ZSTD_MAGIC = 0xFD2FB528
 _EMPTY = (1 << 64) - 1
@@ -367,6 +369,10 @@ class ArrayFormat:
         if grid.get("name") != "regular" or not (isinstance(chunk, list) and len(chunk) == 1
                                                  and isinstance(chunk[0], int) and chunk[0] > 0):
             raise CorruptArchiveError(f"{path} has no regular flat chunk grid")
+        if chunk[0] > numel and chunk[0] * storage.itemsize > SLACK:
+            raise CorruptArchiveError(f"{path} has chunks of {chunk[0]} elements, larger than the array ({numel})")
+        if -(-numel // chunk[0]) > MAX_CHUNKS:
+            raise CorruptArchiveError(f"{path} is cut into more than {MAX_CHUNKS} chunks")
         keys = _dict(meta.get("chunk_key_encoding"))
         sep = _dict(keys.get("configuration")).get("separator", "/" if keys.get("name") == "default" else ".")
         if keys.get("name") not in ("default", "v2") or sep not in ("/", "."):

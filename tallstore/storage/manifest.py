@@ -3,13 +3,21 @@
 ``from_json`` is the only place archive metadata is validated (types, ranges, cross-references:
 an archive is untrusted input), ``to_json`` the only place it is built. Readers and writers
 never touch the raw JSON otherwise.
+
+**Limits.** Sizes are checked before anything is enumerated or allocated, against limits far
+above any real model, so that a crafted archive is refused at once rather than exhausting memory
+or time: at most :data:`MAX_TASKS` tasks, :data:`MAX_TENSOR_ELEMENTS` elements in one tensor and
+:data:`MAX_ELEMENTS` in all the manifest's tensors together (and in each task's), and a CRC-32C
+list must have exactly one value per row block (counted, not enumerated).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
+import sys
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
@@ -24,7 +32,7 @@ from ..errors import (
     TallstoreError,
 )
 from . import layout
-from .geometry import block_ranges
+from .geometry import block_rows
 
 NODE = re.compile(r"[a-z0-9_.~-]{1,255}")
 SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -33,6 +41,12 @@ DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 MAX_PATH = 4096
 MAX_DIM = 1 << 62
 MAX_NDIM = 64
+MAX_TASKS = 10_000
+MAX_TENSOR_ELEMENTS = 1 << 36
+"""≈ 6.9·10¹⁰ elements: some 20 times the largest tensor of today's largest open models."""
+MAX_ELEMENTS = 1 << 42
+"""≈ 4.4·10¹² elements: all tensors of an archive (or of one task) together."""
+_MAX_FLOAT = int(sys.float_info.max)
 REQUIRED = ("tasks", "lam", "merge", "base", "tensors", "mask", "block_elems")
 
 
@@ -48,7 +62,8 @@ def _is_int(v: Any, lo: int = 0, hi: int = MAX_DIM) -> bool:
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """A JSON number that converts to a float (an integer of 400 digits does not)."""
+    return isinstance(v, float) or (isinstance(v, int) and not isinstance(v, bool) and abs(v) <= _MAX_FLOAT)
 
 
 def _is_str_list(v: Any) -> bool:
@@ -94,7 +109,14 @@ def _crc_list(v: Any, n: int) -> tuple[int, ...] | None:
 
 
 def _n_blocks(info: TensorInfo, block_elems: int) -> int:
-    return sum(1 for _ in block_ranges(info, block_elems))
+    """How many row blocks ``block_ranges`` cuts ``info`` into, counted without enumerating them."""
+    return 1 if info.numel == 0 else -(-info.rows // block_rows(info, block_elems))
+
+
+def _check_size(info: TensorInfo, where: str, what: str) -> None:
+    if info.numel > MAX_TENSOR_ELEMENTS:
+        raise Malformed(where, f"{what} has {info.numel} elements, more than tallstore reads in one tensor "
+                               f"({MAX_TENSOR_ELEMENTS})")
 
 
 def safe_relative_path(path: Any) -> bool:
@@ -192,6 +214,7 @@ class WeightsLayout:
     format: str
     files: tuple[WeightFile, ...]
     index_metadata: dict[str, Any] | None = None
+    folder: bool = False
 
     @classmethod
     def from_json(cls, v: Any, rows: int, where: str, who: str) -> WeightsLayout:
@@ -206,12 +229,13 @@ class WeightsLayout:
                 raise bad
             files.append(WeightFile(f["name"], f["tensors"], f.get("metadata")))
         index = v.get("index_metadata")
-        if sum(f.tensors for f in files) != rows or (index is not None and not isinstance(index, dict)):
+        if (sum(f.tensors for f in files) != rows or (index is not None and not isinstance(index, dict))
+                or not isinstance(v.get("folder"), bool)):
             raise bad
-        return cls(v["format"], tuple(files), index)
+        return cls(v["format"], tuple(files), index, v["folder"])
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"format": self.format, "files": [f.to_json() for f in self.files]}
+        out: dict[str, Any] = {"format": self.format, "folder": self.folder, "files": [f.to_json() for f in self.files]}
         if self.index_metadata is not None:
             out["index_metadata"] = self.index_metadata
         return out
@@ -256,6 +280,7 @@ class TensorEntry:
         d, shape = _dtype(e.get("dtype")), _shape(e.get("shape"))
         if d is None or shape is None:
             raise Malformed(where, f"{what} has an invalid dtype or shape")
+        _check_size(TensorInfo(d, shape), where, what)
         base_dtype = None
         if "base_dtype" in e:
             base_dtype = _dtype(e["base_dtype"])
@@ -323,6 +348,8 @@ class MaskLayout:
         if not (isinstance(v, dict) and v.get("bitorder") == layout.BITORDER
                 and _is_int(v.get("nbytes")) and _is_int(v.get("chunk_bytes"), 1)):
             raise Malformed(where, "'mask' is not {bitorder: little, nbytes, chunk_bytes}")
+        if v["nbytes"] > -(-MAX_ELEMENTS // 8):
+            raise Malformed(where, f"'mask.nbytes' is {v['nbytes']}, more than the masks of {MAX_ELEMENTS} elements")
         return cls(v["nbytes"], v["chunk_bytes"], v["bitorder"])
 
     def to_json(self) -> dict[str, Any]:
@@ -428,12 +455,16 @@ class Manifest:
             )
         if version not in layout.READABLE:
             raise ArchiveError(f"{where}: archive has no valid format version")
+        if version < 2 and ("digest" in m or "generation" in m):
+            raise Malformed(where, f"a format v{version} manifest carries the digest of a v2 archive (a relabelled version)")
         if m.get("complete") is not True:
             raise IncompleteArchiveError(f"{where}: archive is incomplete (packing did not finish); re-run pack")
         missing = [k for k in REQUIRED if k not in m]
         if missing:
             raise ArchiveError(f"{where}: archive manifest lacks {missing[0]!r}")
         tasks = m["tasks"]
+        if isinstance(tasks, list) and len(tasks) > MAX_TASKS:
+            raise Malformed(where, f"'tasks' lists {len(tasks)} tasks, more than tallstore reads ({MAX_TASKS})")
         if not _is_str_list(tasks) or not tasks or len(set(tasks)) != len(tasks):
             raise Malformed(where, "'tasks' is not a non-empty list of distinct names")
         lam = m["lam"]
@@ -447,8 +478,12 @@ class Manifest:
             raise Malformed(where, "'tensors' is not a list")
         entries: dict[str, TensorEntry] = {}
         nodes: set[str] = set()
+        total = 0
         for raw in m["tensors"]:
             e = TensorEntry.from_json(raw, where, mask.nbytes, m["block_elems"], version)
+            total += e.info.numel
+            if total > MAX_ELEMENTS:
+                raise Malformed(where, f"'tensors' hold more than {MAX_ELEMENTS} elements in all")
             if e.key in entries:
                 raise Malformed(where, f"tensor {e.key!r} is listed twice")
             if e.node in nodes:
@@ -553,6 +588,14 @@ class TaskRecord:
     folder: tuple[FolderFile, ...] = ()
     weights: WeightsLayout | None = None
     skipped: tuple[str, ...] = ()
+    renames: dict[str, str] = field(default_factory=dict)
+    key_map: str | None = None
+    adapter: bool = False
+
+    def entry_key(self, key: str) -> str:
+        """The manifest's name of the task's tensor ``key`` (the base's, when the task's own
+        names carried another prefix)."""
+        return self.renames.get(key, key)
 
     @cached_property
     def by_key(self) -> dict[str, TaskRow]:
@@ -574,19 +617,31 @@ class TaskRecord:
         raw_rows = attrs.get("tensors")
         if not isinstance(raw_rows, list):
             raise Malformed(where, f"{who} has no tensor listing")
+        renames = attrs.get("renames", {}) if manifest.version >= 2 else {}
+        if not _str_map(renames) or len(set(renames.values())) != len(renames):
+            raise Malformed(where, f"{who}'s 'renames' is not a one-to-one map of names")
         rows: dict[str, TaskRow] = {}
         for raw in raw_rows:
-            row = _row(raw, manifest, where, who)
+            row = _row(raw, manifest, renames, where, who)
             if row.key in rows:
                 raise Malformed(where, f"tensor {row.key!r} of {who} is unknown to the manifest or listed twice")
             rows[row.key] = row
-        missing = [e.key for e in manifest.tensors if e.kind == layout.KIND_MASKED and e.key not in rows]
+        if sum(r.info.numel for r in rows.values()) > MAX_ELEMENTS:
+            raise Malformed(where, f"the tensors of {who} hold more than {MAX_ELEMENTS} elements in all")
+        entry_keys = {renames.get(k, k) for k in rows}
+        if len(entry_keys) != len(rows):
+            raise Malformed(where, f"{who} names one manifest tensor twice")
+        missing = [e.key for e in manifest.tensors if e.kind == layout.KIND_MASKED and e.key not in entry_keys]
         if missing:
             raise Malformed(where, f"{who} lacks the masked tensor {missing[0]!r}")
         mask_crcs = None
         folder: tuple[FolderFile, ...] = ()
         weights = None
         skipped: tuple[str, ...] = ()
+        key_map = attrs.get("key_map")
+        adapter = attrs.get("adapter", False)
+        if not isinstance(key_map, (str, type(None))) or not isinstance(adapter, bool):
+            raise Malformed(where, f"{who}'s 'key_map' or 'adapter' is malformed")
         if manifest.version >= 2:
             mask_crcs = _crc_list(attrs.get("mask_crcs"), manifest.mask.n_ranges)
             if mask_crcs is None:
@@ -598,7 +653,7 @@ class TaskRecord:
                 raise Malformed(where, f"{who}'s 'skipped' is not a list of safe paths")
             skipped = tuple(skipped_v)
         return cls(name, float(attrs["lam"]), str(attrs.get("source", "")), files, tuple(rows.values()),
-                   _stats(attrs["stats"], where, who), mask_crcs, folder, weights, skipped)
+                   _stats(attrs["stats"], where, who), mask_crcs, folder, weights, skipped, dict(renames), key_map, adapter)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -613,15 +668,21 @@ class TaskRecord:
             out["weights"] = self.weights.to_json()
         if self.skipped:
             out["skipped"] = list(self.skipped)
+        if self.renames:
+            out["renames"] = self.renames
+        if self.key_map is not None:
+            out["key_map"] = self.key_map
+        if self.adapter:
+            out["adapter"] = True
         return out
 
 
-def _row(raw: Any, manifest: Manifest, where: str, who: str) -> TaskRow:
+def _row(raw: Any, manifest: Manifest, renames: dict[str, str], where: str, who: str) -> TaskRow:
     if not isinstance(raw, list) or len(raw) < 6 or not isinstance(raw[0], str):
         raise Malformed(where, f"{who} has a malformed tensor row")
     key, dname, shape_v, src, digest, crcs = raw[:6]
     what = f"tensor {key!r} of {who}"
-    e = manifest.entries.get(key)
+    e = manifest.entries.get(renames.get(key, key))
     if e is None:
         raise Malformed(where, f"{what} is unknown to the manifest or listed twice")
     d, shape = _dtype(dname), _shape(shape_v)
@@ -629,8 +690,10 @@ def _row(raw: Any, manifest: Manifest, where: str, who: str) -> TaskRow:
         raise Malformed(where, f"{what} has an invalid dtype, shape or source")
     if not isinstance(digest, str) or SHA256.fullmatch(digest) is None:
         raise Malformed(where, f"{what} has no valid sha256")
-    if not isinstance(crcs, list) or not crcs or not all(_is_int(c, 0, 0xFFFFFFFF) for c in crcs):
-        raise Malformed(where, f"{what} has no valid CRC-32C list")
+    info = TensorInfo(d, shape)
+    _check_size(info, where, what)
+    if _crc_list(crcs, _n_blocks(info, manifest.block_elems)) is None:
+        raise Malformed(where, f"{what} has no CRC-32C per block")
     same = d == e.dtype and shape == e.shape
     if src == layout.SOURCE_MASKED and (e.kind != layout.KIND_MASKED or not same):
         raise Malformed(where, f"{what} is masked but does not match its masked entry")
@@ -646,5 +709,11 @@ def _stats(v: dict[str, Any], where: str, who: str) -> TaskStats:
             raise Malformed(where, f"{who}'s stats.{name} is not a number")
         return x
 
-    return TaskStats(int(num("masked_params")), int(num("mask_ones")), float(num("mask_density")),
-                     int(num("exact_bytes")), float(num("rebuild_error")), float(num("tau_norm")))
+    def count(name: str) -> int:
+        x = num(name)
+        if not math.isfinite(x):
+            raise Malformed(where, f"{who}'s stats.{name} is not a count")
+        return int(x)
+
+    return TaskStats(count("masked_params"), count("mask_ones"), float(num("mask_density")),
+                     count("exact_bytes"), float(num("rebuild_error")), float(num("tau_norm")))
