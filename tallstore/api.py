@@ -30,6 +30,7 @@ def pack(
     exact: Iterable[str] = (),
     overwrite: bool = False,
     allow_nonfinite: bool = False,
+    allow_unrelated_base: bool = False,
     block_elems: int = DEFAULT_BLOCK_ELEMS,
     workers: int = 2,
     codecs: Codecs | str = "fast",
@@ -47,7 +48,8 @@ def pack(
     - ``embed_base``: store the base inside (a self-contained archive);
     - ``exact``: glob patterns of tensor names stored exactly per task;
     - ``overwrite``: replace an existing archive at ``out``;
-    - ``allow_nonfinite``: accept NaN/Inf weights instead of refusing;
+    - ``allow_nonfinite``: accept NaN/Inf weights instead of refusing (such tensors are stored exactly);
+    - ``allow_unrelated_base``: pack even when no task looks fine-tuned from ``base``;
     - ``block_elems``: row-block size (elements) for streaming and chunking;
     - ``workers``: threads; ``client``: a ``dask.distributed`` client to run the pack units on;
     - ``codecs``: ``"fast"`` (LZ4HC weights, quickest loads), ``"compact"`` (zstd) or a ``Codecs``;
@@ -60,7 +62,8 @@ def pack(
     """
     options = PackOptions(
         lam=lam, merge=merge, ties_top=ties_top, lam_grid=tuple(lam_grid), evaluate=evaluate, embed_base=embed_base,
-        exact=tuple(exact), overwrite=overwrite, allow_nonfinite=allow_nonfinite, block_elems=block_elems,
+        exact=tuple(exact), overwrite=overwrite, allow_nonfinite=allow_nonfinite,
+        allow_unrelated_base=allow_unrelated_base, block_elems=block_elems,
         workers=workers, codecs=codecs, key_map=tuple(key_map), max_file_bytes=max_file_bytes,
     )
     loc = driver.pack(out, base, tasks, options, storage_options=storage_options, progress=progress, client=client)

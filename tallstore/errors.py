@@ -44,3 +44,7 @@ class IncompleteArchiveError(ArchiveError):
 
 class NewerFormatError(ArchiveError):
     """The archive was written in a format version newer than this tallstore reads."""
+
+
+class PackWarning(UserWarning):
+    """Something in a collection that packs, but that its owner should know (near-duplicate tasks)."""

@@ -45,6 +45,16 @@ def in_order_sum(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def first_of_equal(tau: torch.Tensor) -> list[int]:
+    """Spec §6.1: bit-identical task vectors (a frozen backbone several tasks share) enter the
+    merge once — the first of each group, in task order."""
+    keep: list[int] = []
+    for t in range(tau.shape[0]):
+        if not any(bool((tau[u].view(torch.int32) == tau[t].view(torch.int32)).all()) for u in keep):
+            keep.append(t)
+    return keep
+
+
 def ties_thresholds(tau: torch.Tensor, top: float) -> list[float]:
     """Per task, the ``n − ⌊n·top/100⌋``-th smallest ``|τ_t|`` over the whole flat model (0 if rank 0)."""
     n = tau.shape[1]
@@ -57,6 +67,8 @@ def ties_thresholds(tau: torch.Tensor, top: float) -> list[float]:
 def spec_ties(tau: torch.Tensor, top: float) -> torch.Tensor:
     """TIES ``τ_MTL`` over the whole flat model as spec §6.1 states it."""
     thr = torch.tensor(ties_thresholds(tau, top)).view(-1, 1)
+    keep = first_of_equal(tau)
+    tau, thr = tau[keep], thr[keep]
     trimmed = torch.where(tau.abs() >= thr, tau, torch.zeros(()))
     s = torch.sign(in_order_sum(trimmed))
     pos, neg = int((s > 0).sum()), int((s < 0).sum())
@@ -103,7 +115,7 @@ class Dense:
         self.base = torch.cat([base[k].reshape(-1) for k in self.keys])
         self.tasks = torch.stack([torch.cat([sd[k].reshape(-1) for k in self.keys]) for sd in tasks])
         self.tau = self.tasks.float() - self.base.float()
-        self.mtl = in_order_sum(self.tau) if rule == "ta" else spec_ties(self.tau, top)
+        self.mtl = in_order_sum(self.tau[first_of_equal(self.tau)]) if rule == "ta" else spec_ties(self.tau, top)
         self.merged = merged_weights(self.base, self.tasks, self.tau, self.mtl)
         self.masks = tall_masks(self.tau, self.mtl, lams) if lams is not None else None
 

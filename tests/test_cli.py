@@ -171,11 +171,21 @@ def test_duplicate_task_name(cli: Cli, collection: Callable[..., Collection], tm
                           "--task", f"a={tasks['task1']}", "-q"), "'a'", "twice")
 
 
-@pytest.mark.parametrize("name", ["../up", "has space", ".hidden", "x" * 200])
+@pytest.mark.parametrize("name", ["../up", "has space", ".hidden", "x" * 300, "org/", "org//model", "/abs"])
 def test_invalid_task_name(cli: Cli, collection: Callable[..., Collection], tmp_path: Path, name: str) -> None:
     base, tasks = collection(1)
     assert_user_error(cli("pack", tmp_path / "z.tall", "--base", base, "--task", f"{name}={tasks['task0']}", "-q"),
                       "invalid task name")
+
+
+def test_hub_style_org_model_names_are_task_names(cli: Cli, collection: Callable[..., Collection], tmp_path: Path) -> None:
+    base, tasks = collection(2)
+    code, _, err = cli("pack", tmp_path / "z.tall", "--base", base, "--task", f"sentence-transformers/all-MiniLM-L6-v2={tasks['task0']}",
+                       "--task", f"org/model@v2={tasks['task1']}", "-q")
+    assert code == 0, err
+    arc = tallstore.open(tmp_path / "z.tall")
+    assert arc.tasks == ["sentence-transformers/all-MiniLM-L6-v2", "org/model@v2"]
+    assert torch.equal(arc["org/model@v2"]["embed.weight"], arc["org/model@v2"].state_dict()["embed.weight"])
 
 
 def test_task_option_without_a_name(cli: Cli, collection: Callable[..., Collection], tmp_path: Path) -> None:

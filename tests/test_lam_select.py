@@ -157,7 +157,7 @@ def test_search_holds_one_task_model_at_a_time(tmp_path: Path) -> None:
         ({"lam": "best"}, "'auto' or 'search'"),
         ({"lam": "auto", "lam_grid": []}, "grid is empty"),
         ({"lam": "auto", "lam_grid": [0.2, 0.2]}, "repeated"),
-        ({"lam": "auto", "lam_grid": [0.2, -0.1]}, "≥ 0"),
+        ({"lam": "auto", "lam_grid": [0.2, -0.1]}, "between 0 and 1"),
         ({"lam": "auto", "lam_grid": [0.2, float("nan")]}, "finite"),
         ({"lam": "auto", "lam_grid": ["x"]}, "must be numbers"),
         ({"lam": "search", "evaluate": lambda n, sd: float("nan")}, "finite number"),

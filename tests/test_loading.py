@@ -102,16 +102,34 @@ def test_load_into_refuses_wrong_keys_dtypes_and_shapes(collection: Callable[...
     base, tasks = collection(n_tasks=2)
     view = tallstore.pack(tmp_path / "a.tall", base, tasks)["task0"]
     target = empty_like_task(view)
-    with pytest.raises(KeyError, match="missing: head.weight"):
+    with pytest.raises(TallstoreError, match="unexpected: head.weight"):  # the task has it, the target not
         view.load_into({k: v for k, v in target.items() if k != "head.weight"})
-    with pytest.raises(KeyError, match="unexpected: extra"):
+    with pytest.raises(TallstoreError, match="missing: extra"):  # the target has it, the task not
         view.load_into({**target, "extra": torch.zeros(1)})
-    view.load_into({"head.weight": target["head.weight"], "extra": torch.zeros(1)}, strict=False)
+    missing, unexpected = view.load_into({"head.weight": target["head.weight"], "extra": torch.zeros(1)}, strict=False)
+    assert missing == ["extra"] and set(unexpected) == set(view) - {"head.weight"}
     assert torch.equal(target["head.weight"], view["head.weight"])
     with pytest.raises(TallstoreError, match="embed.weight.*stores torch.float32"):
         view.load_into({**target, "embed.weight": target["embed.weight"].double()})
     with pytest.raises(TallstoreError, match="embed.weight"):
         view.load_into({**target, "embed.weight": target["embed.weight"][:3]})
+
+
+def test_load_into_casts_to_a_dtype_and_fills_a_meta_device_module(collection: Callable[..., Collection], tmp_path: Path) -> None:
+    base, tasks = collection(n_tasks=2)
+    view = tallstore.pack(tmp_path / "a.tall", base, tasks)["task0"]
+    want = view.state_dict()
+    half = {k: torch.empty(view.info(k).shape, dtype=torch.float16 if view.info(k).dtype.is_float else view.info(k).dtype.torch)
+            for k in view}
+    float_keys = [k for k in view if view.info(k).dtype.is_float]
+    assert view.load_into({k: half[k] for k in float_keys}, dtype=torch.float16, strict=False) == ([], [k for k in view if k not in float_keys])
+    assert all(torch.equal(half[k], want[k].half()) for k in float_keys)
+    module = torch.nn.Module()
+    with torch.device("meta"):
+        module.register_parameter("w", torch.nn.Parameter(torch.empty(view.info("embed.weight").shape)))
+    target = {"embed.weight": module.w}
+    with pytest.raises(TallstoreError, match="meta device"):
+        view.load_into(target, strict=False)
 
 
 def rewrite_with(archive: Path, path: str, compressors: list) -> None:

@@ -321,7 +321,7 @@ def test_shape_and_dtype_conflicts_between_tasks_are_stored_or_refused(
 
 @cases(250)
 @given(
-    names_=st.lists(st.text(max_size=140) | st.sampled_from(["a", "a\n", "../x", "a/b", "", ".", "-x", "ok", "é", "x" * 129]), max_size=3),
+    names_=st.lists(st.text(max_size=140) | st.sampled_from(["a", "a\n", "../x", "a/b", "org//m", "a/", "", ".", "-x", "ok", "é", "x" * 257]), max_size=3),
     via_cli=st.booleans(),
 )
 def test_bad_task_lists_are_refused_before_any_input_is_opened(
@@ -329,8 +329,11 @@ def test_bad_task_lists_are_refused_before_any_input_is_opened(
 ) -> None:
     missing = scratch / "no-such-base.safetensors"
     task = inputs[1]["t0"]
+    def word_like(part: str) -> bool:
+        return bool(part) and (part[0].isalnum() or part[0] == "_") and all(c.isalnum() or c in "_.+-@:" for c in part)
+
     valid = bool(names_) and len(set(names_)) == len(names_) and all(
-        n and n[0] not in ".+-" and all(c.isalnum() or c in "_.+-" for c in n) and len(n) <= 128 for n in names_
+        0 < len(n) <= 256 and all(word_like(part) for part in n.split("/")) for n in names_  # org/model parts
     )
     if via_cli and names_:
         line = one_error_line(run_cli("pack", scratch / "tasklist", "--base", missing, *[a for n in names_ for a in ("--task", f"{n}={task}")]))

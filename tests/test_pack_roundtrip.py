@@ -17,6 +17,7 @@ import pytest
 import torch
 import zarr
 from conftest import Collection, make_base, make_task
+from tall_reference import first_of_equal
 from safetensors.torch import load_file, save_file
 
 import tallstore
@@ -58,8 +59,9 @@ def reference_rebuild(base: torch.Tensor, tasks: list[torch.Tensor], lams: list[
     d = tasks[0].dtype
     b32 = base.float()
     taus = [t.float() - b32 for t in tasks]
-    mtl = taus[0].clone()
-    for tau in taus[1:]:
+    distinct = [taus[t] for t in first_of_equal(torch.stack(taus))]  # identical tasks count once
+    mtl = distinct[0].clone()
+    for tau in distinct[1:]:
         mtl = mtl + tau
     merged = (b32 + mtl).to(d)
     for t in reversed(range(len(tasks))):  # reversed: the first matching task wins
@@ -353,7 +355,8 @@ def test_wrong_base_is_refused_naming_both_fingerprints(tmp_path: Path) -> None:
     task = make_task(right, 0)
     arc = pack_dicts(tmp_path, right, {"t": task})
     save(tmp_path / "other.safetensors", other)
-    other_fp = tallstore.pack(tmp_path / "o.tall", base=tmp_path / "other.safetensors", tasks={"t": tmp_path / "t.safetensors"})
+    other_fp = tallstore.pack(tmp_path / "o.tall", base=tmp_path / "other.safetensors", tasks={"t": tmp_path / "t.safetensors"},
+                              allow_unrelated_base=True)  # deliberately the wrong base: only its fingerprint is wanted
     expected, got = arc.describe(sizes=False)["base"]["fingerprint"], other_fp.describe(sizes=False)["base"]["fingerprint"]
     assert expected != got and expected.startswith("sha256:")
     with pytest.raises(BaseMismatchError) as err:
@@ -458,7 +461,7 @@ def test_small_row_blocks_give_the_same_archive_contents_as_one_block(tmp_path: 
     for block_elems in (8, 40, 1 << 22):
         sub = tmp_path / str(block_elems)
         sub.mkdir()
-        arc = pack_dicts(sub, base, tasks, block_elems=block_elems)
+        arc = pack_dicts(sub, base, tasks, block_elems=block_elems, allow_unrelated_base=True)  # random, not fine-tunes
         assert arc.describe(sizes=False)["block_elems"] == block_elems
         root = zarr.open_group(str(sub / "zoo.tall"), mode="r")
         masks = [root[f"masks/{t}"][:] for t in range(len(tasks))]
@@ -480,7 +483,7 @@ def test_small_row_blocks_give_the_same_archive_contents_as_one_block(tmp_path: 
 
 def test_row_blocks_are_stored_as_separate_chunks(tmp_path: Path) -> None:
     base, tasks = streaming_collection(2)
-    arc = pack_dicts(tmp_path, base, tasks, block_elems=40)
+    arc = pack_dicts(tmp_path, base, tasks, block_elems=40, allow_unrelated_base=True)  # random, not fine-tunes
     # "a" has rows of 11: 8 rows (88 elements, a multiple of 8) per block, 7 blocks for 53 rows
     chunks = zarr.open_group(str(tmp_path / "zoo.tall"), mode="r")[f"tensors/{entry(arc, 'a')['node']}/merged"].chunks
     assert chunks == (88,)

@@ -116,7 +116,7 @@ def test_crafted_tensor_names_cannot_write_outside_the_archive(tmp_path: Path) -
     assert same_bits(read_all(arc)["t"], load_file(sandbox / "task.safetensors"))
 
 
-@pytest.mark.parametrize("name", ["../x", "a/b", "/abs", "..", "", ".hidden", "a\x00", "a\n", "x" * 129])
+@pytest.mark.parametrize("name", ["../x", "a//b", "a/../b", "/abs", "..", "", ".hidden", "a\x00", "a\n", "x" * 257])
 def test_unsafe_task_names_are_refused(tmp_path: Path, name: str) -> None:
     base, tasks = tiny_collection(tmp_path / "in")
     with pytest.raises(PlanError, match="invalid task name"):

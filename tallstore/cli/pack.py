@@ -32,7 +32,8 @@ def pack(
     key_map: Annotated[Optional[list[str]], typer.Option("--key-map", help="OLD_PREFIX=NEW_PREFIX: rename task tensors before matching them to the base (e.g. 'bert.='); repeatable. A consistent prefix difference is found without it.")] = None,
     max_file_mb: Annotated[float, typer.Option("--max-file-mb", help="Largest non-weight file (config, tokenizer…) of an input folder that is archived, in MB.")] = 256.0,
     force: options.Force = False,
-    allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Accept NaN/Inf weights instead of refusing.")] = False,
+    allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Accept NaN/Inf weights instead of refusing (such tensors are stored exactly).")] = False,
+    allow_unrelated_base: Annotated[bool, typer.Option("--allow-unrelated-base", help="Pack even when no task looks fine-tuned from BASE (each differs from it by about its own norm).")] = False,
     codecs: Annotated[str, typer.Option("--codecs", help="Weight compression: 'fast' (LZ4HC, default: quickest loads) or 'compact' (zstd: a slightly smaller archive, slower loads).")] = "fast",
     workers: Annotated[int, typer.Option("--workers", min=1, help="Threads packing tensors in parallel.")] = 2,
     storage_option: options.StorageOptions = None,
@@ -55,7 +56,7 @@ def pack(
     opts = PackOptions(
         lam="auto" if lam == ["auto"] else options.lams(lam, list(tasks)), lam_grid=options.grid(lam_grid),
         merge=merge, ties_top=DEFAULT_TOP if ties_top is None else ties_top, embed_base=embed_base,
-        exact=tuple(exact or ()), key_map=tuple(key_map or ()), max_file_bytes=int(max_file_mb * 2**20), overwrite=force, allow_nonfinite=allow_nonfinite, codecs=codecs, workers=workers,
+        exact=tuple(exact or ()), allow_unrelated_base=allow_unrelated_base, key_map=tuple(key_map or ()), max_file_bytes=int(max_file_mb * 2**20), overwrite=force, allow_nonfinite=allow_nonfinite, codecs=codecs, workers=workers,
     )
     with dask_client(scheduler, dask_workers) as client, bars(enabled=not quiet) as display:
         packing = display.add("packing")

@@ -48,6 +48,7 @@ __all__ = [
     "Preset",
     "bf16_round",
     "cheapest_passing",
+    "column_gains",
     "decay_rows",
     "dequantize_delta",
     "level_table",
@@ -170,7 +171,8 @@ class DeltaCode:
     - ``decay_scale``: float32 ``c``;
     - ``steps``: float32 (bfloat16-exact) step per coded row, in row order;
     - ``codes``: int8 ``(coded rows, row length)``;
-    - ``table``: float32 reconstruction points per code magnitude (``qmax + 1``).
+    - ``table``: float32 reconstruction points per code magnitude (``qmax + 1``);
+    - ``col_gain``: optional float32 (bfloat16-exact) gain per column (:func:`column_gains`).
     """
 
     shape: tuple[int, ...]
@@ -179,6 +181,7 @@ class DeltaCode:
     steps: torch.Tensor
     codes: torch.Tensor
     table: torch.Tensor
+    col_gain: torch.Tensor | None = None
 
     @property
     def qmax(self) -> int:
@@ -193,10 +196,14 @@ def quantize_delta(
     qmax: int = 127,
     skip_decay: bool = True,
     decay_tol: float = DECAY_TOL,
+    col_gain: torch.Tensor | None = None,
 ) -> DeltaCode:
     """Code one tensor's task vector with step ``κ · rms(τ_r)`` per row (see the module docstring).
 
     ``skip_decay=False`` codes every row (no decay flags set). A 1-D tensor is one row.
+    ``col_gain`` (float32, one per column of the row view, > 0; stored by the caller, rounded to
+    bfloat16 by :func:`column_gains`) codes ``τ_rj · a_j`` instead of ``τ_rj``: a column with gain
+    ``a_j > 1`` gets a finer step ``s_r / a_j`` (activation-aware steps, see :func:`column_gains`).
     """
     if kappa <= 0 or not math.isfinite(kappa):
         raise ValueError("kappa must be a positive finite number")
@@ -207,10 +214,15 @@ def quantize_delta(
     else:
         decay, c = torch.zeros(t2.shape[0], dtype=torch.bool), 0.0
     live = t2[~decay]
+    if col_gain is not None:
+        if col_gain.shape != (t2.shape[1],) or not bool((col_gain > 0).all()):
+            raise ValueError("col_gain must hold one positive value per column")
+        live = live * col_gain.to(torch.float32)[None, :]
     steps = bf16_round(row_rms(live) * kappa)
     codes = uniform_codes(live, steps, rounding, qmax)
     table = level_table(live, codes, steps, qmax)
-    return DeltaCode(tuple(tau.shape), decay, float(np.float32(c)), steps, codes, table)
+    return DeltaCode(tuple(tau.shape), decay, float(np.float32(c)), steps, codes, table,
+                     None if col_gain is None else col_gain.to(torch.float32).clone())
 
 
 def dequantize_delta(code: DeltaCode, base: torch.Tensor) -> torch.Tensor:
@@ -220,8 +232,24 @@ def dequantize_delta(code: DeltaCode, base: torch.Tensor) -> torch.Tensor:
     out[code.decay] = b2[code.decay] * torch.tensor(code.decay_scale, dtype=torch.float32)
     mag = code.codes.abs().to(torch.int64)
     vals = code.table[mag] * torch.sign(code.codes.to(torch.float32))
-    out[~code.decay] = vals * code.steps[:, None]
+    vals = vals * code.steps[:, None]
+    if code.col_gain is not None:
+        vals = vals / code.col_gain[None, :]
+    out[~code.decay] = vals
     return out.reshape(code.shape)
+
+
+def column_gains(power: torch.Tensor, clip: float = 8.0) -> torch.Tensor:
+    """Per-column gains ``a_j = (w_j / GM(w))^(1/2)`` from input powers ``w_j = E[x_j²]`` of a linear
+    layer, clipped to ``[1/clip, clip]`` and rounded to bfloat16 (they are stored).
+
+    Scaling column ``j`` of the code by ``a_j`` makes its step ``∝ w_j^(−1/2)``: the allocation that
+    minimises the output error ``E‖(W − Ŵ)x‖² = Σ_j w_j ‖e_j‖²`` at a given rate (reverse
+    water-filling with weights); the geometric-mean normalisation leaves the rate about unchanged.
+    """
+    w = power.to(torch.float64).clamp_min(1e-30)
+    a = (w / w.log().mean().exp()).sqrt().clamp(1.0 / clip, clip)
+    return bf16_round(a.to(torch.float32))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,6 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import torch
+
+from ..dtypes import DType, to_storage
+from .quantize import dequantize_rows
 
 TILE = 1 << 18  # elements combined at a time
 BITORDER = "little"
@@ -41,3 +45,11 @@ def rebuild_bits(out: np.ndarray, base: np.ndarray, mask: np.ndarray | None, vis
 def pack_mask(mask: np.ndarray) -> np.ndarray:
     """Packed bits (the kernel's and the archive's mask form) of a boolean array, along its last axis."""
     return np.packbits(mask, axis=-1, bitorder=BITORDER)
+
+
+def shared_bits(base: torch.Tensor, scales: np.ndarray, q: np.ndarray, rows: int, dtype: DType) -> np.ndarray:
+    """Bits of ``cast_d(θ₀ + s·q)``, the quantized form's merged weights of one row block
+    (``rows`` rows; one IEEE float32 product and sum per element, then one cast to ``dtype``):
+    what :func:`rebuild_bits` selects from where the mask is set."""
+    tau = dequantize_rows(torch.from_numpy(q).view(rows, -1), torch.from_numpy(scales)).reshape(-1)
+    return to_storage((base.to(torch.float32) + tau).to(dtype.torch))

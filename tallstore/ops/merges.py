@@ -4,6 +4,10 @@ A rule ``prepare``s the parameters it needs from whole-model passes (``run_pass(
 pure function to the ``(T, n)`` task-vector stack of every block and sums the results: the
 caller owns the I/O), then ``apply``s them to one block at a time. Parameters are JSON values
 recorded in the archive, so a reader recomputes any block with ``apply`` alone.
+
+Tasks whose block is bit-identical (a backbone several tasks left frozen, say) enter a merge
+once: otherwise the merge counts the same change twice and every one of them rebuilds as
+θ₀ + 2τ instead of exactly.
 """
 
 from __future__ import annotations
@@ -25,6 +29,16 @@ BlockFn = Callable[[torch.Tensor], Any]
 RunPass = Callable[[BlockFn], np.ndarray]
 
 
+def distinct(tau: torch.Tensor) -> list[int]:
+    """Indices of the first of each group of bit-identical rows of ``tau`` (in task order)."""
+    sums = tau.to(torch.float64).sum(dim=1).tolist()
+    out: list[int] = []
+    for t in range(tau.shape[0]):
+        if not any(sums[u] == sums[t] and torch.equal(tau[u], tau[t]) for u in out):
+            out.append(t)
+    return out
+
+
 @dataclass(frozen=True)
 class TaskArithmetic:
     """Task arithmetic as TALL uses it: ``τ_MTL = Σ_t τ_t``, unscaled; no parameters."""
@@ -35,7 +49,7 @@ class TaskArithmetic:
         return {}
 
     def apply(self, tau: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:
-        return task_sum(tau)
+        return task_sum(tau[distinct(tau)])
 
 
 @dataclass(frozen=True)
@@ -76,7 +90,7 @@ class Ties:
         for name, v in zip(names, threshold):
             if not math.isfinite(v):
                 raise PlanError(f"TIES threshold of task {name!r} is not finite (too many NaN/Inf weights)")
-        pos, neg = run_pass(partial(ties.trimmed_sign_counts, threshold=tuple(threshold)))
+        pos, neg = run_pass(partial(distinct_sign_counts, threshold=tuple(threshold)))
         return {
             "top": self.top,
             "threshold": threshold,
@@ -86,7 +100,15 @@ class Ties:
         }
 
     def apply(self, tau: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:
-        return ties.disjoint_sum(ties.trim(tau, params["threshold"]), params["majority_sign"])
+        keep = distinct(tau)
+        threshold = [params["threshold"][t] for t in keep]
+        return ties.disjoint_sum(ties.trim(tau[keep], threshold), params["majority_sign"])
+
+
+def distinct_sign_counts(tau: torch.Tensor, threshold: Sequence[float]) -> tuple[int, int]:
+    """TIES's elected-sign counts of a block, each group of identical tasks counted once."""
+    keep = distinct(tau)
+    return ties.trimmed_sign_counts(tau[keep], [threshold[t] for t in keep])
 
 
 RULES: dict[str, type[TaskArithmetic] | type[Ties]] = {"ta": TaskArithmetic, "ties": Ties}

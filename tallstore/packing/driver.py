@@ -14,6 +14,7 @@ import uuid
 import warnings
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -28,8 +29,8 @@ from .. import publishing
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..checkpoint.folder_files import FolderListing, list_folder
 from ..checkpoint.keymap import KeyMapReport
-from ..checkpoint.tasks import original_key, resolve_task
-from ..errors import OutputExistsError
+from ..checkpoint.tasks import TaskSource, original_key, resolve_task
+from ..errors import OutputExistsError, PackWarning
 from ..locations import absolute, is_url, local_path
 from ..storage import layout
 from ..storage.arrays import WRITE_ALL, create_masks, create_weights
@@ -52,15 +53,17 @@ from ..storage.manifest import (
     canonical,
 )
 from ..storage.stores import open_store
+from ..storage.streams import StreamWriter
 from ..version import VERSION
 from . import lam as lam_select
 from .dask_executor import DaskExecutor
+from .duplicates import identical_inputs, near_duplicates
 from .executors import Executor, ThreadExecutor
 from .inputs import InputSpec
 from .inputs import release as release_inputs
 from .mask_writer import MaskWriter
 from .options import PackOptions
-from .passes import nonfinite_keys, tau_pass
+from .passes import check_related, nonfinite_keys, tau_pass
 from .plan import Plan, check_task_names, make_plan
 from .results import PackState
 from .units import FileHash, MaskedBlock, PackSpec, SeparateTensor, StoreFile, release
@@ -88,32 +91,22 @@ def pack(
     run on ``executor``, else on the Dask ``client``'s workers, else on ``options.workers``
     threads. ``storage_options`` apply to every URL: the output's and the inputs'.
     """
-    names = list(tasks)
-    check_task_names(names)
-    lams = [] if options.selects_lam else options.lams(names)
+    check_task_names(list(tasks))
     selection: dict[str, Any] = {"method": "fixed"}
     target = Target(out, options.overwrite, storage_options)  # checks the output before any pre-pass
     with ExitStack() as stack:
-        # absolute, as the units open them: their file lists key the file hashes in _finish
-        base_ck = stack.enter_context(open_checkpoint(absolute(base), storage_options))
-        sources, task_cks, key_maps = [], [], []
-        for n in names:
-            source, ck, report = resolve_task(absolute(tasks[n]), base_ck, options.key_map, storage_options)
-            stack.enter_context(ck)
-            sources.append(source)
-            task_cks.append(ck)
-            key_maps.append(report)
+        c = _open_collection(base, tasks, options, storage_options, stack)
+        base_ck, names, sources, task_cks, key_maps, listings = c.base, c.names, c.sources, c.tasks, c.key_maps, c.listings
+        lams = c.lams
         ex = executor or _executor(client, options.workers)
-        listings = [list_folder(absolute(base), base_ck, storage_options, options.max_file_bytes)]
-        for source, ck in zip(sources, task_cks):
-            own = list_folder(source.location, ck, storage_options, options.max_file_bytes)
-            listings.append(_with_base_files(own, listings[0]) if source.adapter else own)
         plan = make_plan(base_ck, task_cks, names, options.block_elems, options.exact)
         inputs = InputSpec(
             token=uuid.uuid4().hex, base=absolute(base), tasks=tuple(sources),
             names=tuple(names), storage_options=storage_options, allow_nonfinite=options.allow_nonfinite,
         )
         try:
+            if not options.allow_unrelated_base:
+                check_related(ex, inputs, plan)
             if options.allow_nonfinite:
                 odd = nonfinite_keys(ex, inputs, plan)
                 if odd:
@@ -130,17 +123,19 @@ def pack(
             root = zarr.open_group(store, mode="w", zarr_format=3)
             manifest = Manifest(
                 tasks=tuple(names), lam=tuple(lams), merge=MergeRecord(options.rule.name, params),
-                block_elems=options.block_elems, mask=MaskLayout(plan.mask_nbytes, MASK_CHUNK_BYTES),
+                block_elems=options.block_elems,
+                mask=MaskLayout(0 if options.shared.quantized else plan.mask_nbytes, MASK_CHUNK_BYTES),
+                shared=options.shared,
                 base=BaseRecord(str(base) if is_url(base) else str(Path(base).resolve()), options.embed_base),
                 tensors=(), writer=f"tallstore {VERSION}",
                 created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), lam_selection=selection,
-                generation=uuid.uuid4().hex,
+                generation=uuid.uuid4().hex, aliases=c.aliases,
             )
             root.attrs[layout.ATTR] = manifest.to_json()
             spec = PackSpec(
                 token=uuid.uuid4().hex, inputs=inputs, store=target.location, storage_options=storage_options,
                 lams=tuple(lams), rule=options.rule, params=params, codecs=options.codecs,
-                embed_base=options.embed_base, block_elems=options.block_elems,
+                embed_base=options.embed_base, block_elems=options.block_elems, shared=options.shared,
             )
             try:
                 state = _run(spec, root, plan, base_ck, task_cks, listings, ex, progress, on_start)
@@ -148,6 +143,48 @@ def pack(
                 ex.broadcast(release, spec)
             _finish(root, spec, plan, manifest, state, base_ck, task_cks, listings, key_maps)
     return str(out)
+
+
+@dataclass
+class Collection:
+    """The opened inputs of a pack: the base, the distinct tasks (an input given twice is packed
+    once, the other name an alias), how each was read, their λ and their folders' other files."""
+
+    base: Checkpoint
+    names: list[str]
+    sources: list[TaskSource]
+    tasks: list[Checkpoint]
+    key_maps: list[KeyMapReport]
+    listings: list[FolderListing]
+    lams: list[float]
+    aliases: dict[str, str]
+
+
+def _open_collection(
+    base: str | os.PathLike[str], tasks: Mapping[str, str | os.PathLike[str]], options: PackOptions,
+    storage_options: dict[str, Any] | None, stack: ExitStack,
+) -> Collection:
+    """Open the base and every task (the caller's ``stack`` closes them), aliasing duplicates."""
+    names = list(tasks)
+    lams = [] if options.selects_lam else options.lams(names)
+    # absolute, as the units open them: their file lists key the file hashes in _finish
+    base_ck = stack.enter_context(open_checkpoint(absolute(base), storage_options))
+    sources, cks, key_maps = [], [], []
+    for n in names:
+        source, ck, report = resolve_task(absolute(tasks[n]), base_ck, options.key_map, storage_options)
+        stack.enter_context(ck)
+        sources.append(source)
+        cks.append(ck)
+        key_maps.append(report)
+    twins = identical_inputs(cks, storage_options)
+    aliases = {names[i]: names[j] for i, j in twins.items() if not lams or lams[i] == lams[j]}
+    keep = [i for i, n in enumerate(names) if n not in aliases]
+    listings = [list_folder(absolute(base), base_ck, storage_options, options.max_file_bytes)]
+    for i in keep:
+        own = list_folder(sources[i].location, cks[i], storage_options, options.max_file_bytes)
+        listings.append(_with_base_files(own, listings[0]) if sources[i].adapter else own)
+    return Collection(base_ck, [names[i] for i in keep], [sources[i] for i in keep], [cks[i] for i in keep],
+                      [key_maps[i] for i in keep], listings, [lams[i] for i in keep] if lams else [], aliases)
 
 
 def _executor(client: Any, workers: int) -> Executor:
@@ -227,16 +264,21 @@ def _run(
         root.create_group(g)
     for kp in plan.masked():
         chunk = chunk_elems(kp.info, plan.block_elems)
-        create_weights(root, layout.merged_path(kp.node), kp.info.numel, kp.info.dtype.storage, chunk, spec.codecs)
+        if not spec.shared.quantized:
+            create_weights(root, layout.merged_path(kp.node), kp.info.numel, kp.info.dtype.storage, chunk, spec.codecs)
         if spec.embed_base:
             bi = kp.base_info
             assert bi is not None
             create_weights(root, layout.base_path(kp.node), bi.numel, bi.dtype.storage, chunk, spec.codecs)
+    quantized = spec.shared.quantized
     mask_arrays = [
         create_masks(root, layout.mask_path(t), plan.mask_nbytes, MASK_CHUNK_BYTES, spec.codecs)
         for t in range(n_tasks)
-    ] if plan.mask_nbytes else []
-    state = PackState(plan, n_tasks, MaskWriter(mask_arrays, plan.mask_nbytes, MASK_CHUNK_BYTES))
+    ] if plan.mask_nbytes and not quantized else []
+    state = PackState(plan, n_tasks, MaskWriter(mask_arrays, plan.mask_nbytes if not quantized else 0, MASK_CHUNK_BYTES))
+    if quantized:
+        state.codes = StreamWriter(root, layout.SHARED_CODES)
+        state.mask_streams = [StreamWriter(root, layout.mask_path(t)) for t in range(n_tasks)]
     folder = sorted({f.location: f for listing in listings for f in listing.files}.values(), key=lambda f: f.location)
     for unit, result in executor.run([FileHash(f.location, spec.storage_options) for f in folder]):
         unit.absorb(result, state)
@@ -263,6 +305,7 @@ def _run(
         if progress and unit.weight:
             progress(unit.weight)
     state.writer.close()
+    state.close_streams()
     return state
 
 
@@ -296,8 +339,10 @@ def _finish(
     manifest with its digest and the completeness marker, last."""
     base_digests: dict[str, str] = {}
     entries = []
+    quantized = spec.shared.quantized
+    mask_block = 0
     for kp in plan.keys:
-        offset = crcs = None
+        offset = crcs = codes = first_block = None
         base_crcs: list[int] | None = None
         if kp.kind == layout.KIND_MASKED:
             base_digests[kp.key] = combine(s.base_blocks[kp.key])
@@ -305,9 +350,12 @@ def _finish(
             kind = layout.KIND_MASKED if kp.key in s.nonzero else layout.KIND_BASE
             if kind == layout.KIND_BASE:
                 del root[layout.merged_path(kp.node)]
+            elif quantized:
+                codes, first_block = tuple(s.code_segments[kp.key]), mask_block
+                mask_block += len(codes)
             else:
                 crcs = tuple(s.merged_crcs[kp.key])
-            offset = kp.mask_offset
+            offset = None if quantized else kp.mask_offset
         else:
             kind = layout.KIND_SEPARATE
             sep = s.separate[kp.key]
@@ -316,7 +364,7 @@ def _finish(
                 base_crcs = sep.base_crcs
         base_dtype = kp.base_info.dtype if kp.base_info is not None else None
         entries.append(TensorEntry(kp.key, kp.node, kind, kp.info.dtype, kp.info.shape, base_dtype, offset,
-                                   crcs, tuple(base_crcs) if base_crcs is not None else None))
+                                   crcs, tuple(base_crcs) if base_crcs is not None else None, codes, first_block))
     base_infos = {k: base_ck.info(k) for k in base_ck.keys}
     manifest = manifest.with_(
         tensors=tuple(entries), complete=True,
@@ -326,6 +374,11 @@ def _finish(
     )
     total_masked = sum(kp.info.numel for kp in plan.masked())
     sq_err, tau_sq = s.sq_err, s.tau_sq
+    base_norm = math.sqrt(s.base_sq) if s.block_sums else 0.0
+    errors = [float(math.sqrt(sq_err[t]) / math.sqrt(tau_sq[t])) if tau_sq[t] else 0.0 for t in range(len(task_cks))]
+    if s.block_sums:
+        for message in near_duplicates(s.gram, spec.inputs.names, errors):
+            warnings.warn(message, PackWarning, stacklevel=3)
     records = []
     for t, (name, ck) in enumerate(zip(spec.inputs.names, task_cks)):
         rows = []
@@ -344,9 +397,10 @@ def _finish(
         stats = TaskStats(
             masked_params=total_masked, mask_ones=int(s.ones[t]),
             mask_density=float(s.ones[t] / total_masked) if total_masked else 0.0, exact_bytes=exact_bytes,
-            rebuild_error=float(math.sqrt(sq_err[t]) / tau_norm) if tau_norm else 0.0, tau_norm=tau_norm,
+            rebuild_error=errors[t], tau_norm=tau_norm,
+            relative_change=tau_norm / base_norm if base_norm else None,
         )
-        mask_crcs = tuple(s.writer.crcs[t]) if plan.mask_nbytes else ()
+        mask_crcs = None if quantized else (tuple(s.writer.crcs[t]) if plan.mask_nbytes else ())
         listing = listings[t + 1]
         renames = {r.key: key for r, key in zip(rows, ck.keys) if r.key != key}
         source = spec.inputs.tasks[t]
@@ -354,7 +408,8 @@ def _finish(
         records.append(TaskRecord(name, manifest.lam[t], source.location, _files(ck, s), tuple(rows), stats,
                                   mask_crcs=mask_crcs, folder=_folder(listing, s), weights=_weights(ck),
                                   skipped=listing.skipped, renames=renames, key_map=key_map,
-                                  adapter=source.adapter).to_json())
+                                  adapter=source.adapter,
+                                  masks=tuple(s.mask_segments[t]) if quantized else None).to_json())
     for t, record in enumerate(records):
         root.create_group(layout.task_group(t), attributes={layout.ATTR: record})
     doc = manifest.to_json()

@@ -63,8 +63,8 @@ def check(lam: object, grid: Iterable[float], evaluate: Evaluate | None) -> tupl
     if len(set(values)) != len(values):
         raise PlanError(f"λ grid has repeated values: {list(values)}")
     for v in values:
-        if not math.isfinite(v) or v < 0:
-            raise PlanError(f"λ grid values must be finite numbers ≥ 0, got {v}")
+        if not math.isfinite(v) or not 0 <= v <= 1:
+            raise PlanError(f"λ grid values must be finite numbers between 0 and 1, got {v}")
     return values
 
 

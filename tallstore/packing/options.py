@@ -14,9 +14,12 @@ from ..errors import PlanError
 from ..ops import merges, ties
 from ..storage.codecs import Codecs, preset
 from ..storage.geometry import DEFAULT_BLOCK_ELEMS
+from ..storage.layout import FORM_QUANTIZED
+from ..storage.manifest import SharedForm
 from . import lam as lam_select
 
 DEFAULT_LAM = 0.4
+MAX_LAM = 1.0
 Lam = float | Mapping[str, float] | str
 
 
@@ -42,6 +45,10 @@ class PackOptions:
     codecs: Codecs | str = field(default_factory=Codecs)
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
     key_map: tuple[str, ...] = ()
+    allow_unrelated_base: bool = False
+    shared_bits: int | None = None
+    shared_method: str = "absmax"
+    shared: SharedForm = field(init=False)
     rule: merges.TaskArithmetic | merges.Ties = field(init=False)
 
     def __post_init__(self) -> None:
@@ -58,6 +65,14 @@ class PackOptions:
             raise PlanError(f"codecs must be 'fast', 'compact' or a Codecs value, got {self.codecs!r}")
         if isinstance(self.exact, str):
             set_(self, "exact", (self.exact,))
+        if self.shared_bits is None:
+            set_(self, "shared", SharedForm())
+        else:
+            if isinstance(self.shared_bits, bool) or self.shared_bits not in range(2, 9):
+                raise PlanError(f"shared_bits must be a whole number from 2 to 8, got {self.shared_bits!r}")
+            if self.shared_method not in ("absmax", "mse"):
+                raise PlanError(f"shared_method must be 'absmax' or 'mse', got {self.shared_method!r}")
+            set_(self, "shared", SharedForm(FORM_QUANTIZED, self.shared_bits, self.shared_method))
         set_(self, "key_map", tuple(self.key_map))
         parse_key_map(self.key_map)
         set_(self, "exact", tuple(self.exact))
@@ -92,6 +107,9 @@ def _lam(v: Any, task: str | None) -> float:
         value = float(v)
     except (TypeError, ValueError):
         raise PlanError(f"λ {who}must be a number, got {v!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise PlanError(f"λ {who}must be a finite number ≥ 0, got {value}")
+    if not math.isfinite(value) or not 0 <= value <= MAX_LAM:
+        raise PlanError(
+            f"λ {who}must be a finite number between 0 and {MAX_LAM:g}, got {value:g} (a weight is kept when the task's own change "
+            f"exceeds λ times what the other tasks add: above 1 almost nothing is kept; the paper searches 0.2–0.6)"
+        )
     return value

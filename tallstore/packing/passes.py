@@ -12,8 +12,10 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 
+from ..errors import PlanError
 from .executors import Executor
 from .inputs import Block, InputSpec
 from .plan import Plan
@@ -28,9 +30,10 @@ def _add(total: Any, part: Any) -> Any:
     return total + part
 
 
-def run_pass(executor: Executor, spec: InputSpec, plan: Plan, fn: Callable[[Block], Any]) -> Any:
-    """``Σ fn(block)`` over every masked row block, added in plan order (arrays, or tuples of them)."""
-    units = [BlockPass(spec, kp, i, fn) for kp in plan.masked() for i in range(len(kp.blocks))]
+def run_pass(executor: Executor, spec: InputSpec, plan: Plan, fn: Callable[[Block], Any], first_only: bool = False) -> Any:
+    """``Σ fn(block)`` over every masked row block (``first_only``: the first block of each masked
+    tensor, a cheap sample of the whole model), added in plan order (arrays, or tuples of them)."""
+    units = [BlockPass(spec, kp, i, fn) for kp in plan.masked() for i in range(1 if first_only else len(kp.blocks))]
     position = {id(u): j for j, u in enumerate(units)}
     pending: dict[int, Any] = {}
     total: Any = None
@@ -66,3 +69,32 @@ def nonfinite_keys(executor: Executor, spec: InputSpec, plan: Plan) -> set[str]:
     """
     units = [BlockPass(spec, kp, i, has_nonfinite) for kp in plan.masked() for i in range(len(kp.blocks))]
     return {unit.kp.key for unit, odd in executor.run(units) if odd}
+
+
+UNRELATED = 1.0
+
+
+def change_sums(block: Block) -> tuple[np.ndarray, np.ndarray]:
+    """Per task ``Σ τ_t²`` and ``Σ θ₀²`` (float64) of one block."""
+    return block.tau.to(torch.float64).square().sum(dim=1).numpy(), np.array([float(block.base.to(torch.float64).square().sum())])
+
+
+def check_related(executor: Executor, spec: InputSpec, plan: Plan) -> None:
+    """Refuse a base that no task looks fine-tuned from: on a sample of the model (the first block
+    of each masked tensor), every task's ``‖τ_t‖ / ‖θ₀‖`` above :data:`UNRELATED`. A fine-tune
+    moves its weights by a few percent of their norm; two unrelated models of one architecture
+    differ by about √2 times it (a randomly initialised base, a base of another pre-training)."""
+    if not plan.masked():
+        return
+    tau_sq, base_sq = run_pass(executor, spec, plan, change_sums, first_only=True)
+    if base_sq[0] <= 0:
+        return
+    with np.errstate(invalid="ignore"):  # NaN weights (allowed ones) give NaN, never a refusal
+        ratio = np.sqrt(tau_sq / base_sq[0])
+    if len(ratio) and bool((ratio > UNRELATED).all()):
+        figures = ", ".join(f"{n} {r:.2f}" for n, r in zip(spec.names, ratio))
+        raise PlanError(
+            f"every task differs from the base by more than {UNRELATED:g}× the base's own norm ({figures}; a fine-tune "
+            "typically moves by a few percent): is this the base they were fine-tuned from? "
+            "Pass --allow-unrelated-base / allow_unrelated_base=True to pack them anyway"
+        )

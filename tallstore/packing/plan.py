@@ -18,7 +18,8 @@ from ..storage import layout
 from ..storage.geometry import block_ranges
 from ..storage.names import encode
 
-TASK_NAME = re.compile(r"^[\w][\w.+\-]{0,127}$")
+TASK_NAME = re.compile(r"^\w[\w.+\-@:]*(/\w[\w.+\-@:]*)*$")
+MAX_NAME = 256
 MIN_SHARED = 0.5
 
 
@@ -54,15 +55,16 @@ class Plan:
 
 
 def check_task_names(names: list[str]) -> None:
-    """Task names must be non-empty word-like strings, unique (they are shown and typed)."""
+    """Task names are shown and typed: word-like strings, unique. The Hub's ``org/model`` form is
+    fine (a name is never a path: tasks are stored by index)."""
     if not names:
         raise PlanError("no tasks given: pass at least one --task NAME=PATH")
     seen: set[str] = set()
     for n in names:
-        if not isinstance(n, str) or not TASK_NAME.fullmatch(n):
+        if not isinstance(n, str) or len(n) > MAX_NAME or not TASK_NAME.fullmatch(n):
             raise PlanError(
-                f"invalid task name {n!r}: use letters, digits, '_', '.', '+', '-' "
-                "(not leading), at most 128 characters"
+                f"invalid task name {n!r}: use letters, digits and '_', '.', '+', '-', '@', ':' "
+                f"(not leading), '/' between parts as in org/model, at most {MAX_NAME} characters"
             )
         if n in seen:
             raise PlanError(f"duplicate task name {n!r}")

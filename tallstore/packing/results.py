@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..storage.streams import Segment, StreamWriter
 from .mask_writer import MaskWriter
 from .plan import KeyPlan, Plan
 
@@ -27,6 +28,10 @@ class BlockResult:
     sq_err: np.ndarray
     tau_sq: np.ndarray
     nonzero: bool
+    gram: np.ndarray
+    base_sq: float
+    code_segment: bytes | None = None
+    mask_segments: list[bytes] | None = None
 
 
 @dataclass
@@ -57,11 +62,22 @@ class PackState:
     nonzero: set[str] = field(default_factory=set)
     separate: dict[str, SeparateResult] = field(default_factory=dict)
     file_hashes: dict[str, str] = field(default_factory=dict)
-    block_sums: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    block_sums: dict[tuple[str, int], tuple[np.ndarray, ...]] = field(default_factory=dict)
+    codes: StreamWriter | None = None
+    mask_streams: list[StreamWriter] = field(default_factory=list)
+    code_segments: dict[str, list[Segment]] = field(default_factory=dict)
+    mask_segments: list[list[Segment]] = field(default_factory=list)
     ones: np.ndarray = field(init=False)
+    _order: dict[tuple[str, int], int] = field(init=False)
+    _waiting: dict[int, BlockResult] = field(init=False)
+    _next: int = 0
 
     def __post_init__(self) -> None:
         self.ones = np.zeros(self.n_tasks, np.int64)
+        self._order = {(kp.key, i): j for j, (kp, i) in enumerate((kp, i) for kp in self.plan.masked()
+                                                                  for i in range(len(kp.blocks)))}
+        self._waiting = {}
+        self.mask_segments = [[] for _ in range(self.n_tasks)]
         for kp in self.plan.masked():
             self.base_blocks[kp.key] = [b""] * len(kp.blocks)
             self.base_crcs[kp.key] = [0] * len(kp.blocks)
@@ -71,8 +87,13 @@ class PackState:
             self.task_crcs[kp.key] = [[0] * len(kp.blocks) for _ in range(self.n_tasks)]
 
     def add_block(self, kp: KeyPlan, r: BlockResult) -> None:
-        """Fold in one masked block's summary and hand its mask bytes to the writer."""
-        self.writer.put(kp.mask_offset + kp.blocks[r.index][0] * kp.info.row_numel // 8, r.mask_bytes)
+        """Fold in one masked block's summary and hand its mask bytes (or, quantized form, its
+        coded segments, in plan order) to the writers."""
+        if r.code_segment is not None:
+            self._waiting[self._order[r.key, r.index]] = r
+            self._append_ready()
+        else:
+            self.writer.put(kp.mask_offset + kp.blocks[r.index][0] * kp.info.row_numel // 8, r.mask_bytes)
         self.base_blocks[r.key][r.index] = r.base_digest
         self.base_crcs[r.key][r.index] = r.base_crc
         self.base_bits_crcs[r.key][r.index] = r.base_bits_crc
@@ -81,13 +102,36 @@ class PackState:
             self.task_blocks[r.key][t][r.index] = d
             self.task_crcs[r.key][t][r.index] = c
         self.ones += r.ones
-        self.block_sums[r.key, r.index] = (r.sq_err, r.tau_sq)
+        self.block_sums[r.key, r.index] = (r.sq_err, r.tau_sq, r.gram, np.array(r.base_sq))
         if r.nonzero:
             self.nonzero.add(r.key)
 
+    def _append_ready(self) -> None:
+        """Append the waiting segments that come next in plan order; memory holds only those
+        that wait for a block still running."""
+        assert self.codes is not None
+        while self._next in self._waiting:
+            r = self._waiting.pop(self._next)
+            assert r.code_segment is not None and r.mask_segments is not None
+            self.code_segments.setdefault(r.key, []).append(self.codes.append(r.code_segment))
+            for t, seg in enumerate(r.mask_segments):
+                self.mask_segments[t].append(self.mask_streams[t].append(seg))
+            self._next += 1
+
+    def close_streams(self) -> None:
+        """Check every block arrived, then finish the stream arrays."""
+        if self.codes is None:
+            return
+        if self._waiting or self._next != len(self._order):
+            raise RuntimeError(f"{len(self._order) - self._next} masked blocks never arrived")
+        self.codes.close()
+        for w in self.mask_streams:
+            w.close()
+
     def _ordered_sum(self, i: int) -> np.ndarray:
         """Float sums in a fixed block order, not completion order: packs are reproducible."""
-        return sum((self.block_sums[k][i] for k in sorted(self.block_sums)), np.zeros(self.n_tasks))
+        parts = [self.block_sums[k][i] for k in sorted(self.block_sums)]
+        return sum(parts[1:], parts[0].copy()) if parts else np.zeros(self.n_tasks)
 
     @property
     def sq_err(self) -> np.ndarray:
@@ -98,3 +142,13 @@ class PackState:
     def tau_sq(self) -> np.ndarray:
         """Per task, the squared norm of τ over every masked block."""
         return self._ordered_sum(1)
+
+    @property
+    def gram(self) -> np.ndarray:
+        """The ``(T, T)`` inner products of the task vectors over every masked block."""
+        return self._ordered_sum(2)
+
+    @property
+    def base_sq(self) -> float:
+        """The squared norm of the base over every masked block."""
+        return float(self._ordered_sum(3))

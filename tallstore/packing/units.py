@@ -28,14 +28,17 @@ from .. import dtypes
 from ..checkpoint import Checkpoint
 from ..checkpoint.opening import open_file
 from ..errors import CheckpointError
-from ..ops.kernel import pack_mask, rebuild_bits
+from ..ops.kernel import pack_mask, rebuild_bits, shared_bits
 from ..ops.masks import merged_weights, tall_masks
 from ..ops.merges import TaskArithmetic, Ties
+from ..ops.quantize import dequantize_rows, quantize_rows
 from ..storage import layout
 from ..storage.arrays import WRITE_ALL, create_file, create_weights
 from ..storage.codecs import Codecs
 from ..storage.digests import block_crc, block_digest
 from ..storage.geometry import block_ranges, chunk_elems
+from ..storage.manifest import SharedForm
+from ..storage.segments import encode_codes, mask_segment
 from ..storage.stores import open_store
 from .executors import PerProcess
 from .inputs import Block, InputSpec, check_finite, inputs, read_block
@@ -58,6 +61,7 @@ class PackSpec:
     codecs: Codecs
     embed_base: bool
     block_elems: int
+    shared: SharedForm
 
 
 @dataclass
@@ -114,12 +118,24 @@ class MaskedBlock:
         row = kp.info.row_numel
         blk = read_block(spec.inputs, kp, self.index)
         tau_mtl = spec.rule.apply(blk.tau, spec.params)
-        masks = tall_masks(blk.tau, tau_mtl, ctx.lam)
-        merged = merged_weights(blk.base, blk.tasks, blk.tau, tau_mtl)
         base_t = blk.base.to(blk.tasks.dtype)
         base_bits = dtypes.to_storage(base_t)
+        code_segment = mask_segments = None
+        if spec.shared.quantized:
+            q, scales = quantize_rows(tau_mtl.view(b - a, row), spec.shared.bits or 4, spec.shared.method or "absmax")
+            tau_hat = dequantize_rows(q, scales).reshape(-1)
+            q_flat = q.reshape(-1).numpy()
+            masks = tall_masks(blk.tau, tau_hat, ctx.lam) & torch.from_numpy(q_flat != 0)
+            merged_bits = shared_bits(blk.base, scales.numpy(), q_flat, b - a, kp.info.dtype)
+            merged = dtypes.from_storage(merged_bits, kp.info.dtype, (merged_bits.size,))
+            code_segment = encode_codes(scales.numpy(), q_flat)
+            mask_segments = [mask_segment(m, q_flat, row) for m in masks.numpy()]
+        else:
+            masks = tall_masks(blk.tau, tau_mtl, ctx.lam)
+            merged = merged_weights(blk.base, blk.tasks, blk.tau, tau_mtl)
         xor = dtypes.to_storage(merged) ^ base_bits
-        ctx.array(layout.merged_path(kp.node))[a * row : b * row] = xor
+        if not spec.shared.quantized:
+            ctx.array(layout.merged_path(kp.node))[a * row : b * row] = xor
         if spec.embed_base:
             ctx.array(layout.base_path(kp.node))[a * row : b * row] = dtypes.to_storage(blk.base)
         packed = pack_mask(masks.numpy())
@@ -148,7 +164,11 @@ class MaskedBlock:
             ones=np.array([np.count_nonzero(r) for r in masks.numpy()], dtype=np.int64),
             sq_err=sq_err,
             tau_sq=tau_sq,
-            nonzero=bool(xor.any()),
+            nonzero=bool(xor.any()) or spec.shared.quantized,
+            gram=(blk.tau @ blk.tau.T).to(torch.float64).numpy(),
+            base_sq=float(blk.base.to(torch.float64).square().sum()),
+            code_segment=code_segment,
+            mask_segments=mask_segments,
         )
 
     def absorb(self, result: BlockResult, state: PackState) -> None:

@@ -20,7 +20,7 @@ from ..checkpoint.writer import save
 from ..dtypes import TensorInfo
 from ..errors import TallstoreError
 from ..storage.stores import read_concurrency
-from . import loading, stats, summary
+from . import loading, models, stats, summary
 from .base_model import BaseHandle, EmbeddedBase, ExternalBase
 from .merging import MergedView
 from .source import ArchiveSource
@@ -75,17 +75,18 @@ class Archive(Mapping[str, "TaskView"]):
 
     @property
     def tasks(self) -> list[str]:
-        """Task names in pack order."""
-        return list(self._source.manifest.tasks)
+        """Task names in pack order, then the aliases of tasks given twice (stored once)."""
+        m = self._source.manifest
+        return [*m.tasks, *m.aliases]
 
     def __getitem__(self, task: str) -> TaskView:
-        return TaskView(self, self._source.index(task))
+        return TaskView(self, self._source.index(task), task)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.tasks)
 
     def __len__(self) -> int:
-        return len(self._source.manifest.tasks)
+        return len(self.tasks)
 
     def describe(self, *, sizes: bool = True) -> dict[str, Any]:
         """Everything ``tallstore info --json`` shows: format, merge, λ, base, tensors, tasks with
@@ -132,11 +133,11 @@ class Archive(Mapping[str, "TaskView"]):
 class TaskView(Mapping[str, torch.Tensor]):
     """One task of an archive as a lazy ``Mapping[str, Tensor]`` in the original key order."""
 
-    def __init__(self, archive: Archive, index: int) -> None:
+    def __init__(self, archive: Archive, index: int, name: str | None = None) -> None:
         self._source = archive._source
         self._archive = archive
         self.index = index
-        self.name = self._source.manifest.tasks[index]
+        self.name = name or self._source.manifest.tasks[index]
         self._rows = self._source.task(index).by_key
 
     def __iter__(self) -> Iterator[str]:
@@ -173,21 +174,27 @@ class TaskView(Mapping[str, torch.Tensor]):
         """Every tensor of the task, in the original key order, dtypes and shapes."""
         return self._load(list(self._rows))
 
-    def load_into(self, target: Mapping[str, torch.Tensor] | torch.nn.Module, *, strict: bool = True) -> None:
-        """Rebuild the task directly into existing tensors (a module's parameters and buffers, say).
+    def load_into(
+        self, target: Mapping[str, torch.Tensor] | torch.nn.Module, *, strict: bool = True, dtype: torch.dtype | None = None,
+    ) -> tuple[list[str], list[str]]:
+        """Rebuild the task straight into existing tensors (a module's parameters and buffers, say).
 
-        Like ``safetensors.torch.load_model``: ``target`` names preallocated tensors of the task's
-        dtypes and shapes, which are overwritten in place; contiguous CPU tensors receive the
-        decoded bits with no intermediate copy. ``strict``: the keys must be exactly the task's.
+        Like ``safetensors.torch.load_model``: returns ``(missing, unexpected)`` — the target's
+        names the task lacks (left as they were) and the task's names the target lacks; with
+        ``strict`` either is an error. Tensors are overwritten in place; contiguous CPU tensors of
+        the stored dtype receive the decoded bits with no intermediate copy. ``dtype`` casts
+        (targets must then have that dtype); a module's meta-device tensors are replaced by the
+        rebuilt ones.
         """
-        tensors = dict(target.state_dict(keep_vars=True) if isinstance(target, torch.nn.Module) else target)
-        missing = [k for k in self._rows if k not in tensors]
-        extra = [k for k in tensors if k not in self._rows]
-        if strict and (missing or extra):
-            raise KeyError(
+        module = target if isinstance(target, torch.nn.Module) else None
+        tensors = dict(module.state_dict(keep_vars=True) if module is not None else target)
+        missing = [k for k in tensors if k not in self._rows]
+        unexpected = [k for k in self._rows if k not in tensors]
+        if strict and (missing or unexpected):
+            raise TallstoreError(
                 f"target does not match task {self.name!r}: "
                 + "; ".join(f"{what}: {', '.join(ks[:5])}{' …' if len(ks) > 5 else ''}"
-                            for what, ks in (("missing", missing), ("unexpected", extra)) if ks)
+                            for what, ks in (("missing", missing), ("unexpected", unexpected)) if ks)
             )
         direct: dict[str, torch.Tensor] = {}
         staged: dict[str, torch.Tensor] = {}
@@ -195,19 +202,42 @@ class TaskView(Mapping[str, torch.Tensor]):
             if key not in self._rows:
                 continue
             info = self.info(key)
-            if t.dtype != info.dtype.torch or tuple(t.shape) != info.shape:
+            want = dtype or info.dtype.torch
+            if tuple(t.shape) != info.shape or t.dtype != want:
                 raise TallstoreError(
                     f"target tensor {key!r} is {t.dtype} {tuple(t.shape)}; task {self.name!r} stores "
-                    f"{info.dtype.torch} {info.shape}"
+                    f"{info.dtype.torch} {info.shape}" + (f" (to be cast to {dtype})" if dtype is not None else "")
                 )
             t = t.detach()
-            if t.device.type == "cpu" and t.is_contiguous():
+            if t.device.type == "cpu" and t.is_contiguous() and t.dtype == info.dtype.torch:
                 direct[key] = t.view(-1)
             else:
                 staged[key] = t
         loading.load(self._source, self._archive._base, self.index, direct)
+        assign = {}
         for key, got in self._load(list(staged)).items():
-            staged[key].copy_(got)
+            if staged[key].is_meta:
+                assign[key] = got.to(staged[key].dtype)
+            else:
+                staged[key].copy_(got)
+        if assign:
+            if module is None:
+                raise TallstoreError(f"target tensor {next(iter(assign))!r} is on the meta device: give a module or real tensors")
+            module.load_state_dict(assign, strict=False, assign=True)
+        return missing, unexpected
+
+    def to_model(self, model_class: str | type | None = None, *, dtype: torch.dtype | None = None, strict: bool = True) -> torch.nn.Module:
+        """The task as a ready transformers model, built from its archived ``config.json`` with no
+        random initialisation (see :func:`tallstore.reading.models.load_pretrained`)."""
+        return models.load_pretrained(self, model_class, dtype=dtype, strict=strict)
+
+    def tokenizer(self, **kwargs: Any) -> Any:
+        """The task's tokenizer, from its archived tokenizer files."""
+        return models.load_tokenizer(self, **kwargs)
+
+    def to_sentence_transformer(self, **kwargs: Any) -> Any:
+        """The task as a ``SentenceTransformer`` (packed from a sentence-transformers folder)."""
+        return models.load_sentence_transformer(self, **kwargs)
 
     def save(
         self, out: str | os.PathLike[str], *, overwrite: bool = False,

@@ -21,12 +21,13 @@ import torch
 
 from .. import dtypes
 from ..errors import CorruptArchiveError, TallstoreError
-from ..ops.kernel import TILE, rebuild_bits
+from ..ops.kernel import TILE, rebuild_bits, shared_bits
 from ..storage import layout
 from ..storage.chunks import BUFFERS, Batch, coalesce
 from ..storage.codecs import ArrayFormat
 from ..storage.geometry import block_ranges
 from ..storage.manifest import TaskRow, TensorEntry
+from ..storage.segments import decode_codes, decode_mask_segment
 from .base_model import EmbeddedBase, ExternalBase
 from .source import ArchiveSource
 
@@ -70,6 +71,8 @@ class Loader:
         self.block_elems = source.manifest.block_elems
         self.batch: Batch = source.reader.batch()
         self._mask: ArrayFormat | None = None
+        self._codes: ArrayFormat | None = None
+        self._stream: ArrayFormat | None = None
         self._mask_runs: list[tuple[int, int]] = []
         self._mask_bufs: list[np.ndarray] = []
         self._mask_errors: dict[int, Exception] = {}
@@ -102,6 +105,9 @@ class Loader:
             return [(0, lambda: self._check(w, 0, 0))]
         data = None
         reader = self.source.reader
+        quantized = self.source.manifest.shared.quantized
+        if w.row.source == layout.SOURCE_MASKED and quantized:
+            return self._plan_quantized(w, e, ranges)
         if w.row.source == layout.SOURCE_MASKED:
             data = reader.array(layout.merged_path(e.node), info.dtype.storage, info.numel, e.crcs)
             mask_ranges.append(e.mask_range)
@@ -144,8 +150,8 @@ class Loader:
                     if w.row.source == layout.SOURCE_MASKED:
                         assert e.mask_offset is not None
                         mask = self._mask_bytes(e.mask_offset + a * row // 8, out.size)
-                    with self._base_bits(w, e, a, b, base_arr) as base:
-                        rebuild_bits(out, base, mask, visit)
+                    with self._base_rows(w, e, a, b, base_arr) as base:
+                        rebuild_bits(out, dtypes.to_storage(base.to(w.row.dtype.torch)), mask, visit)
             except Exception as err:
                 if isinstance(err, TallstoreError) and not isinstance(err, CorruptArchiveError):
                     raise
@@ -155,12 +161,10 @@ class Loader:
         return job
 
     @contextmanager
-    def _base_bits(self, w: Wanted, e: TensorEntry, a: int, b: int, base_arr: ArrayFormat | None) -> Iterator[np.ndarray]:
-        """Rows ``a:b`` of the base tensor, cast to the task's dtype, as storage bits."""
-        task_dtype = w.row.dtype.torch
+    def _base_rows(self, w: Wanted, e: TensorEntry, a: int, b: int, base_arr: ArrayFormat | None) -> Iterator[torch.Tensor]:
+        """Rows ``a:b`` of the base tensor, flat, in the base's dtype (valid inside the block)."""
         if base_arr is None:
-            t = self.base.read(w.entry, a, b).reshape(-1)
-            yield dtypes.to_storage(t.to(task_dtype))
+            yield self.base.read(w.entry, a, b).reshape(-1)
             return
         info = e.base_info
         assert info is not None
@@ -168,7 +172,62 @@ class Loader:
         with BUFFERS.take(n * info.dtype.itemsize) as buf:
             raw = np.frombuffer(buf, info.dtype.storage)
             self.batch.read_range(base_arr, a * info.row_numel, raw)
-            yield dtypes.to_storage(dtypes.from_storage(raw, info.dtype, (n,)).to(task_dtype))
+            yield dtypes.from_storage(raw, info.dtype, (n,))
+
+    def _plan_quantized(self, w: Wanted, e: TensorEntry, ranges: list[tuple[int, int]]) -> list[tuple[int, Callable[[], None]]]:
+        """Plan a masked tensor of the quantized form: its code segments and this task's mask
+        segments, the embedded base's blocks."""
+        assert e.codes is not None and e.mask_block is not None
+        if self._codes is None:
+            self._codes = self.source.codes_array()
+            self._stream = self.source.mask_stream(self.task)
+        masks = self.source.task(self.task).masks
+        assert masks is not None and self._stream is not None
+        base_arr = self.base.array(e) if isinstance(self.base, EmbeddedBase) else None
+        row = w.row.info.row_numel
+        bits = dtypes.to_storage(w.out)
+        jobs = []
+        for i, (a, b) in enumerate(ranges):
+            code, mask = e.codes[i], masks[e.mask_block + i]
+            self.batch.add_range(self._codes, code[0], code[0] + code[1])
+            self.batch.add_range(self._stream, mask[0], mask[0] + mask[1])
+            if base_arr is not None:
+                self.batch.add_range(base_arr, a * row, b * row)
+            jobs.append(((b - a) * row, self._quantized_job(w, e, i, a, b, code, mask, base_arr, bits[a * row : b * row])))
+        return jobs
+
+    def _quantized_job(
+        self, w: Wanted, e: TensorEntry, i: int, a: int, b: int, code: tuple[int, int, int],
+        mask: tuple[int, int, int], base_arr: ArrayFormat | None, out: np.ndarray,
+    ) -> Callable[[], None]:
+        def job() -> None:
+            crc = 0
+
+            def visit(tile: np.ndarray) -> None:
+                nonlocal crc
+                crc = crc32c.crc32c(tile.view(np.uint8), crc)
+
+            try:
+                assert self._codes is not None and self._stream is not None
+                where = f"block {i} of {w.entry!r}"
+                raw = np.empty(code[1], np.uint8)
+                self.batch.read_range(self._codes, code[0], raw)
+                scales, q = decode_codes(raw, code[2], b - a, out.size, f"the shared codes of {where}")
+                raw = np.empty(mask[1], np.uint8)
+                self.batch.read_range(self._stream, mask[0], raw)
+                packed = decode_mask_segment(raw, mask[2], q, f"the mask of {where}")
+                with self._base_rows(w, e, a, b, base_arr) as base:
+                    shared = shared_bits(base, scales, q, b - a, w.row.dtype)
+                    base_bits = dtypes.to_storage(base.to(w.row.dtype.torch))
+                    np.bitwise_xor(shared, base_bits, out=out)
+                    rebuild_bits(out, base_bits, packed, visit)
+            except Exception as err:
+                if isinstance(err, TallstoreError) and not isinstance(err, CorruptArchiveError):
+                    raise
+                raise self._corrupt(w.row.key, err) from None
+            self._check(w, i, crc)
+
+        return job
 
     def _plan_masks(self, ranges: list[tuple[int, int]]) -> None:
         """Plan the task's mask bytes covering ``ranges``, decoded into one buffer per run."""

@@ -141,6 +141,16 @@ class ArchiveSource:
             self._tasks[index] = TaskRecord.from_json(attrs, self.manifest, index, self.location)
         return self._tasks[index]
 
+    def codes_array(self) -> ArrayFormat:
+        """Shared form ``quantized``: the ``shared/codes`` stream (its length: all code segments)."""
+        total = sum(seg[1] for e in self.manifest.tensors for seg in e.codes or ())
+        return self.reader.array(layout.SHARED_CODES, np.dtype(np.uint8), total)
+
+    def mask_stream(self, task: int) -> ArrayFormat:
+        """Shared form ``quantized``: task ``task``'s mask stream (its length: all its segments)."""
+        total = sum(seg[1] for seg in self.task(task).masks or ())
+        return self.reader.array(layout.mask_path(task), np.dtype(np.uint8), total)
+
     def read_file(self, f: FolderFile) -> bytes:
         """An archived non-weight file's bytes, checked against its recorded size and SHA-256."""
         arr = self.reader.array(layout.file_path(f.sha256), np.dtype(np.uint8), f.size)
@@ -152,9 +162,10 @@ class ArchiveSource:
     def index(self, task: str) -> int:
         """The index of task ``task``; a ``KeyError`` naming the tasks if there is none."""
         try:
-            return self.manifest.tasks.index(task)
+            return self.manifest.tasks.index(self.manifest.aliases.get(task, task))
         except ValueError:
-            raise KeyError(f"no task {task!r} in {self.location} (tasks: {', '.join(self.manifest.tasks)})") from None
+            names = [*self.manifest.tasks, *self.manifest.aliases]
+            raise KeyError(f"no task {task!r} in {self.location} (tasks: {', '.join(names)})") from None
 
     def close(self) -> None:
         """Release the archive's directory handle."""

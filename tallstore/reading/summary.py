@@ -22,6 +22,7 @@ def describe(source: ArchiveSource, *, sizes: bool = True) -> dict[str, Any]:
             "name": name, "lam": rec.lam, "source": rec.source, "files": [f.to_json() for f in rec.files],
             "raw_bytes": sum(f.size for f in rec.files) + sum(f.size for f in rec.folder), **rec.stats.to_json(),
             "folder": [f.to_json() for f in rec.folder], "skipped": list(rec.skipped),
+            "key_map": rec.key_map, "renames": rec.renames, "adapter": rec.adapter,
             "tensors": [{"key": r.key, "dtype": r.dtype.name, "shape": list(r.shape), "source": r.source,
                          "sha256": r.sha256} for r in rec.rows],
         })
@@ -32,6 +33,7 @@ def describe(source: ArchiveSource, *, sizes: bool = True) -> dict[str, Any]:
         "writer": m.writer,
         "merge": m.merge.to_json(),
         "lam": list(m.lam),
+        "aliases": dict(m.aliases),
         "lam_selection": m.lam_selection or {"method": "fixed"},
         "block_elems": m.block_elems,
         "base": {

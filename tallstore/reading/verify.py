@@ -37,8 +37,8 @@ from ..storage import layout
 from ..storage.chunks import BUFFERS, MAX_DOCUMENT, MissingObject
 from ..storage.codecs import ArrayFormat
 from ..storage.digests import block_digest, combine, fingerprint
-from ..storage.manifest import archive_digest
 from ..storage.geometry import block_ranges
+from ..storage.manifest import archive_digest
 from . import loading
 from .base_model import EmbeddedBase, ExternalBase
 from .source import ArchiveSource
@@ -168,18 +168,21 @@ def _own_document(source: ArchiveSource, path: str) -> Any:
 
 
 def _check_stored(source: ArchiveSource, report: VerifyReport) -> None:
-    """Structure, metadata agreement, chunk presence and chunk checksums of every array."""
-    groups: set[str] = {layout.task_group(t) for t in range(len(source.manifest.tasks))}
+    """Structure, metadata agreement, chunk presence and chunk checksums of every array, and every
+    group above them (and above the task groups and the manifest's copy) present and agreeing."""
+    task_groups = [layout.task_group(t) for t in range(len(source.manifest.tasks))]
+    groups = {g for path in task_groups for g in (*_ancestors(path), path)}
+    if source.manifest.version >= 2:
+        groups.update(_ancestors(layout.MANIFEST_COPY))
     checks: list[tuple[Expected, ArrayFormat]] = []
     for exp in expected_arrays(source, report):
         report.arrays += 1
+        groups.update(_ancestors(exp.path))
         try:
             arr = source.reader.array(exp.path, exp.storage, exp.numel, exp.crcs)
         except TallstoreError as e:
             report.problems.append(f"{source.location}: {exp.what}: {e}")
             continue
-        parts = exp.path.split("/")
-        groups.update("/".join(parts[:i]) for i in range(1, len(parts)))
         if source.nodes is not None and _own_document(source, exp.path) != source.nodes.get(exp.path):
             report.problems.append(f"{source.location}: {exp.path}/zarr.json is missing or disagrees with the consolidated metadata")
         checks.append((exp, arr))
@@ -188,8 +191,25 @@ def _check_stored(source: ArchiveSource, report: VerifyReport) -> None:
         own = _own_document(source, g)
         if not isinstance(own, dict) or own.get("node_type") != "group":
             report.problems.append(f"{source.location}: group {g}/zarr.json is missing or unreadable")
-        elif g.startswith("tasks/") and source.nodes is not None and own.get("attributes") != _attrs(source, g):
+        elif source.nodes is not None and (_bare(own) is None or _bare(own) != _bare(source.nodes.get(g))):
             report.problems.append(f"{source.location}: {g}/zarr.json disagrees with the consolidated metadata")
+
+
+def _ancestors(path: str) -> list[str]:
+    """The groups above node ``path`` (``a``, ``a/b`` for ``a/b/c``)."""
+    parts = path.split("/")
+    return ["/".join(parts[:i]) for i in range(1, len(parts))]
+
+
+_NO_CONSOLIDATED = {"kind": "inline", "must_understand": False, "metadata": {}}
+
+
+def _bare(doc: Any) -> dict[str, Any] | None:
+    """A group document without the empty ``consolidated_metadata`` Zarr adds to a group's
+    consolidated copy; None if it is not a document or holds another ``consolidated_metadata``."""
+    if not isinstance(doc, dict) or doc.get("consolidated_metadata", _NO_CONSOLIDATED) not in (_NO_CONSOLIDATED, None):
+        return None
+    return {k: v for k, v in doc.items() if k != "consolidated_metadata"}
 
 
 def _check_copy(source: ArchiveSource, report: VerifyReport) -> None:
@@ -204,6 +224,8 @@ def _check_copy(source: ArchiveSource, report: VerifyReport) -> None:
     if not (isinstance(shape, list) and len(shape) == 1 and isinstance(shape[0], int) and 0 < shape[0] <= MAX_DOCUMENT):
         report.problems.append(f"{where} is missing or unreadable")
         return
+    if source.nodes is not None and meta != source.nodes.get(layout.MANIFEST_COPY):
+        report.problems.append(f"{where}: its zarr.json disagrees with the consolidated metadata")
     try:
         arr = ArrayFormat.from_meta(meta, layout.MANIFEST_COPY, np.dtype(np.uint8), shape[0])
         report.chunks += arr.n_chunks
@@ -225,11 +247,6 @@ def _copy_holds(doc: Any, digest: str | None) -> bool:
         return False
 
 
-def _attrs(source: ArchiveSource, path: str) -> Any:
-    node = (source.nodes or {}).get(path)
-    return node.get("attributes") if isinstance(node, dict) else None
-
-
 def _check_chunks(source: ArchiveSource, checks: list[tuple[Expected, ArrayFormat]], report: VerifyReport) -> None:
     """Every chunk of every array present and decodable, ``READ_BATCH`` chunks a round; after
     ``ARRAY_PROBLEMS`` bad chunks of one array its remaining chunks are one more problem."""
@@ -248,11 +265,11 @@ def _check_chunks(source: ArchiveSource, checks: list[tuple[Expected, ArrayForma
 
     def check(item: tuple[Expected, ArrayFormat, int], batch: Any) -> str | None:
         exp, arr, i = item
-        with BUFFERS.take(arr.chunk_nbytes) as buf:
-            try:
+        try:
+            with BUFFERS.take(arr.chunk_nbytes) as buf:
                 batch.decode(arr, i, np.frombuffer(buf, np.uint8))
-            except TallstoreError as e:
-                return f"{source.location}: {exp.what}: chunk {arr.key(i)} {_why(e)}"
+        except TallstoreError as e:
+            return f"{source.location}: {exp.what}: chunk {arr.key(i)} {_why(e)}"
         return None
 
     pending = chunks()

@@ -4,9 +4,10 @@ An archive is untrusted input, so every stored object is read the same bounded w
 
 - **local** archives are read through a handle on the archive's root directory, opened once:
   each path component is opened with ``O_NOFOLLOW`` (a symlink anywhere inside the archive is
-  refused, nothing outside the root is reachable), the object must be a regular file (a FIFO or
-  a device is refused before any read, opened ``O_NONBLOCK`` so opening never blocks) no larger
-  than an honest encoding of its chunk. Holding the root handle also pins the archive's
+  refused, nothing outside the root is reachable), the object must be a regular file no larger
+  than an honest encoding of its chunk (a FIFO, a device or an oversized file is refused from its
+  ``lstat``, before it is opened; it is then opened ``O_NONBLOCK`` and checked again, should it
+  have been swapped). Holding the root handle also pins the archive's
   generation: replacing the archive at its path (``pack --force``) does not mix its files into a
   reader that opened the old one.
 - **remote** archives are read with one bounded range request per object, all of a read's

@@ -10,9 +10,9 @@ packed bits; zstd's btultra levels (16+) take them to within a few percent of th
 flat (1-D) array with a regular chunk grid, any chain of the Zarr v3 spec codecs ``bytes``,
 ``transpose``, ``blosc``, ``zstd``, ``gzip``, ``crc32c`` and ``sharding_indexed``, nothing else
 (nothing an archive names is ever unpickled or executed). Decoding is bounded: a chunk's
-decoded size is known from the metadata, every decompressor writes into a buffer of that size
-or refuses, and stored objects larger than any honest encoding of the chunk are refused
-before they are read.
+decoded size is known from the metadata (and no chunk is larger than its array, beyond
+``SLACK`` bytes), every decompressor writes into a buffer of that size or refuses, and stored
+objects larger than any honest encoding of the chunk are refused before they are read.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ SPEC_CODECS = frozenset({"bytes", "blosc", "zstd", "gzip", "crc32c", "transpose"
 COMPRESSORS = ("blosc", "zstd", "gzip")
 SLACK = 64 << 10
 MAX_CHUNKS = 1 << 23
-"""Chunks one array may have: more CRC-32C values (one per chunk) than a root document holds."""
+"""Chunks one array may have: a manifest records a CRC-32C per chunk, and a root document of
+``chunks.MAX_DOCUMENT`` bytes holds fewer than this many."""
 _BLOSC_HEADER = 16
 _ZSTD_MAGIC = 0xFD2FB528
 _EMPTY = (1 << 64) - 1

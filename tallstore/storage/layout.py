@@ -43,8 +43,15 @@ def task_group(task_index: int) -> str:
 
 
 def mask_path(task_index: int) -> str:
-    """One task's TALL mask bits for every masked tensor, concatenated (uint8)."""
+    """One task's TALL masks for every masked tensor: packed bits (shared form ``xor``) or a
+    stream of coded segments (form ``quantized``), uint8."""
     return f"masks/{task_index}"
+
+
+SHARED_CODES = "shared/codes"  # quantized form: per row block, its row scales and coded codes
+FORM_XOR = "xor"
+FORM_QUANTIZED = "quantized"
+FORMS = (FORM_XOR, FORM_QUANTIZED)
 
 
 def file_path(sha256: str) -> str:

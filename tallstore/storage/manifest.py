@@ -108,6 +108,19 @@ def _crc_list(v: Any, n: int) -> tuple[int, ...] | None:
     return tuple(v)
 
 
+def _segments(v: Any, n: int) -> tuple[tuple[int, int, int], ...] | None:
+    """``v`` as ``n`` stream segments ``[offset, length, crc32c]``, or None if it is not."""
+    if not isinstance(v, list) or len(v) != n:
+        return None
+    out = []
+    for seg in v:
+        if not (isinstance(seg, list) and len(seg) == 3 and _is_int(seg[0]) and _is_int(seg[1])
+                and _is_int(seg[2], 0, 0xFFFFFFFF)):
+            return None
+        out.append((seg[0], seg[1], seg[2]))
+    return tuple(out)
+
+
 def _n_blocks(info: TensorInfo, block_elems: int) -> int:
     """How many row blocks ``block_ranges`` cuts ``info`` into, counted without enumerating them."""
     return 1 if info.numel == 0 else -(-info.rows // block_rows(info, block_elems))
@@ -254,6 +267,8 @@ class TensorEntry:
     mask_offset: int | None = None
     crcs: tuple[int, ...] | None = None
     base_crcs: tuple[int, ...] | None = None
+    codes: tuple[tuple[int, int, int], ...] | None = None
+    mask_block: int | None = None
 
     @property
     def info(self) -> TensorInfo:
@@ -271,7 +286,9 @@ class TensorEntry:
         return self.mask_offset, self.mask_offset + (self.info.numel + 7) // 8
 
     @classmethod
-    def from_json(cls, e: Any, where: str, mask_nbytes: int, block_elems: int, version: int) -> TensorEntry:
+    def from_json(
+        cls, e: Any, where: str, mask_nbytes: int, block_elems: int, version: int, shared: SharedForm | None = None,
+    ) -> TensorEntry:
         if not isinstance(e, dict) or not isinstance(e.get("key"), str):
             raise Malformed(where, "a 'tensors' entry has no key")
         what = f"tensor {e['key']!r}"
@@ -291,17 +308,23 @@ class TensorEntry:
             raise Malformed(where, f"{what} has unknown kind {kind!r}")
         if kind != layout.KIND_SEPARATE and (base_dtype is None or not d.is_float):
             raise Malformed(where, f"{what} is {kind} but lacks a floating dtype and base_dtype")
+        quantized = shared is not None and shared.quantized
         offset = e.get("mask_offset")
-        if kind == layout.KIND_MASKED:
+        if kind == layout.KIND_MASKED and not quantized:
             n = TensorInfo(d, shape).numel
             if not _is_int(offset) or offset + (n + 7) // 8 > mask_nbytes:
                 raise Malformed(where, f"{what} has a mask_offset outside the masks")
         elif offset is not None and not _is_int(offset):
             raise Malformed(where, f"{what} has an invalid mask_offset")
-        crcs = base_crcs = None
+        crcs = base_crcs = codes = mask_block = None
         if version >= 2:
             blocks = _n_blocks(TensorInfo(d, shape), block_elems)
-            if kind == layout.KIND_MASKED:
+            if kind == layout.KIND_MASKED and quantized:
+                codes = _segments(e.get("codes"), blocks)
+                mask_block = e.get("mask_block")
+                if codes is None or not _is_int(mask_block):
+                    raise Malformed(where, f"{what} has no code segment per block or no mask_block")
+            elif kind == layout.KIND_MASKED:
                 crcs = _crc_list(e.get("crcs"), blocks)
                 if crcs is None:
                     raise Malformed(where, f"{what} has no CRC-32C per block of its merged array")
@@ -309,7 +332,7 @@ class TensorEntry:
                 base_crcs = _crc_list(e.get("base_crcs"), blocks)
                 if base_crcs is None:
                     raise Malformed(where, f"{what} has no CRC-32C per block of its base")
-        return cls(e["key"], e["node"], kind, d, shape, base_dtype, offset, crcs, base_crcs)
+        return cls(e["key"], e["node"], kind, d, shape, base_dtype, offset, crcs, base_crcs, codes, mask_block)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"key": self.key, "node": self.node, "dtype": self.dtype.name, "shape": list(self.shape),
@@ -322,6 +345,10 @@ class TensorEntry:
             out["crcs"] = list(self.crcs)
         if self.base_crcs is not None:
             out["base_crcs"] = list(self.base_crcs)
+        if self.codes is not None:
+            out["codes"] = [list(c) for c in self.codes]
+        if self.mask_block is not None:
+            out["mask_block"] = self.mask_block
         return out
 
 
@@ -413,6 +440,39 @@ class MergeRecord:
 
 
 @dataclass(frozen=True)
+class SharedForm:
+    """How the shared vector is stored (spec §2): ``xor`` (θ_MTL's bits XOR the base's, lossless)
+    or ``quantized`` (``bits``-bit codes per row with a float32 scale, entropy coded, and the
+    masks coded with contexts from the codes)."""
+
+    form: str = layout.FORM_XOR
+    bits: int | None = None
+    method: str | None = None
+
+    @classmethod
+    def from_json(cls, v: Any, where: str) -> SharedForm:
+        if v is None:
+            return cls()
+        bad = Malformed(where, "'shared' is not {form: xor} or {form: quantized, bits: 2..8, method}")
+        if not isinstance(v, dict) or v.get("form") not in layout.FORMS:
+            raise bad
+        if v["form"] == layout.FORM_XOR:
+            return cls()
+        if not _is_int(v.get("bits"), 2, 8) or v.get("method") not in ("absmax", "mse"):
+            raise bad
+        return cls(layout.FORM_QUANTIZED, v["bits"], v["method"])
+
+    @property
+    def quantized(self) -> bool:
+        return self.form == layout.FORM_QUANTIZED
+
+    def to_json(self) -> dict[str, Any]:
+        if not self.quantized:
+            return {"form": layout.FORM_XOR}
+        return {"form": self.form, "bits": self.bits, "method": self.method}
+
+
+@dataclass(frozen=True)
 class Manifest:
     """The root group's ``tallstore`` attribute: what the archive holds and how (spec §3)."""
 
@@ -430,11 +490,18 @@ class Manifest:
     version: int = layout.VERSION
     generation: str | None = None
     digest: str | None = None
+    shared: SharedForm = field(default_factory=SharedForm)
+    aliases: dict[str, str] = field(default_factory=dict)
 
     @cached_property
     def entries(self) -> dict[str, TensorEntry]:
         """Tensor entries by name."""
         return {e.key: e for e in self.tensors}
+
+    @cached_property
+    def mask_blocks(self) -> int:
+        """Quantized form: how many mask segments each task has (one per masked row block)."""
+        return sum(len(e.codes or ()) for e in self.tensors if e.kind == layout.KIND_MASKED)
 
     def with_(self, **changes: Any) -> Manifest:
         """A copy with some fields replaced."""
@@ -476,11 +543,12 @@ class Manifest:
         mask = MaskLayout.from_json(m["mask"], where)
         if not isinstance(m["tensors"], list):
             raise Malformed(where, "'tensors' is not a list")
+        shared = SharedForm.from_json(m.get("shared"), where) if version >= 2 else SharedForm()
         entries: dict[str, TensorEntry] = {}
         nodes: set[str] = set()
         total = 0
         for raw in m["tensors"]:
-            e = TensorEntry.from_json(raw, where, mask.nbytes, m["block_elems"], version)
+            e = TensorEntry.from_json(raw, where, mask.nbytes, m["block_elems"], version, shared)
             total += e.info.numel
             if total > MAX_ELEMENTS:
                 raise Malformed(where, f"'tensors' hold more than {MAX_ELEMENTS} elements in all")
@@ -490,11 +558,21 @@ class Manifest:
                 raise Malformed(where, f"tensor {e.key!r} has an unsafe or duplicate node name {e.node!r}")
             nodes.add(e.node)
             entries[e.key] = e
+        if shared.quantized:
+            at = 0
+            for e in entries.values():
+                if e.kind == layout.KIND_MASKED:
+                    if e.mask_block != at:
+                        raise Malformed(where, f"tensor {e.key!r} has mask_block {e.mask_block}, expected {at}")
+                    at += len(e.codes or ())
         base = BaseRecord.from_json(m["base"], where, entries)
         selection = m.get("lam_selection")
         if selection is not None and not isinstance(selection, dict):
             raise Malformed(where, "'lam_selection' is not an object")
         generation = digest = None
+        aliases = m.get("aliases", {}) if version >= 2 else {}
+        if (not _str_map(aliases) or any(a in tasks for a in aliases) or any(t not in tasks for t in aliases.values())):
+            raise Malformed(where, "'aliases' is not a map of new names to stored tasks")
         if version >= 2:
             generation, digest = m.get("generation"), m.get("digest")
             if not isinstance(generation, str) or not GENERATION.fullmatch(generation):
@@ -506,7 +584,8 @@ class Manifest:
             mask=mask, base=base, tensors=tuple(entries.values()), complete=True,
             writer=m.get("writer") if isinstance(m.get("writer"), str) else None,
             created=m.get("created") if isinstance(m.get("created"), str) else None,
-            lam_selection=selection, version=version, generation=generation, digest=digest,
+            lam_selection=selection, version=version, generation=generation, digest=digest, shared=shared,
+            aliases=dict(aliases),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -518,6 +597,10 @@ class Manifest:
         }
         if self.lam_selection is not None:
             out["lam_selection"] = self.lam_selection
+        if self.version >= 2:
+            out["shared"] = self.shared.to_json()
+        if self.aliases:
+            out["aliases"] = self.aliases
         if self.generation is not None:
             out["generation"] = self.generation
         if self.digest is not None:
@@ -568,10 +651,16 @@ class TaskStats:
     exact_bytes: int
     rebuild_error: float
     tau_norm: float
+    relative_change: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"masked_params": self.masked_params, "mask_ones": self.mask_ones, "mask_density": self.mask_density,
-                "exact_bytes": self.exact_bytes, "rebuild_error": self.rebuild_error, "tau_norm": self.tau_norm}
+        out: dict[str, Any] = {
+            "masked_params": self.masked_params, "mask_ones": self.mask_ones, "mask_density": self.mask_density,
+            "exact_bytes": self.exact_bytes, "rebuild_error": self.rebuild_error, "tau_norm": self.tau_norm,
+        }
+        if self.relative_change is not None:
+            out["relative_change"] = self.relative_change
+        return out
 
 
 @dataclass(frozen=True)
@@ -591,6 +680,7 @@ class TaskRecord:
     renames: dict[str, str] = field(default_factory=dict)
     key_map: str | None = None
     adapter: bool = False
+    masks: tuple[tuple[int, int, int], ...] | None = None
 
     def entry_key(self, key: str) -> str:
         """The manifest's name of the task's tensor ``key`` (the base's, when the task's own
@@ -642,10 +732,16 @@ class TaskRecord:
         adapter = attrs.get("adapter", False)
         if not isinstance(key_map, (str, type(None))) or not isinstance(adapter, bool):
             raise Malformed(where, f"{who}'s 'key_map' or 'adapter' is malformed")
-        if manifest.version >= 2:
+        masks = None
+        if manifest.version >= 2 and manifest.shared.quantized:
+            masks = _segments(attrs.get("masks"), manifest.mask_blocks)
+            if masks is None:
+                raise Malformed(where, f"{who} has no mask segment per masked block")
+        elif manifest.version >= 2:
             mask_crcs = _crc_list(attrs.get("mask_crcs"), manifest.mask.n_ranges)
             if mask_crcs is None:
                 raise Malformed(where, f"{who} has no CRC-32C per mask range")
+        if manifest.version >= 2:
             folder = _folder(attrs.get("folder", []), where, who)
             weights = WeightsLayout.from_json(attrs.get("weights"), len(rows), where, who)
             skipped_v = attrs.get("skipped", [])
@@ -653,7 +749,8 @@ class TaskRecord:
                 raise Malformed(where, f"{who}'s 'skipped' is not a list of safe paths")
             skipped = tuple(skipped_v)
         return cls(name, float(attrs["lam"]), str(attrs.get("source", "")), files, tuple(rows.values()),
-                   _stats(attrs["stats"], where, who), mask_crcs, folder, weights, skipped, dict(renames), key_map, adapter)
+                   _stats(attrs["stats"], where, who), mask_crcs, folder, weights, skipped, dict(renames), key_map, adapter,
+                   masks)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -674,6 +771,8 @@ class TaskRecord:
             out["key_map"] = self.key_map
         if self.adapter:
             out["adapter"] = True
+        if self.masks is not None:
+            out["masks"] = [list(seg) for seg in self.masks]
         return out
 
 
@@ -715,5 +814,6 @@ def _stats(v: dict[str, Any], where: str, who: str) -> TaskStats:
             raise Malformed(where, f"{who}'s stats.{name} is not a count")
         return int(x)
 
+    change = float(num("relative_change")) if "relative_change" in v else None
     return TaskStats(count("masked_params"), count("mask_ones"), float(num("mask_density")),
-                     count("exact_bytes"), float(num("rebuild_error")), float(num("tau_norm")))
+                     count("exact_bytes"), float(num("rebuild_error")), float(num("tau_norm")), change)
