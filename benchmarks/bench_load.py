@@ -22,12 +22,19 @@ default "fast", lz4hc weights, and "compact", zstd weights), each profile packin
 archives of the same collection; the default profile's keys are the names above, another
 profile's end in ``_<profile>`` (``tallstore_compact``...). ``profiles`` in the results records
 each profile's codec settings and key suffix; ``by_profile`` in a row its archive sizes and ratios.
+The quantized shared form (``tallstore.pack(..., shared_bits=4)``, issue #14) is one more profile,
+``q4`` (default codecs, keys ending in ``_q4``): the task is rebuilt from the entropy-coded 4-bit
+codes and its mask coded against them.
 
 Warm: one untimed call each, then ``repeats`` rounds in which every method of every profile runs
 once (side by side, so load on the machine hits all alike); the best time of each. Cold:
 ``cold_repeats`` rounds, each call preceded by evicting the files it reads (checkpoint, ZipNN
-file, archive, base) from the page cache (``POSIX_FADV_DONTNEED``); the median. Before timing,
-each profile's ``load_into`` is checked to give exactly the tensors of ``state_dict()``.
+file, archive, base) from the page cache (``POSIX_FADV_DONTNEED``); the median. Cold with the base
+cached (``cold_base_cached``, issue #14 target ≤ ×1.0 of safetensors): the same, except that the
+external base file is not evicted but read through (into the page cache, untimed) before each call:
+the checkpoint, the ZipNN file and the archive come from disk, the base from memory (the embedded
+variant's base is inside its archive and is read from disk). Before timing, each profile's
+``load_into`` is checked to give exactly the tensors of ``state_dict()``.
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ from .common import (
     evict,
     files_under,
     main_dtype,
+    quantized_profiles,
     synthetic,
     tree_bytes,
     zipnn_decompress,
@@ -62,6 +70,8 @@ from .common import (
 )
 
 NAME = "load"
+QUANTIZED_BITS = (4,)
+PHASES = ("warm", "cold", "cold_base_cached")
 BASELINES = ("safetensors", "safetensors_lazy", "zipnn")
 VARIANTS = ("tallstore", "tallstore_opened", "tallstore_embedded", "tallstore_state_dict")  # per codec profile
 SF_DTYPES = {
@@ -144,10 +154,19 @@ def check_load_into(coll: Collection, task: str, ext: Path, target: dict[str, to
         raise AssertionError(f"{ext.name}: load_into differs from state_dict() for {bad[:3] or 'the key set'}")
 
 
-def time_side_by_side(fns: Loads, repeats: int, cold_repeats: int) -> dict[str, dict[str, float]]:
-    """Warm (best of ``repeats`` rounds) and cold (median of ``cold_repeats``, if any) seconds per method."""
+def read_through(path: Path, block: int = 1 << 23) -> None:
+    """Read every byte of ``path`` (so that it is in the page cache)."""
+    with open(path, "rb", buffering=0) as f:
+        while f.read(block):
+            pass
+
+
+def time_side_by_side(fns: Loads, repeats: int, cold_repeats: int, base: Path | None = None) -> dict[str, dict[str, float]]:
+    """Warm (best of ``repeats`` rounds), cold (median of ``cold_repeats``, if any) and, given the external
+    ``base``, cold with that base in the page cache (median of ``cold_repeats``) seconds per method."""
     warm = {m: math.inf for m in fns}
     cold: dict[str, list[float]] = {m: [] for m in fns}
+    cold_base: dict[str, list[float]] = {m: [] for m in fns}
     for fn, _ in fns.values():
         fn()
     for _ in range(repeats):
@@ -161,7 +180,15 @@ def time_side_by_side(fns: Loads, repeats: int, cold_repeats: int) -> dict[str, 
             t = time.perf_counter()
             fn()
             cold[m].append(time.perf_counter() - t)
-    return {"warm": warm, "cold": {m: statistics.median(v) for m, v in cold.items() if v}}
+    for _ in range(cold_repeats if base is not None else 0):
+        for m, (fn, files) in fns.items():
+            evict([f for f in files if f != base])
+            read_through(base)
+            t = time.perf_counter()
+            fn()
+            cold_base[m].append(time.perf_counter() - t)
+    return {"warm": warm, "cold": {m: statistics.median(v) for m, v in cold.items() if v},
+            "cold_base_cached": {m: statistics.median(v) for m, v in cold_base.items() if v}}
 
 
 def measure(work: Path, coll: Collection, profiles: list[Profile], repeats: int, cold_repeats: int) -> dict[str, Any]:
@@ -172,7 +199,7 @@ def measure(work: Path, coll: Collection, profiles: list[Profile], repeats: int,
     target = empty_like_checkpoint(coll.tasks[task])
     for ext, _ in archives.values():
         check_load_into(coll, task, ext, target)
-    times = time_side_by_side(loaders(coll, task, znn, target, archives), repeats, cold_repeats)
+    times = time_side_by_side(loaders(coll, task, znn, target, archives), repeats, cold_repeats, coll.base)
     by_profile = {}
     for p, (ext, emb) in archives.items():
         by_profile[p.name] = {
@@ -206,8 +233,8 @@ def measure(work: Path, coll: Collection, profiles: list[Profile], repeats: int,
 def ratios(times: dict[str, dict[str, float]], suffix: str) -> dict[str, float | None]:
     """One profile's warm and cold tallstore load times ÷ safetensors' (and ÷ ZipNN's)."""
     out = {}
-    for ph in ("warm", "cold"):
-        t = times[ph]
+    for ph in PHASES:
+        t = times.get(ph, {})
         out[f"ratio_{ph}"] = _ratio(t, "tallstore" + suffix, "safetensors")
         out[f"ratio_{ph}_opened"] = _ratio(t, "tallstore_opened" + suffix, "safetensors")
         out[f"ratio_{ph}_embedded"] = _ratio(t, "tallstore_embedded" + suffix, "safetensors")
@@ -235,14 +262,16 @@ def collections(cfg: Config) -> list[Collection]:
 def run(cfg: Config) -> dict[str, Any]:
     """Measure every collection; JSON-ready results."""
     repeats, cold_repeats = (3, 1) if cfg.quick else (7, 3)
-    profiles = codec_profiles()
+    profiles = codec_profiles() + quantized_profiles(QUANTIZED_BITS)
     rows = []
     for coll in collections(cfg):
         rows.append(measure(cfg.work, coll, profiles, repeats, cold_repeats))
         r = rows[-1]
         w = r["warm"]
         each = ", ".join(f"{p.name} {w['tallstore' + p.suffix] * 1e3:.0f} ms (×{r['by_profile'][p.name]['ratio_warm']:.2f}, "
-                         f"cold ×{r['by_profile'][p.name]['ratio_cold'] or math.nan:.2f})" for p in profiles)
+                         f"open ×{r['by_profile'][p.name]['ratio_warm_opened']:.2f}, "
+                         f"cold ×{r['by_profile'][p.name]['ratio_cold'] or math.nan:.2f}, base cached "
+                         f"×{r['by_profile'][p.name]['ratio_cold_base_cached'] or math.nan:.2f})" for p in profiles)
         print(f"  {r['collection']}: safetensors {w['safetensors'] * 1e3:.0f} ms, ZipNN {w['zipnn'] * 1e3:.0f} ms warm; "
               f"tallstore {each}", flush=True)
     methods = [*BASELINES, *(v + p.suffix for v in VARIANTS for p in profiles)]

@@ -10,7 +10,7 @@ Measured side by side on one collection at a time (λ = ``common.LAM`` = 0.4, TA
 - ``tallstore_embedded``: the self-contained archive with the base inside;
 - ``bound_*``: the information bound of the same content: each mask at its entropy
   ``H(p_t) = −p log2 p − (1−p) log2(1−p)`` bits per masked parameter (``p_t`` = mask density), plus
-  the archive's own stored merged vector, exact per-task tensors (and embedded base);
+  the archive's own stored merged vector (or shared codes), exact per-task tensors (and embedded base);
 - ``paper_accounting``: the TALL paper's uncompressed count, θ₀ and τ_MTL at the tasks' width
   plus one bit per parameter per task: ``(2·w + T)·P`` bits.
 
@@ -20,7 +20,17 @@ weights), each profile packing its own archives of the same collection: the defa
 keys are the names above, another profile's end in ``_<profile>`` (``tallstore_embedded_compact``);
 ``profiles`` in the results records each profile's codec settings and key suffix, ``by_profile``
 in a row each profile's bytes by role. Masks always use zstd, so they are the same under every
-profile: ``masks_identical`` says whether their stored bytes are, file for file.
+lossless-form profile: ``masks_identical`` says whether their stored bytes are, file for file.
+
+The quantized shared form (``tallstore.pack(..., shared_bits=k)``, issue #14) is measured the same
+way as two more profiles, ``q4`` and ``q3`` (default codecs; keys end in ``_q4``, ``_q3``): τ_MTL
+stored as k-bit per-row codes, entropy coded in one stream ``shared/codes`` (role ``shared``), the
+masks entropy coded against those codes. Targets (reported, not asserted) at T = 20 fp32:
+≥ 40× smaller than the raw tasks with the base external, ≥ 14× embedded. ``by_profile`` also has,
+per profile, ``padding_external`` / ``padding_embedded``: bytes of zeros padding the last chunk of
+arrays stored without a compressor (the coded streams ``shared/codes`` and ``masks/<t>`` of the
+quantized form: Zarr stores every chunk at full size), by role, ``mask_bits_per_param`` (mean over
+tasks) and ``rebuild_error`` (mean of the tasks' pack-time ‖θ̂−θ‖/‖τ‖).
 
 Mask bits per parameter of task t = stored bytes of ``masks/<t>`` (chunks and array metadata)
 × 8 ÷ masked parameters (``stats.masked_params``), from the default profile's external archive.
@@ -29,10 +39,13 @@ Mask bits per parameter of task t = stored bytes of ``masks/<t>`` (chunks and ar
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 import tallstore
@@ -44,6 +57,7 @@ from .common import (
     Profile,
     codec_profiles,
     entropy_bits,
+    quantized_profiles,
     synthetic,
     tree_bytes,
     zipnn_file,
@@ -53,20 +67,48 @@ from .common import (
 
 NAME = "size"
 DTYPE_BITS = {"float32": 32, "bfloat16": 16, "float16": 16}
+QUANTIZED_BITS = (4, 3)
+
+
+def role_of(rel: tuple[str, ...]) -> str:
+    """The role of a folder of an archive (its path parts): merged, base, exact, extra, shared,
+    masks/<t> or metadata."""
+    if len(rel) >= 3 and rel[0] == "tensors" and rel[2] in ("merged", "base", "exact", "extra"):
+        return rel[2]
+    if len(rel) >= 2 and rel[0] == "masks":
+        return f"masks/{rel[1]}"
+    if len(rel) >= 2 and rel[0] == "shared":
+        return "shared"
+    return "metadata"
 
 
 def parts(path: Path) -> dict[str, int]:
-    """Stored bytes of an archive by role: merged, base, exact, masks/<t>, metadata."""
+    """Stored bytes of an archive by role: merged (form ``xor``) or shared (the quantized codes),
+    base, exact, extra, masks/<t>, metadata."""
     out: dict[str, int] = {}
     for d, _, files in os.walk(path):
-        rel = Path(d).relative_to(path).parts
-        if len(rel) >= 3 and rel[0] == "tensors" and rel[2] in ("merged", "base", "exact"):
-            role = rel[2]
-        elif len(rel) >= 2 and rel[0] == "masks":
-            role = f"masks/{rel[1]}"
-        else:
-            role = "metadata"
+        role = role_of(Path(d).relative_to(path).parts)
         out[role] = out.get(role, 0) + sum(os.path.getsize(os.path.join(d, f)) for f in files)
+    return out
+
+
+def padding(path: Path) -> dict[str, int]:
+    """Bytes of zero padding, by role, in the stored chunks of the arrays of ``path`` that have no
+    compressor (codecs ``bytes`` and ``crc32c`` only): stored chunk bytes − 4 per chunk (the CRC) −
+    the array's own bytes. Zarr stores an uncompressed edge chunk at the full chunk size."""
+    out: dict[str, int] = {}
+    for meta in path.rglob("zarr.json"):
+        m = json.loads(meta.read_text())
+        if m.get("node_type") != "array" or any(c["name"] not in ("bytes", "crc32c") for c in m["codecs"]):
+            continue
+        chunks = [f for f in (meta.parent / "c").rglob("*") if f.is_file()] if (meta.parent / "c").is_dir() else []
+        if not chunks:
+            continue
+        crc = 4 * len(chunks) if any(c["name"] == "crc32c" for c in m["codecs"]) else 0
+        logical = math.prod(m["shape"]) * np.dtype(m["data_type"]).itemsize
+        pad = sum(f.stat().st_size for f in chunks) - crc - logical
+        role = role_of(meta.parent.relative_to(path).parts)
+        out[role] = out.get(role, 0) + max(pad, 0)
     return out
 
 
@@ -83,9 +125,17 @@ def measure(work: Path, coll: Collection, profiles: list[Profile]) -> dict[str, 
     default = profiles[0]
     ext = archives[default][0]
     arc = tallstore.open(ext, base=coll.base)
-    by_profile = {p.name: {"parts_external": parts(e), "parts_embedded": parts(m)} for p, (e, m) in archives.items()}
+    by_profile = {p.name: {"parts_external": parts(e), "parts_embedded": parts(m), "padding_external": padding(e),
+                           "padding_embedded": padding(m)} for p, (e, m) in archives.items()}
     p_ext = by_profile[default.name]["parts_external"]
     T = len(coll.tasks)
+    for p, (e, _) in archives.items():
+        facts_p = tallstore.open(e, base=coll.base).describe(sizes=False)["tasks"]
+        pe = by_profile[p.name]["parts_external"]
+        bits = [pe[f"masks/{t}"] * 8 / st["masked_params"] for t, st in enumerate(facts_p) if f"masks/{t}" in pe]
+        errors = [st["rebuild_error"] for st in facts_p if st.get("rebuild_error") is not None]
+        by_profile[p.name] |= {"mask_bits_per_param": sum(bits) / len(bits) if bits else None,
+                               "rebuild_error": sum(errors) / len(errors) if errors else None}
     tasks = []
     facts = arc.describe(sizes=False)
     for t, name in enumerate(arc.tasks):
@@ -99,7 +149,7 @@ def measure(work: Path, coll: Collection, profiles: list[Profile]) -> dict[str, 
             "masked_params": st["masked_params"], "rebuild_error": st["rebuild_error"],
         })
     mask_bound = sum(r["entropy_bits"] * r["masked_params"] / 8 for r in tasks)
-    masks = [mask_digests(e) for e, _ in archives.values()]
+    masks = [mask_digests(e) for p, (e, _) in archives.items() if not p.quantized]
     sizes = {
         "raw": coll.raw_bytes,
         "zstd": sum(zstd_bytes(f) for f in coll.tasks.values()),
@@ -107,7 +157,7 @@ def measure(work: Path, coll: Collection, profiles: list[Profile]) -> dict[str, 
     }
     for prof, (e, m) in archives.items():
         pe, pm = by_profile[prof.name]["parts_external"], by_profile[prof.name]["parts_embedded"]
-        bound_ext = mask_bound + pe.get("merged", 0) + pe.get("exact", 0)
+        bound_ext = mask_bound + sum(pe.get(k, 0) for k in ("merged", "shared", "exact", "extra"))
         sizes |= {
             "tallstore_external" + prof.suffix: tree_bytes(e),
             "tallstore_external_plus_base" + prof.suffix: tree_bytes(e) + coll.base.stat().st_size,
@@ -137,7 +187,7 @@ def collections(cfg: Config) -> list[Collection]:
 
 def run(cfg: Config) -> dict[str, Any]:
     """Measure every collection; JSON-ready results."""
-    profiles = codec_profiles()
+    profiles = codec_profiles() + quantized_profiles(QUANTIZED_BITS)
     rows = []
     for coll in collections(cfg):
         rows.append(measure(cfg.work, coll, profiles))

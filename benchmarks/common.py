@@ -22,7 +22,7 @@ import torch
 
 import tallstore
 
-from .synthetic import write_collection
+from .synthetic import write_collection, write_sparse_collection
 
 if TYPE_CHECKING:
     from .zoo import Zoo
@@ -110,6 +110,18 @@ def synthetic(work: Path, params_m: float, n_tasks: int, dtype: torch.dtype) -> 
                       base, tasks, d, param_count(base))
 
 
+def synthetic_sparse(work: Path, hidden: int, n_layers: int, vocab: int, n_tasks: int, dtype: torch.dtype,
+                     large: float = 0.08) -> Collection:
+    """A generated ``bert_shaped`` collection whose task vectors have a fraction ``large`` of large
+    entries (``synthetic.sparse_fine_tune``; cached under ``work/inputs``)."""
+    base, tasks = write_sparse_collection(work / "inputs", hidden, n_layers, vocab, n_tasks, dtype, large)
+    d = dtype_name(dtype)
+    params = param_count(base)
+    return Collection(f"sparse-h{hidden}-l{n_layers}-v{vocab}-{d}-T{n_tasks}",
+                      f"sparse synthetic {params / 1e6:.0f}M (hidden {hidden}, {n_layers} layers, vocab {vocab}) "
+                      f"{d}, T={n_tasks}", base, tasks, d, params)
+
+
 def zoo_collection(quick: bool, tasks: list[str] | None = None) -> tuple[Collection, Zoo]:
     """The real MiniLM collection of ``benchmarks.zoo`` (built or reused from its cache)."""
     from .zoo import build_zoo  # imports transformers: only where the zoo is used
@@ -139,26 +151,38 @@ def archive(work: Path, coll: Collection, embed_base: bool = False, name: str = 
 
 @dataclass(frozen=True)
 class Profile:
-    """A weight codec profile of ``tallstore.storage.codecs.PRESETS``, as the benchmarks pack it."""
+    """A weight codec profile of ``tallstore.storage.codecs.PRESETS``, as the benchmarks pack it, or
+    (``shared_bits`` set) the quantized shared form ``tallstore.pack(..., shared_bits=k)`` with the
+    library's default codecs."""
 
-    name: str  # the preset's name ("fast", "compact")
+    name: str  # the preset's name ("fast", "compact"), or "q4" for a quantized form
     codecs: Any  # its ``tallstore.storage.codecs.Codecs``
-    default: bool  # equal to the library's default ``Codecs()``: packed without a ``codecs=`` argument
+    default: bool  # equal to the library's default ``Codecs()``, lossless shared form: packed with no options
+    shared_bits: int | None = None  # the quantized shared form at this many bits (None: the lossless ``xor`` form)
 
     @property
     def suffix(self) -> str:
         """What this profile's result keys end with: nothing for the default (keys keep their old names)."""
         return "" if self.default else f"_{self.name}"
 
+    @property
+    def quantized(self) -> bool:
+        """Whether archives of this profile store τ_MTL quantized (form ``quantized``)."""
+        return self.shared_bits is not None
+
     def archive(self, work: Path, coll: Collection, embed_base: bool = False) -> Path:
         """``coll`` packed with this profile's codecs (the default one under the unsuffixed archive name)."""
         if self.default:
             return archive(work, coll, embed_base=embed_base)
+        if self.quantized:
+            return archive(work, coll, embed_base=embed_base, name=self.name, shared_bits=self.shared_bits)
         return archive(work, coll, embed_base=embed_base, name=self.name, codecs=self.codecs)
 
     def record(self) -> dict[str, Any]:
-        """JSON-ready: the codec settings, whether they are the default, the result keys' suffix."""
-        return {**dataclasses.asdict(self.codecs), "default": self.default, "suffix": self.suffix}
+        """JSON-ready: the codec settings, whether they are the default, the result keys' suffix, the
+        shared form (``xor``, or ``quantized`` with its bits)."""
+        return {**dataclasses.asdict(self.codecs), "default": self.default, "suffix": self.suffix,
+                "form": "quantized" if self.quantized else "xor", "shared_bits": self.shared_bits}
 
 
 def codec_profiles() -> list[Profile]:
@@ -170,6 +194,13 @@ def codec_profiles() -> list[Profile]:
     if not any(p.default for p in profiles):
         profiles.append(Profile("default", default, True))
     return sorted(profiles, key=lambda p: not p.default)
+
+
+def quantized_profiles(bits: Iterable[int] = (4,)) -> list[Profile]:
+    """The quantized shared form at each of ``bits`` (default codecs), named ``q<bits>``."""
+    from tallstore.storage.codecs import Codecs
+
+    return [Profile(f"q{b}", Codecs(), False, b) for b in bits]
 
 
 def dtype_name(dtype: torch.dtype) -> str:

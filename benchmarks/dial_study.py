@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from tallstore.ops import dial
+from benchmarks import dial_ops as dial
 from tallstore.ops.quantize import dequantize_rows, quantize_rows, row_view
 from tallstore.storage import entropy
 
@@ -156,14 +156,30 @@ def flag_bytes(flags: torch.Tensor) -> int:
     return len(entropy.encode_bits(bits, np.ones(bits.size, np.uint8)))
 
 
-def delta_bytes(code: dial.DeltaCode) -> dict[str, int]:
+DITHER_CONTEXTS = 8  # dithered codes are coded in this many streams, by ⌊(u + 1/2)·8⌋
+
+
+def dithered_code_bytes(code: dial.DeltaCode, contexts: int = DITHER_CONTEXTS) -> int:
+    """Bytes of dithered codes coded as ``contexts`` symbol streams split by the dither's bin
+    (the reader regenerates u, so it knows which stream each position reads), each stream with a
+    varint length prefix (counted as 3 bytes)."""
+    if contexts <= 1 or code.codes.numel() == 0:
+        return symbol_bytes(code.codes)
+    rows = code.decay.numel()
+    u = dial.dither(code.dither_stream, int(np.prod(code.shape))).reshape(rows, -1)[~code.decay]
+    ctx = dial.dither_context(u, contexts).reshape(-1)
+    flat = code.codes.reshape(-1)
+    return sum(symbol_bytes(flat[ctx == i]) + 3 for i in range(contexts))
+
+
+def delta_bytes(code: dial.DeltaCode, step_mode: str = "row") -> dict[str, int]:
     """Bytes one tensor's ``DeltaCode`` stores, by part."""
     rows = code.decay.numel()
-    levels = int(code.codes.abs().max()) if code.codes.numel() else 0
+    levels = int(code.codes.abs().max()) if code.codes.numel() and code.dither_stream is None else 0
     any_decay = bool(code.decay.any())
     return {
-        "codes": symbol_bytes(code.codes),
-        "steps": 2 * int(code.steps.numel()),  # bfloat16 per coded row
+        "codes": symbol_bytes(code.codes) if code.dither_stream is None else dithered_code_bytes(code),
+        "steps": 2 * int(code.steps.numel()) if step_mode == "row" else 2,  # bfloat16 per coded row / tensor
         "flags": flag_bytes(code.decay) if rows > 1 and any_decay else (1 if rows > 1 else 0),
         "decay_scale": 4 if any_decay else 0,
         "table": 4 * levels,  # v[1..max |c|] float32 (v[0] = 0 implicit)
@@ -199,34 +215,123 @@ GROUPS: dict[str, Callable[[str], bool]] = {
 }
 
 
+def input_powers(st: Study, task: str, source: str = "synthetic", n_seq: int = 64, length: int = 48,
+                 seed: int = 0) -> dict[str, torch.Tensor]:
+    """E[x_j²] of the input of every linear layer of the task's fine-tuned encoder (key of its weight).
+
+    ``synthetic``: ``n_seq`` sequences of ``length`` tokens drawn uniformly (seeded) from the rows of
+    the word embedding that the task moved (its non-decay rows: the vocabulary its training saw),
+    between [CLS] and [SEP]; no data set is read. ``val``: the task's validation inputs (an oracle
+    for how much a calibration could give; a packer only has ``evaluate``). Cached on disk.
+    """
+    path = st.cache_dir / f"powers-{source}-{task}.pt"
+    if path.is_file():
+        return torch.load(path)
+    enc = st.zoo._get_encoder()
+    with torch.inference_mode():
+        enc.load_state_dict(st.finetuned_encoder(task), strict=True)
+    if source == "synthetic":
+        k = "embeddings.word_embeddings.weight"
+        decay, _ = dial.decay_rows(st.taus[task][k], st.base[k])
+        seen = torch.nonzero(~decay).flatten()
+        g = torch.Generator().manual_seed(seed)
+        ids = seen[torch.randint(len(seen), (n_seq, length), generator=g)]
+        ids[:, 0], ids[:, -1] = 101, 102
+        mask = torch.ones_like(ids)
+    else:
+        data = st.zoo._get_split(task, "val")
+        ids, mask = data["input_ids"], data["attention_mask"]
+    sums: dict[str, torch.Tensor] = {}
+    count = [0.0]
+    hooks = []
+    cur = {}
+    for name, mod in enc.named_modules():
+        if isinstance(mod, torch.nn.Linear) and not name.startswith("pooler"):
+            def hook(m: torch.nn.Module, inp: tuple, out: torch.Tensor, name: str = name) -> None:
+                x = inp[0].double()
+                mm = cur["mask"].unsqueeze(-1).double()
+                sums[name] = sums.get(name, 0) + (x * x * mm).sum((0, 1))
+            hooks.append(mod.register_forward_hook(hook))
+    with torch.inference_mode():
+        for start in range(0, len(ids), 32):
+            m = mask[start : start + 32]
+            width = int(m.sum(1).max())
+            cur["mask"] = m[:, :width]
+            enc(input_ids=ids[start : start + 32, :width], attention_mask=m[:, :width])
+            count[0] += float(m.sum())
+    for h in hooks:
+        h.remove()
+    out = {f"{n}.weight": (v / count[0]).float() for n, v in sums.items()}
+    torch.save(out, path)
+    return out
+
+
+# Step multipliers per tensor group, from the κ = 2 validation ablation (flips per group ∝ live
+# parameters at the optimum: κ_g ∝ sqrt(n_g / flips_g)); see DIAL_NOTES.md.
+GROUP_MULT = {"word": 2.0, "postype": 0.25, "qk": 1.5, "v": 1.25, "attnout": 1.0, "ffnin": 1.25, "ffnout": 1.0}
+
+
+def group_of(key: str) -> str | None:
+    for g in ("word", "postype", "qk", "v", "attnout", "ffnin", "ffnout"):
+        if GROUPS[g](key):
+            return g
+    return None
+
+
 def delta_rep(st: Study, kappa: float | Callable[[str], float | None], rounding: float = 0.5, qmax: int = 127,
-              exact_1d: bool = True, skip_decay: bool = True, tag: str = "") -> Rep:
+              exact_1d: bool = True, skip_decay: bool = True, tag: str = "", groups: bool = False,
+              calib: str | None = None, clip: float = 8.0, dither: bool = False,
+              kappa_1d: float | None = None, step_mode: str = "row") -> Rep:
     """(c) per-task uniform delta code, step κ·rms(row), centroid reconstruction; 1-D tensors exact.
 
     ``kappa`` may be a function of the tensor name (None: that tensor exact, for ablations)."""
     if not callable(kappa) and not tag:
         tag = f"delta-k{kappa:g}"
-    kfun = kappa if callable(kappa) else (lambda k, _v=kappa: _v)
-    name = tag + ("" if rounding == 0.5 else f"-r{rounding:g}") + \
-        ("" if exact_1d else "-q1d") + ("" if skip_decay else "-nodecay") + ("" if qmax == 127 else f"-q{qmax}")
+    kfun0 = kappa if callable(kappa) else (lambda k, _v=kappa: _v)
+    if groups:
+        def kfun(k: str) -> float | None:
+            v = kfun0(k)
+            g = group_of(k)
+            return None if v is None else v * (GROUP_MULT[g] if g else 1.0)
+    else:
+        kfun = kfun0
+    if kappa_1d is not None:
+        exact_1d = False
+    name = tag + ("-dith" if dither else "") + ("-grp" if groups else "") + ("" if calib is None else f"-aw{calib}") + \
+        ("" if kappa_1d is None else f"-1d{kappa_1d:g}") + ("" if step_mode == "row" else f"-{step_mode}step") + \
+        ("" if clip == 8.0 else f"c{clip:g}") + ("" if rounding == 0.5 else f"-r{rounding:g}") + \
+        ("" if exact_1d or kappa_1d is not None else "-q1d") + ("" if skip_decay else "-nodecay") + \
+        ("" if qmax == 127 else f"-q{qmax}")
     sizes = st.sizes.get(name)
     counting = sizes is None
     recon: dict[str, StateDict] = {}
+    powers: dict[str, dict[str, torch.Tensor]] = {}
 
     def code_task(t: str) -> tuple[StateDict, dict[str, int]]:
         out, parts = {}, {"codes": 0, "steps": 0, "flags": 0, "decay_scale": 0, "table": 0, "header": 0, "exact": 0}
         for k in st.keys:
             tau, b = st.taus[t][k], st.base[k]
             kap = kfun(k)
+            if kappa_1d is not None and tau.dim() == 1:
+                kap = kappa_1d
             if (exact_1d and tau.dim() == 1) or kap is None:
                 out[k] = b + tau
                 parts["exact"] += 4 * tau.numel() + HEADER_BYTES
                 continue
-            code = dial.quantize_delta(tau, b, kap, rounding, qmax, skip_decay)
+            gain = None
+            if calib is not None and t not in powers:
+                powers[t] = input_powers(st, t, calib)
+            if calib is not None and k in powers[t]:
+                gain = dial.column_gains(powers[t][k], clip)
+            stream = dial.tensor_seed(st.tasks.index(t), k) if dither else None
+            code = dial.quantize_delta(tau, b, kap, rounding, qmax, skip_decay, col_gain=gain,
+                                       dither_stream=stream, step_mode=step_mode)
             out[k] = b + dial.dequantize_delta(code, b)
             if counting:
-                for p, v in delta_bytes(code).items():
+                for p, v in delta_bytes(code, step_mode).items():
                     parts[p] += v
+                if gain is not None:
+                    parts["gains"] = parts.get("gains", 0) + 2 * gain.numel()
         return out, parts
 
     if sizes is None:
@@ -373,6 +478,54 @@ def tall_rep(st: Study, lam: float, bits: int | None = 4, exact_1d: bool = False
                {"shared_parts": sh.parts})
 
 
+def probe_rep(st: Study, name: str, fn: Callable[[str, str, torch.Tensor], torch.Tensor]) -> Rep:
+    """An error-type probe (not a storable representation): τ̂ = fn(task, key, τ) on 2-D tensors."""
+    def rebuild(t: str) -> StateDict:
+        return {k: st.base[k] + (fn(t, k, v) if v.dim() == 2 else v) for k, v in st.taus[t].items()}
+    return Rep(name, 0, dict.fromkeys(st.tasks, 0), {}, rebuild)
+
+
+def _gauss_like(v: torch.Tensor, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(v.shape, generator=g, dtype=torch.float32)
+
+
+def error_probes(st: Study, rel: float = 0.4) -> list[Rep]:
+    """Four error types of one relative L2 size ``rel`` (per row, decay rows untouched)."""
+    def live(k: str, t: str, v: torch.Tensor) -> torch.Tensor:
+        return ~dial.decay_rows(row_view(v), row_view(st.base[k]))[0]
+
+    def shrink(t: str, k: str, v: torch.Tensor) -> torch.Tensor:
+        return v * (1 - rel)
+
+    def noise(t: str, k: str, v: torch.Tensor) -> torch.Tensor:
+        r = row_view(v)
+        n = _gauss_like(r, 1 + st.keys.index(k))
+        n = n * (dial.row_rms(r) * rel)[:, None]
+        n[~live(k, t, v)] = 0
+        return (r + n).reshape(v.shape)
+
+    def other(t: str, k: str, v: torch.Tensor) -> torch.Tensor:  # another task's vector, row-scaled
+        o = row_view(st.taus[st.tasks[(st.tasks.index(t) + 1) % len(st.tasks)]][k])
+        r = row_view(v)
+        scale = dial.row_rms(r) * rel / dial.row_rms(o).clamp_min(1e-30)
+        add = o * scale[:, None]
+        add[~live(k, t, v)] = 0
+        return (r + add).reshape(v.shape)
+
+    def prune(t: str, k: str, v: torch.Tensor) -> torch.Tensor:  # zero the smallest entries per row
+        r = row_view(v)
+        srt = r.abs().sort(dim=1).values
+        cum = (srt.double() ** 2).cumsum(1) / (srt.double() ** 2).sum(1, keepdim=True).clamp_min(1e-300)
+        cut = (cum <= rel * rel).sum(1)  # entries below this rank are zeroed
+        thr = srt.gather(1, (cut - 1).clamp_min(0)[:, None])
+        thr[cut == 0] = -1.0
+        return torch.where(r.abs() > thr, r, 0.0).reshape(v.shape)
+
+    return [probe_rep(st, f"probe-{n}-{rel:g}", f) for n, f in
+            (("shrink", shrink), ("noise", noise), ("other", other), ("prune", prune))]
+
+
 # ----------------------------------------------------------------------------------------------
 # Reporting
 
@@ -438,6 +591,27 @@ def main(argv: list[str] | None = None) -> None:
     if "delta" in only:
         for kappa in (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0):
             out[f"delta-k{kappa:g}"] = run_rep(st, delta_rep(st, kappa))
+    if "tall" in only:
+        for lam in (0.2, 0.3, 0.4, 0.5, 0.6):
+            out[f"tall-i4-l{lam:g}"] = run_rep(st, tall_rep(st, lam, 4))
+    if "alloc" in only:  # design evidence: validation only
+        for kappa in (1.5, 2.0):
+            run_rep(st, delta_rep(st, kappa, groups=True), ("val",))
+            run_rep(st, delta_rep(st, kappa, calib="synthetic"), ("val",))
+            run_rep(st, delta_rep(st, kappa, groups=True, calib="synthetic"), ("val",))
+            run_rep(st, delta_rep(st, kappa, calib="val"), ("val",))
+    if "grp" in only:
+        for kappa in (1.0, 1.25, 1.5, 2.0, 2.5):
+            out[f"delta-k{kappa:g}-grp"] = run_rep(st, delta_rep(st, kappa, groups=True))
+    if "probe" in only:
+        for rep in error_probes(st, 0.4):
+            run_rep(st, rep, ("val",))
+    if "noise" in only:
+        for rel in (0.8, 1.2, 2.0):
+            run_rep(st, error_probes(st, rel)[1], ("val",))
+    if "dith" in only:
+        for kappa in (1.5, 2.0, 3.0, 4.0, 5.0, 1.0, 6.0, 8.0, 11.0, 16.0):
+            out[f"delta-k{kappa:g}-dith"] = run_rep(st, delta_rep(st, kappa, dither=True))
     if "ablate" in only:  # design evidence: validation only
         for g, sel in GROUPS.items():
             run_rep(st, delta_rep(st, lambda k, _s=sel: 2.0 if _s(k) else None, tag=f"abl-k2-{g}"), ("val",))

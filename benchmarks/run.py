@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import bench_core, bench_fidelity, bench_load, bench_pack, bench_rate, bench_size, report
+from . import bench_bitflips, bench_core, bench_fidelity, bench_load, bench_pack, bench_rate, bench_size, report
 from .common import RESULTS, WORK, Config, load_average, machine, now
 
 
@@ -40,6 +40,7 @@ MODULES: dict[str, Callable[[Config], dict[str, Any]]] = {
     bench_core.NAME: bench_core.run,
     bench_pack.NAME: bench_pack.run,
     "remote": run_remote,
+    bench_bitflips.NAME: bench_bitflips.run,
 }
 
 

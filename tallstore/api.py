@@ -10,7 +10,13 @@ from .checkpoint.folder_files import DEFAULT_MAX_FILE_BYTES
 from .ops.ties import DEFAULT_TOP
 from .packing import driver
 from .packing.lam import DEFAULT_GRID, Evaluate
-from .packing.options import DEFAULT_LAM, Lam, PackOptions
+from .packing.options import (
+    DEFAULT_FIDELITY_GRID,
+    DEFAULT_FIDELITY_TARGET,
+    DEFAULT_LAM,
+    Lam,
+    PackOptions,
+)
 from .reading.archive import Archive, open
 from .storage.codecs import Codecs
 from .storage.geometry import DEFAULT_BLOCK_ELEMS
@@ -36,6 +42,13 @@ def pack(
     codecs: Codecs | str = "fast",
     key_map: Iterable[str] = (),
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    shared_bits: int | None = None,
+    shared_method: str = "absmax",
+    lossless: bool = False,
+    max_rebuild_error: float | None = None,
+    fidelity: str = "tall",
+    fidelity_grid: Iterable[float] = DEFAULT_FIDELITY_GRID,
+    fidelity_target: float = DEFAULT_FIDELITY_TARGET,
     storage_options: dict[str, Any] | None = None,
     progress: Callable[[int], None] | None = None,
     client: Any = None,
@@ -57,6 +70,18 @@ def pack(
       to the base (a consistent prefix difference such as ``bert.`` is found without them); a
       PEFT LoRA folder given as a task is merged into the base as it is read;
     - ``max_file_bytes``: the largest non-weight file of an input folder that is archived;
+    - ``shared_bits``: store τ_MTL quantized to this many bits (2–8, per-row ``shared_method``
+      scales) with entropy-coded masks, instead of exactly;
+    - ``lossless``: store every task exactly (bit for bit), each tensor XOR the base's; no masks;
+    - ``max_rebuild_error``: store exactly each task whose relative rebuild error
+      ``‖θ̂_t − θ_t‖ / ‖τ_t‖`` would exceed this (measured before packing), the rest as TALL;
+    - ``fidelity``: ``"tall"`` (the paper's masks, the default), ``"compact"``, ``"balanced"`` or
+      ``"high"`` (each task delta-coded on its own with a dithered step of κ = 6, 3 or 1 times
+      each row's RMS change: smaller than TALL and closer to the fine-tunes; see the README's
+      table), ``"lossless"`` (the same as ``lossless=True``), or ``"auto"``: per task the coarsest
+      step of ``fidelity_grid`` whose model scores at least ``fidelity_target`` (a fraction) of the
+      fine-tune's own score under ``evaluate(task_name, state_dict)`` — the model then stored —,
+      else the task is stored exactly; every score is recorded in the archive (``info --json``);
     - ``storage_options``: fsspec options for every URL (output and inputs);
     - ``progress``: called with the input bytes processed as the pack goes.
     """
@@ -65,6 +90,8 @@ def pack(
         exact=tuple(exact), overwrite=overwrite, allow_nonfinite=allow_nonfinite,
         allow_unrelated_base=allow_unrelated_base, block_elems=block_elems,
         workers=workers, codecs=codecs, key_map=tuple(key_map), max_file_bytes=max_file_bytes,
+        shared_bits=shared_bits, shared_method=shared_method, lossless=lossless, max_rebuild_error=max_rebuild_error,
+        fidelity=fidelity, fidelity_grid=tuple(fidelity_grid), fidelity_target=fidelity_target,
     )
     loc = driver.pack(out, base, tasks, options, storage_options=storage_options, progress=progress, client=client)
     return open(loc, base=base, storage_options=storage_options)

@@ -14,31 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import Collection, make_base
+from conftest import Cli, Collection, make_base
 from safetensors.torch import load_file, save_file
 
 import tallstore
-from tallstore.cli import main
-
-Cli = Callable[..., tuple[int, str, str]]
-
-
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Cli:
-    """``cli("pack", ...)`` → (exit code, stdout, stderr) of ``tallstore pack ...``."""
-
-    def run(*args: object) -> tuple[int, str, str]:
-        capsys.readouterr()
-        monkeypatch.setattr(sys, "argv", ["tallstore", *map(str, args)])
-        try:
-            main()
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
 
 
 def assert_user_error(result: tuple[int, str, str], *fragments: str) -> str:

@@ -183,9 +183,11 @@ def test_merge_works_with_an_embedded_base_and_no_inputs(tmp_path: Path) -> None
         ("ties", {}, "packed with --merge ties"),
         ("average", {}, "unknown merge method"),
         ("ta", {"k": 2}, "consensus merging only"),
-        ("consensus", {"k": -1}, "integer ≥ 0"),
-        ("consensus", {"k": 1.5}, "integer ≥ 0"),
+        ("consensus", {"k": -1}, "whole number from 0 to"),
+        ("consensus", {"k": 1.5}, "whole number from 0 to"),
+        ("consensus", {"k": 10}, "whole number from 0 to"),
         ("consensus", {"alpha": float("inf")}, "finite"),
+        ("consensus", {"alpha": -3}, "≥ 0"),
         ("consensus", {"alpha": "big"}, "must be a number"),
     ],
 )

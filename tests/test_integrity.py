@@ -312,3 +312,21 @@ def test_chunk_count_matches_the_files_on_disk(packed: Packed) -> None:
     report = tallstore.open(packed.location).verify()
     chunk_files = [p for p in packed.files if Packed.is_chunk(p)]
     assert report.chunks == len(chunk_files) and os.path.isdir(packed.location)
+
+
+def test_deep_verify_hashes_archived_files_so_a_replaced_file_with_a_valid_chunk_crc_is_found(tmp_path: Path) -> None:
+    import crc32c
+    from numcodecs import Zstd
+
+    base = {"w": torch.randn(8, 8, generator=torch.Generator().manual_seed(0))}
+    (tmp_path / "base").mkdir()
+    save_file(base, tmp_path / "base" / "model.safetensors")
+    (tmp_path / "base" / "config.json").write_text('{"model_type": "bert"}')
+    save_file({"w": base["w"] + 0.01}, tmp_path / "t.safetensors")
+    arc = tallstore.pack(tmp_path / "a.tall", tmp_path / "base", {"t": tmp_path / "t.safetensors"})
+    (chunk,) = (p for p in (tmp_path / "a.tall" / "files").rglob("c/0"))
+    body = bytes(Zstd().encode(b'{"model_type": "gpt2"}'))  # same length, a valid frame and chunk CRC
+    chunk.write_bytes(body + crc32c.crc32c(body).to_bytes(4, "little"))
+    assert arc.verify().ok
+    problems = arc.verify(deep=True).problems
+    assert len(problems) == 1 and "config.json" in problems[0] and "SHA-256" in problems[0]

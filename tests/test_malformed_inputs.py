@@ -314,9 +314,17 @@ def test_shape_and_dtype_conflicts_between_tasks_are_stored_or_refused(
     if outcome == "ok":
         got = read_all(work / "arc")["t1"]
         sd = load_file(work / "t1.safetensors")
-        assert same_layout(got, sd) and (key not in sd or same_bits({key: got[key]}, {key: sd[key]}))
+        assert same_layout(got, sd)
+        if key in sd and not masked(work / "arc", key):  # masked (mixed dtype, grown rows) rebuilds approximately
+            assert same_bits({key: got[key]}, {key: sd[key]})
     else:
         assert outcome == "PlanError" and not (work / "arc").exists()
+
+
+def masked(arc: Path, key: str) -> bool:
+    """Whether the archive stores ``key`` masked (rebuilt from the shared vector, approximately)."""
+    tensors = json.loads((arc / "zarr.json").read_text())["attributes"]["tallstore"]["tensors"]
+    return any(t["key"] == key and t["kind"] == "masked" for t in tensors)
 
 
 @cases(250)

@@ -272,14 +272,15 @@ def test_an_embedded_fp32_base_rebuilds_bf16_tasks_like_the_external_one(tmp_pat
         assert_bitwise(got, ext[n].state_dict())
 
 
-def test_tasks_disagreeing_on_a_dtype_get_exact_copies(tmp_path: Path) -> None:
+def test_tasks_disagreeing_on_a_float_dtype_are_masked_in_float32_and_rebuilt_each_in_its_own(tmp_path: Path) -> None:
     base = {"w": torch.randn(8, 8), "v": torch.randn(16)}
-    a = {"w": (base["w"] + 0.1).to(torch.bfloat16), "v": base["v"] + 0.1}
-    b = {"w": base["w"] - 0.1, "v": base["v"] - 0.1}
+    a = {"w": (base["w"] + 0.1 * torch.randn(8, 8)).to(torch.bfloat16), "v": base["v"] + 0.1}
+    b = {"w": base["w"] - 0.1 * torch.randn(8, 8), "v": base["v"] - 0.1}
     arc = pack_dicts(tmp_path, base, {"a": a, "b": b})
-    assert entry(arc, "w")["kind"] == "separate" and entry(arc, "v")["kind"] == "masked"
-    assert_bitwise({"w": arc["a"]["w"]}, {"w": a["w"]})
-    assert_bitwise({"w": arc["b"]["w"]}, {"w": b["w"]})
+    assert (entry(arc, "w")["kind"], entry(arc, "w")["dtype"]) == ("masked", "float32")
+    want = reference_rebuild(base["w"], [a["w"].float(), b["w"]], [0.4, 0.4])  # bf16 values are exact in float32
+    assert_bitwise({"w": arc["a"]["w"]}, {"w": want[0].to(torch.bfloat16)})  # rounded once, to the task's dtype
+    assert_bitwise({"w": arc["b"]["w"]}, {"w": want[1]})
 
 
 def test_bf16_tasks_of_an_fp32_base_rebuild_in_bf16(tmp_path: Path) -> None:

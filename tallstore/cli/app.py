@@ -9,6 +9,7 @@ import typer
 from rich.text import Text
 
 from ..errors import TallstoreError
+from ..storage.chunks import out_of_memory
 from ..text import printable
 
 app = typer.Typer(
@@ -53,7 +54,9 @@ def run() -> None:
         raise SystemExit(_one_line(e)) from None
     except typer.Abort:
         raise SystemExit(1) from None
-    except Exception as e:  # click usage errors carry their own formatting
+    except Exception as e:  # not enough memory, a click usage error (its own formatting), or a defect
+        if out_of_memory(e):  # an archive's sizes (within its limits) larger than this machine's memory
+            raise SystemExit(_one_line(f"not enough memory ({type(e).__name__}: {e})")) from None
         # matched by name: newer typers raise those of their own vendored copy of click
         if any(c.__name__ == "ClickException" for c in type(e).__mro__):
             e.show()  # type: ignore[attr-defined]

@@ -37,11 +37,33 @@ def render(d: dict[str, Any]) -> None:
     c.print(plain(f"base: {'embedded' if base['embedded'] else base['location']}  {base['fingerprint']}"))
     if d.get("weight_codec"):
         c.print(plain(f"weights compressed with {d['weight_codec']}"))
-    t = Table("task", "λ", "mask density", "rebuild error", "exact MB", "raw MB")
+    shared = d.get("shared", {"form": "xor"})
+    if shared["form"] == "quantized":
+        c.print(plain(f"shared vector: quantized to {shared['bits']} bits per weight ({shared['method']} row scales), "
+                      "masks entropy coded"))
+    t = Table("task", "stored as", "λ", "mask density", "rebuild error", "exact MB", "raw MB")
     for task in d["tasks"]:
-        t.add_row(plain(task["name"]), f"{task['lam']:.2f}", f"{task['mask_density']:.3f}",
-                  f"{task['rebuild_error']:.4f}", f"{task['exact_bytes'] / 1e6:.2f}", f"{task['raw_bytes'] / 1e6:.1f}")
+        rep = task.get("representation", "tall")
+        if rep == "exact":
+            cells = ["exact", "—", "—", "0 (bit for bit)"]
+        elif rep == "delta":
+            cells = [f"delta κ={_num(task.get('delta_step'))}", "—", "—", f"{task['rebuild_error']:.4f}"]
+        else:
+            cells = ["TALL", f"{task['lam']:.2f}", f"{task['mask_density']:.3f}", f"{task['rebuild_error']:.4f}"]
+        t.add_row(plain(task["name"]), *cells, f"{task['exact_bytes'] / 1e6:.2f}", f"{task['raw_bytes'] / 1e6:.1f}")
     c.print(t)
+    if any(task.get("representation", "tall") != "exact" for task in d["tasks"]):
+        c.print(plain("TALL and delta tasks rebuild approximately: rebuild error is ‖θ̂−θ‖/‖τ‖ over the masked (or "
+                      "delta-coded) tensors, measured when packed. 'verify --deep' proves each task rebuilds to what was "
+                      "packed, not to the original: compare with 'verify --against', or pack with --lossless / "
+                      "--max-rebuild-error to keep tasks bit for bit."))
+    chosen = [task for task in d["tasks"] if isinstance(task.get("choice"), dict)]
+    if chosen:
+        ch = chosen[0]["choice"]
+        grid = ", ".join(_num(v) for v in ch.get("grid", [])) if isinstance(ch.get("grid"), list) else _num(ch.get("grid"))
+        c.print(plain(f"delta step chosen per task by {_num(ch.get('method'))}: the coarsest of {{{grid}}} whose "
+                      f"model scores ≥ {_num(ch.get('target'))} × the fine-tune's own score (exact if none did); "
+                      "every score: info --json"))
     sel = d.get("lam_selection", {})
     if sel.get("method", "fixed") != "fixed":
         grid = sel.get("grid")

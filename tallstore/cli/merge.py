@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..reading.archive import open as open_archive
+from ..text import printable
 from . import options
 from .app import app
 from .progress import bar
@@ -30,6 +31,8 @@ def merge(
         view = arc.merge(method, k=k, alpha=alpha)
         with bar("merging", sum(view.info(key).nbytes for key in view), enabled=not quiet) as advance:
             path = view.save(out, overwrite=force, max_shard_bytes=options.shard_bytes(max_shard_gb), progress=advance)
-    print(f"wrote {path} ({view.describe()}, {len(view)} tensors)")
+    print(printable(f"wrote {path} ({view.describe()}, {len(view)} tensors)"))
     if view.omitted:
-        print(f"left out {len(view.omitted)} task-specific tensors the base lacks: {', '.join(view.omitted)}")
+        print(printable(f"left out {len(view.omitted)} task-specific tensors the base lacks: {', '.join(view.omitted)}"))
+    if view.excluded:
+        print(printable(f"not merged: {', '.join(view.excluded)} (stored exactly, outside the shared vector)"))

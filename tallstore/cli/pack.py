@@ -34,6 +34,10 @@ def pack(
     force: options.Force = False,
     allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Accept NaN/Inf weights instead of refusing (such tensors are stored exactly).")] = False,
     allow_unrelated_base: Annotated[bool, typer.Option("--allow-unrelated-base", help="Pack even when no task looks fine-tuned from BASE (each differs from it by about its own norm).")] = False,
+    shared_bits: Annotated[Optional[int], typer.Option("--shared-bits", help="Store τ_MTL quantized to this many bits (2–8, one scale per row) with entropy-coded masks: a smaller archive, each task's rebuild slightly further from the original (see benchmarks/RESULTS.md).")] = None,
+    lossless: Annotated[bool, typer.Option("--lossless", help="Store every task bit for bit (each tensor XOR the base's, compressed), no TALL masks: extract gives back the exact weights.")] = False,
+    max_rebuild_error: Annotated[Optional[float], typer.Option("--max-rebuild-error", help="Store exactly, instead of as TALL masks, every task whose relative rebuild error ‖θ̂−θ‖/‖τ‖ would exceed E (measured before writing; 'info' shows each task's).", metavar="E")] = None,
+    fidelity: Annotated[str, typer.Option("--fidelity", help="tall (the paper's TALL masks, default); compact, balanced or high: each task delta-coded on its own (dithered steps of 6, 3 or 1 × each row's RMS change: smaller and closer to the fine-tunes than TALL, see the README); lossless (= --lossless).")] = "tall",
     codecs: Annotated[str, typer.Option("--codecs", help="Weight compression: 'fast' (LZ4HC, default: quickest loads) or 'compact' (zstd: a slightly smaller archive, slower loads).")] = "fast",
     workers: Annotated[int, typer.Option("--workers", min=1, help="Threads packing tensors in parallel.")] = 2,
     storage_option: options.StorageOptions = None,
@@ -43,7 +47,11 @@ def pack(
 ) -> None:
     """Pack fine-tunes of one base model into a TALL-mask archive.
 
-    Streams tensor by tensor: memory holds a block of each input at a time, never a model.
+    TALL rebuilds are approximations of the fine-tunes (the paper keeps 99.2–99.7% of each
+    task's accuracy); 'info' shows each task's measured rebuild error. --fidelity
+    compact/balanced/high code each task on its own, smaller and closer; --lossless or
+    --max-rebuild-error keep tasks bit for bit. Streams tensor by tensor: memory holds a block
+    of each input at a time, never a model.
     """
     tasks = options.pairs(task, "--task")
     so = options.storage_options(storage_option)
@@ -57,6 +65,7 @@ def pack(
         lam="auto" if lam == ["auto"] else options.lams(lam, list(tasks)), lam_grid=options.grid(lam_grid),
         merge=merge, ties_top=DEFAULT_TOP if ties_top is None else ties_top, embed_base=embed_base,
         exact=tuple(exact or ()), allow_unrelated_base=allow_unrelated_base, key_map=tuple(key_map or ()), max_file_bytes=int(max_file_mb * 2**20), overwrite=force, allow_nonfinite=allow_nonfinite, codecs=codecs, workers=workers,
+        shared_bits=shared_bits, lossless=lossless, max_rebuild_error=max_rebuild_error, fidelity=fidelity,
     )
     with dask_client(scheduler, dask_workers) as client, bars(enabled=not quiet) as display:
         packing = display.add("packing")

@@ -22,6 +22,10 @@ def render(s: dict[str, Any]) -> None:
     names as plain, escaped text)."""
     c = Console()
     T = len(s["tasks"])
+    if not T:
+        c.print(plain(f"{s['location']}: no task holds a TALL mask (each is stored on its own: "
+                      f"{', '.join(s.get('exact_tasks', []))}); there is nothing to tally"))
+        return
     c.print(Text.assemble((printable(s["location"]), "bold"), f"  {T} tasks, {s['masked_params']:,} maskable weights: "
                           f"catastrophic (0 tasks) {s['catastrophic']:.2%}, selfish (1 task) {s['selfish']:.2%}"))
     total = max(s["masked_params"], 1)

@@ -22,18 +22,21 @@ BITORDER = "little"
 Visit = Callable[[np.ndarray], None]
 
 
-def rebuild_bits(out: np.ndarray, base: np.ndarray, mask: np.ndarray | None, visit: Visit | None = None) -> None:
+def rebuild_bits(out: np.ndarray, base: np.ndarray, mask: np.ndarray | bool | None, visit: Visit | None = None) -> None:
     """Rebuild ``out`` (flat, an unsigned integer view of the task's dtype) in place.
 
     ``out`` holds ``bits(θ_MTL) XOR bits(θ₀)`` and ``base`` the bits of ``θ₀`` in the task's dtype;
     ``mask`` is the packed mask bits (bit ``i`` of the tensor is bit ``i mod 8``, least significant
-    first, of byte ``i div 8``), or ``None`` for an all-zero mask (the rebuild is the base).
-    ``visit`` sees each finished tile in order (a running checksum, say).
+    first, of byte ``i div 8``), ``None`` for an all-zero mask (the rebuild is the base) or ``True``
+    for an all-one mask (an exact copy stored XOR the base). ``visit`` sees each finished tile in
+    order (a running checksum, say).
     """
     for t in range(0, out.size, TILE):
         o, b = out[t : t + TILE], base[t : t + TILE]
         if mask is None:
             o[:] = b
+        elif mask is True:
+            np.bitwise_xor(o, b, out=o)
         else:
             keep = np.unpackbits(mask[t // 8 : (t + o.size + 7) // 8], count=o.size, bitorder=BITORDER)
             np.multiply(o, keep, out=o)

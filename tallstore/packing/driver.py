@@ -13,8 +13,7 @@ import os
 import uuid
 import warnings
 from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager, ExitStack
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, ExitStack, closing
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -26,18 +25,18 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from .. import publishing
-from ..checkpoint import Checkpoint, open_checkpoint
-from ..checkpoint.folder_files import FolderListing, list_folder
-from ..checkpoint.keymap import KeyMapReport
-from ..checkpoint.tasks import TaskSource, original_key, resolve_task
+from ..checkpoint import Checkpoint
+from ..checkpoint.folder_files import FolderListing
+from ..checkpoint.tasks import original_key
 from ..errors import OutputExistsError, PackWarning
-from ..locations import absolute, is_url, local_path
+from ..locations import is_url, local_path
 from ..storage import layout
 from ..storage.arrays import WRITE_ALL, create_masks, create_weights
 from ..storage.digests import combine, fingerprint, probe
 from ..storage.geometry import chunk_elems
 from ..storage.manifest import (
     BaseRecord,
+    DeltaRecord,
     FileRecord,
     FolderFile,
     Manifest,
@@ -52,21 +51,30 @@ from ..storage.manifest import (
     archive_digest,
     canonical,
 )
-from ..storage.stores import open_store
+from ..storage.stores import open_store, settle_writes
 from ..storage.streams import StreamWriter
 from ..version import VERSION
-from . import lam as lam_select
+from . import fidelity
+from .collection import Collection, open_collection
 from .dask_executor import DaskExecutor
-from .duplicates import identical_inputs, near_duplicates
+from .duplicates import near_duplicates
 from .executors import Executor, ThreadExecutor
 from .inputs import InputSpec
-from .inputs import release as release_inputs
 from .mask_writer import MaskWriter
 from .options import PackOptions
-from .passes import check_related, nonfinite_keys, tau_pass
-from .plan import Plan, check_task_names, make_plan
+from .plan import check_task_names
+from .prepare import Prepared
 from .results import PackState
-from .units import FileHash, MaskedBlock, PackSpec, SeparateTensor, StoreFile, release
+from .units import (
+    ExactTensor,
+    ExtraRows,
+    FileHash,
+    MaskedBlock,
+    PackSpec,
+    SeparateTensor,
+    StoreFile,
+    release,
+)
 
 MASK_CHUNK_BYTES = 1 << 20
 
@@ -92,113 +100,48 @@ def pack(
     threads. ``storage_options`` apply to every URL: the output's and the inputs'.
     """
     check_task_names(list(tasks))
-    selection: dict[str, Any] = {"method": "fixed"}
     target = Target(out, options.overwrite, storage_options)  # checks the output before any pre-pass
     with ExitStack() as stack:
-        c = _open_collection(base, tasks, options, storage_options, stack)
-        base_ck, names, sources, task_cks, key_maps, listings = c.base, c.names, c.sources, c.tasks, c.key_maps, c.listings
-        lams = c.lams
+        c = open_collection(base, tasks, options, storage_options, stack)
         ex = executor or _executor(client, options.workers)
-        plan = make_plan(base_ck, task_cks, names, options.block_elems, options.exact)
-        inputs = InputSpec(
-            token=uuid.uuid4().hex, base=absolute(base), tasks=tuple(sources),
-            names=tuple(names), storage_options=storage_options, allow_nonfinite=options.allow_nonfinite,
-        )
-        try:
-            if not options.allow_unrelated_base:
-                check_related(ex, inputs, plan)
-            if options.allow_nonfinite:
-                odd = nonfinite_keys(ex, inputs, plan)
-                if odd:
-                    plan = make_plan(base_ck, task_cks, names, options.block_elems, options.exact, frozenset(odd))
-            numel = sum(kp.info.numel for kp in plan.masked())
-            params = options.rule.prepare(tau_pass(ex, inputs, plan), numel, names)
-            if isinstance(options.lam, str):
-                lams, selection = lam_select.select(
-                    options.lam, plan, inputs, options.rule, params, ex, options.lam_grid, options.evaluate, _scratch(out),
-                )
-        finally:
-            ex.broadcast(release_inputs, inputs)
+        choice = fidelity.choose(c, options, ex, out, storage_options)
+        exact, p = choice.stored, choice.prepared
+        stored = InputSpec(
+            token=uuid.uuid4().hex, base=c.base_location, tasks=tuple(c.sources[t] for t in exact),
+            names=tuple(c.names[t] for t in exact), storage_options=storage_options,
+            allow_nonfinite=options.allow_nonfinite,
+        ) if exact else None
         with target as store:
             root = zarr.open_group(store, mode="w", zarr_format=3)
             manifest = Manifest(
-                tasks=tuple(names), lam=tuple(lams), merge=MergeRecord(options.rule.name, params),
+                tasks=tuple(c.names), lam=tuple(p.lam(t) for t in range(len(c.names))), merge=MergeRecord(options.rule.name, p.params),
                 block_elems=options.block_elems,
-                mask=MaskLayout(0 if options.shared.quantized else plan.mask_nbytes, MASK_CHUNK_BYTES),
+                mask=MaskLayout(0 if options.shared.quantized else p.plan.mask_nbytes, MASK_CHUNK_BYTES),
                 shared=options.shared,
                 base=BaseRecord(str(base) if is_url(base) else str(Path(base).resolve()), options.embed_base),
                 tensors=(), writer=f"tallstore {VERSION}",
-                created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), lam_selection=selection,
+                created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), lam_selection=p.selection,
                 generation=uuid.uuid4().hex, aliases=c.aliases,
             )
             root.attrs[layout.ATTR] = manifest.to_json()
             spec = PackSpec(
-                token=uuid.uuid4().hex, inputs=inputs, store=target.location, storage_options=storage_options,
-                lams=tuple(lams), rule=options.rule, params=params, codecs=options.codecs,
+                token=uuid.uuid4().hex, inputs=p.inputs, store=target.location, storage_options=storage_options,
+                lams=tuple(p.lams), rule=options.rule, params=p.params, codecs=options.codecs,
                 embed_base=options.embed_base, block_elems=options.block_elems, shared=options.shared,
+                stored=stored, stored_index=tuple(exact), delta_steps=tuple(choice.steps[t] for t in exact),
+                tall_index=tuple(p.tall),
             )
             try:
-                state = _run(spec, root, plan, base_ck, task_cks, listings, ex, progress, on_start)
+                state = _run(spec, root, p, c, ex, progress, on_start)
             finally:
                 ex.broadcast(release, spec)
-            _finish(root, spec, plan, manifest, state, base_ck, task_cks, listings, key_maps)
+            _finish(root, spec, choice, manifest, state, c)
     return str(out)
-
-
-@dataclass
-class Collection:
-    """The opened inputs of a pack: the base, the distinct tasks (an input given twice is packed
-    once, the other name an alias), how each was read, their λ and their folders' other files."""
-
-    base: Checkpoint
-    names: list[str]
-    sources: list[TaskSource]
-    tasks: list[Checkpoint]
-    key_maps: list[KeyMapReport]
-    listings: list[FolderListing]
-    lams: list[float]
-    aliases: dict[str, str]
-
-
-def _open_collection(
-    base: str | os.PathLike[str], tasks: Mapping[str, str | os.PathLike[str]], options: PackOptions,
-    storage_options: dict[str, Any] | None, stack: ExitStack,
-) -> Collection:
-    """Open the base and every task (the caller's ``stack`` closes them), aliasing duplicates."""
-    names = list(tasks)
-    lams = [] if options.selects_lam else options.lams(names)
-    # absolute, as the units open them: their file lists key the file hashes in _finish
-    base_ck = stack.enter_context(open_checkpoint(absolute(base), storage_options))
-    sources, cks, key_maps = [], [], []
-    for n in names:
-        source, ck, report = resolve_task(absolute(tasks[n]), base_ck, options.key_map, storage_options)
-        stack.enter_context(ck)
-        sources.append(source)
-        cks.append(ck)
-        key_maps.append(report)
-    twins = identical_inputs(cks, storage_options)
-    aliases = {names[i]: names[j] for i, j in twins.items() if not lams or lams[i] == lams[j]}
-    keep = [i for i, n in enumerate(names) if n not in aliases]
-    listings = [list_folder(absolute(base), base_ck, storage_options, options.max_file_bytes)]
-    for i in keep:
-        own = list_folder(sources[i].location, cks[i], storage_options, options.max_file_bytes)
-        listings.append(_with_base_files(own, listings[0]) if sources[i].adapter else own)
-    return Collection(base_ck, [names[i] for i in keep], [sources[i] for i in keep], [cks[i] for i in keep],
-                      [key_maps[i] for i in keep], listings, [lams[i] for i in keep] if lams else [], aliases)
 
 
 def _executor(client: Any, workers: int) -> Executor:
     """Dask workers when a client is given, else a local thread pool."""
     return ThreadExecutor(workers) if client is None else DaskExecutor(client)
-
-
-def _scratch(out: str | os.PathLike[str]) -> Path | None:
-    """Scratch space for λ search: beside a local output (same disk), else the system temp dir."""
-    if is_url(out):
-        return None
-    parent = local_path(out).absolute().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    return parent
 
 
 class Target:
@@ -232,6 +175,8 @@ class Target:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if self._staged is not None:
+            if exc is not None:
+                settle_writes()
             self._staged.__exit__(exc_type, exc, tb)
 
     def _check_remote(self, store: Any) -> None:
@@ -252,14 +197,14 @@ class Target:
 
 
 def _run(
-    spec: PackSpec, root: zarr.Group, plan: Plan, base: Checkpoint, tasks: list[Checkpoint],
-    listings: list[FolderListing], executor: Executor, progress: Progress | None,
-    on_start: Callable[[int], None] | None,
+    spec: PackSpec, root: zarr.Group, p: Prepared, c: Collection, executor: Executor,
+    progress: Progress | None, on_start: Callable[[int], None] | None,
 ) -> PackState:
     """Create the shared arrays, then run every unit on the executor, folding in the results.
 
     Non-weight files are hashed first, so that each distinct content is stored once."""
-    n_tasks = len(tasks)
+    plan = p.plan
+    tasks = [c.tasks[t] for t in p.tall]
     for g in layout.GROUPS:
         root.create_group(g)
     for kp in plan.masked():
@@ -272,38 +217,49 @@ def _run(
             create_weights(root, layout.base_path(kp.node), bi.numel, bi.dtype.storage, chunk, spec.codecs)
     quantized = spec.shared.quantized
     mask_arrays = [
-        create_masks(root, layout.mask_path(t), plan.mask_nbytes, MASK_CHUNK_BYTES, spec.codecs)
-        for t in range(n_tasks)
+        create_masks(root, layout.mask_path(t), plan.mask_nbytes, MASK_CHUNK_BYTES, spec.codecs) for t in p.tall
     ] if plan.mask_nbytes and not quantized else []
-    state = PackState(plan, n_tasks, MaskWriter(mask_arrays, plan.mask_nbytes if not quantized else 0, MASK_CHUNK_BYTES))
+    state = PackState(plan, len(tasks), MaskWriter(mask_arrays, plan.mask_nbytes if not quantized else 0, MASK_CHUNK_BYTES))
     if quantized:
         state.codes = StreamWriter(root, layout.SHARED_CODES)
-        state.mask_streams = [StreamWriter(root, layout.mask_path(t)) for t in range(n_tasks)]
-    folder = sorted({f.location: f for listing in listings for f in listing.files}.values(), key=lambda f: f.location)
-    for unit, result in executor.run([FileHash(f.location, spec.storage_options) for f in folder]):
-        unit.absorb(result, state)
+        state.mask_streams = [StreamWriter(root, layout.mask_path(t)) for t in p.tall]
+    coded = [t for t, step in zip(spec.stored_index, spec.delta_steps) if step is not None]
+    if coded:
+        root.create_group(layout.DELTAS)
+        state.delta_streams = {t: StreamWriter(root, layout.delta_path(t)) for t in coded}
+    folder = sorted({f.location: f for listing in c.listings for f in listing.files}.values(), key=lambda f: f.location)
+    with closing(executor.run([FileHash(f.location, spec.storage_options) for f in folder])) as hashed:
+        for unit, result in hashed:
+            unit.absorb(result, state)
     by_content = {state.file_hashes[f.location]: f for f in folder}
-    files = sorted({f.location for ck in tasks for f in ck.files} | {f.location for f in base.files})
+    files = sorted({f.location for ck in c.tasks for f in ck.files} | {f.location for f in c.base.files})
 
     def weight(kp: Any) -> int:
         per = kp.base_info.nbytes if kp.base_info else 0
         return per + sum(tasks[t].info(kp.key).nbytes for t in kp.tasks_with)
 
-    if on_start:
-        on_start(sum(weight(kp) for kp in plan.keys))
     units: list[Any] = []
     for kp in plan.keys:
         w = weight(kp)
         if kp.kind == layout.KIND_MASKED:
             units += [MaskedBlock(spec, kp, i, w // len(kp.blocks)) for i in range(len(kp.blocks))]
+            if kp.grown:
+                units.append(ExtraRows(spec, kp, 0))
         else:
             units.append(SeparateTensor(spec, kp, w))
+    nodes = {kp.key: kp.node for kp in plan.keys}
+    for position, t in enumerate(spec.stored_index):
+        ck = c.tasks[t]
+        units += [ExactTensor(spec, position, key, nodes[key], ck.info(key).nbytes) for key in ck.keys]
+    if on_start:
+        on_start(sum(u.weight for u in units))
     units += [FileHash(f, spec.storage_options) for f in files]
     units += [StoreFile(spec, f.location, sha, f.size) for sha, f in sorted(by_content.items())]
-    for unit, result in executor.run(units):
-        unit.absorb(result, state)
-        if progress and unit.weight:
-            progress(unit.weight)
+    with closing(executor.run(units)) as results:  # closed on an interrupt too: its threads joined before cleanup
+        for unit, result in results:
+            unit.absorb(result, state)
+            if progress and unit.weight:
+                progress(unit.weight)
     state.writer.close()
     state.close_streams()
     return state
@@ -311,14 +267,6 @@ def _run(
 
 def _files(ck: Checkpoint, state: PackState) -> tuple[FileRecord, ...]:
     return tuple(FileRecord(f.name, f.size, state.file_hashes[f.location]) for f in ck.files)
-
-
-def _with_base_files(own: FolderListing, base: FolderListing) -> FolderListing:
-    """An adapter task's files: the base folder's (its config, tokenizer: the merged model is the
-    base's architecture) overlaid with the adapter folder's own."""
-    mine = {f.path for f in own.files}
-    files = sorted([*own.files, *(f for f in base.files if f.path not in mine)], key=lambda f: f.path)
-    return FolderListing(tuple(files), own.skipped)
 
 
 def _folder(listing: FolderListing, state: PackState) -> tuple[FolderFile, ...]:
@@ -330,13 +278,11 @@ def _weights(ck: Checkpoint) -> WeightsLayout:
     return WeightsLayout(lay.format, tuple(WeightFile(n, c, m) for n, c, m in lay.files), lay.index_metadata, lay.folder)
 
 
-def _finish(
-    root: zarr.Group, spec: PackSpec, plan: Plan, manifest: Manifest,
-    s: PackState, base_ck: Checkpoint, task_cks: list[Checkpoint], listings: list[FolderListing],
-    key_maps: list[KeyMapReport],
-) -> None:
+def _finish(root: zarr.Group, spec: PackSpec, choice: fidelity.Choice, manifest: Manifest, s: PackState, c: Collection) -> None:
     """Write per-task records and the tensor index, the manifest's checksummed copy, then the
     manifest with its digest and the completeness marker, last."""
+    p = choice.prepared
+    plan, base_ck = p.plan, c.base
     base_digests: dict[str, str] = {}
     entries = []
     quantized = spec.shared.quantized
@@ -347,7 +293,7 @@ def _finish(
         if kp.kind == layout.KIND_MASKED:
             base_digests[kp.key] = combine(s.base_blocks[kp.key])
             base_crcs = s.base_bits_crcs[kp.key]
-            kind = layout.KIND_MASKED if kp.key in s.nonzero else layout.KIND_BASE
+            kind = layout.KIND_MASKED if kp.key in s.nonzero or kp.grown else layout.KIND_BASE
             if kind == layout.KIND_BASE:
                 del root[layout.merged_path(kp.node)]
             elif quantized:
@@ -370,46 +316,13 @@ def _finish(
         tensors=tuple(entries), complete=True,
         base=BaseRecord(manifest.base.location, manifest.base.embedded, tuple(base_ck.keys),
                         fingerprint(base_digests, base_infos), probe(base_ck), _files(base_ck, s),
-                        _folder(listings[0], s)),
+                        _folder(c.listings[0], s)),
     )
-    total_masked = sum(kp.info.numel for kp in plan.masked())
-    sq_err, tau_sq = s.sq_err, s.tau_sq
-    base_norm = math.sqrt(s.base_sq) if s.block_sums else 0.0
-    errors = [float(math.sqrt(sq_err[t]) / math.sqrt(tau_sq[t])) if tau_sq[t] else 0.0 for t in range(len(task_cks))]
+    records = [_record(t, spec, choice, manifest, s, c) for t in range(len(c.names))]
+    errors = [float(r["stats"]["rebuild_error"]) for r in records]
     if s.block_sums:
-        for message in near_duplicates(s.gram, spec.inputs.names, errors):
+        for message in near_duplicates(s.gram, spec.inputs.names, [errors[t] for t in p.tall]):
             warnings.warn(message, PackWarning, stacklevel=3)
-    records = []
-    for t, (name, ck) in enumerate(zip(spec.inputs.names, task_cks)):
-        rows = []
-        exact_bytes = 0
-        for key in ck.keys:
-            info = ck.info(key)
-            if key in s.separate:
-                src, blocks, crcs = s.separate[key].sources[t]
-                exact_bytes += s.separate[key].exact_bytes.get(t, 0)
-            elif key in s.nonzero:
-                src, blocks, crcs = layout.SOURCE_MASKED, s.task_blocks[key][t], s.task_crcs[key][t]
-            else:
-                src, blocks, crcs = layout.SOURCE_BASE, s.task_blocks[key][t], s.base_crcs[key]
-            rows.append(TaskRow(original_key(ck, key), info.dtype, info.shape, src, combine(blocks, info), tuple(crcs)))
-        tau_norm = math.sqrt(tau_sq[t])
-        stats = TaskStats(
-            masked_params=total_masked, mask_ones=int(s.ones[t]),
-            mask_density=float(s.ones[t] / total_masked) if total_masked else 0.0, exact_bytes=exact_bytes,
-            rebuild_error=errors[t], tau_norm=tau_norm,
-            relative_change=tau_norm / base_norm if base_norm else None,
-        )
-        mask_crcs = None if quantized else (tuple(s.writer.crcs[t]) if plan.mask_nbytes else ())
-        listing = listings[t + 1]
-        renames = {r.key: key for r, key in zip(rows, ck.keys) if r.key != key}
-        source = spec.inputs.tasks[t]
-        key_map = str(key_maps[t]) if renames or source.adapter else None
-        records.append(TaskRecord(name, manifest.lam[t], source.location, _files(ck, s), tuple(rows), stats,
-                                  mask_crcs=mask_crcs, folder=_folder(listing, s), weights=_weights(ck),
-                                  skipped=listing.skipped, renames=renames, key_map=key_map,
-                                  adapter=source.adapter,
-                                  masks=tuple(s.mask_segments[t]) if quantized else None).to_json())
     for t, record in enumerate(records):
         root.create_group(layout.task_group(t), attributes={layout.ATTR: record})
     doc = manifest.to_json()
@@ -422,3 +335,73 @@ def _finish(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         zarr.consolidate_metadata(root.store)
+
+
+def _record(t: int, spec: PackSpec, choice: fidelity.Choice, manifest: Manifest, s: PackState, c: Collection) -> dict[str, Any]:
+    """Task ``t``'s record (JSON): its tensor listing with digests and CRCs, statistics, files."""
+    ck = c.tasks[t]
+    p = choice.prepared
+    if t not in p.tall:
+        return _exact_record(t, choice, manifest, s, c)
+    j = p.tall.index(t)  # its place among the TALL tasks, whose results the units index so
+    quantized = spec.shared.quantized
+    rows = []
+    exact_bytes = 0
+    for key in ck.keys:
+        info = ck.info(key)
+        if key in s.separate:
+            src, blocks, crcs = s.separate[key].sources[j]
+            exact_bytes += s.separate[key].exact_bytes.get(j, 0)
+        elif key in s.nonzero or key in s.extra:
+            src, blocks, crcs = layout.SOURCE_MASKED, s.task_blocks[key][j], s.task_crcs[key][j]
+            if j in s.extra.get(key, {}):  # a grown tensor: then the rows past the base's
+                more_blocks, more_crcs = s.extra[key][j]
+                blocks, crcs = [*blocks, *more_blocks], [*crcs, *more_crcs]
+        else:  # the base, cast to the task's dtype: what the unit rebuilt and checksummed
+            src, blocks, crcs = layout.SOURCE_BASE, s.task_blocks[key][j], s.task_crcs[key][j]
+        rows.append(TaskRow(original_key(ck, key), info.dtype, info.shape, src, combine(blocks, info), tuple(crcs)))
+    total_masked = sum(kp.info.numel for kp in p.plan.masked())
+    sq_err, tau_sq = s.sq_err[j], s.tau_sq[j]
+    base_norm = math.sqrt(s.base_sq) if s.block_sums else 0.0
+    tau_norm = math.sqrt(tau_sq)
+    stats = TaskStats(
+        masked_params=total_masked, mask_ones=int(s.ones[j]),
+        mask_density=float(s.ones[j] / total_masked) if total_masked else 0.0, exact_bytes=exact_bytes,
+        rebuild_error=float(math.sqrt(sq_err) / tau_norm) if tau_sq else 0.0, tau_norm=tau_norm,
+        relative_change=tau_norm / base_norm if base_norm else None,
+    )
+    mask_crcs = None if quantized else (tuple(s.writer.crcs[j]) if p.plan.mask_nbytes else ())
+    return _task_record(t, manifest, s, c, tuple(rows), stats, mask_crcs=mask_crcs,
+                        masks=tuple(s.mask_segments[j]) if quantized else None)
+
+
+def _exact_record(t: int, choice: fidelity.Choice, manifest: Manifest, s: PackState, c: Collection) -> dict[str, Any]:
+    """The record of a task stored on its own: every tensor ``xbase``, ``exact``, ``base`` or
+    (a delta preset) ``delta``."""
+    ck = c.tasks[t]
+    got = s.exact.get(t, {})
+    rows = []
+    for key in ck.keys:
+        info, r = ck.info(key), got[key]
+        rows.append(TaskRow(original_key(ck, key), info.dtype, info.shape, r.source, combine(r.digests, info), tuple(r.crcs)))
+    coded = [r for r in got.values() if r.source == layout.SOURCE_DELTA]
+    sq_err, coded_sq = sum(r.sq_err for r in coded), sum(r.tau_sq for r in coded)
+    stats = TaskStats(masked_params=0, mask_ones=0, mask_density=0.0, exact_bytes=sum(r.nbytes for r in got.values()),
+                      rebuild_error=math.sqrt(sq_err / coded_sq) if coded_sq else 0.0,
+                      tau_norm=math.sqrt(sum(r.tau_sq for r in got.values())))
+    step, chosen = choice.steps[t], choice.records.get(t)
+    if step is None:
+        return _task_record(t, manifest, s, c, tuple(rows), stats, representation=layout.REPR_EXACT, choice=chosen)
+    segments = {original_key(ck, k): tuple(v) for k, v in s.delta_segments.get(t, {}).items()}
+    return _task_record(t, manifest, s, c, tuple(rows), stats, representation=layout.REPR_DELTA,
+                        delta=DeltaRecord(step, t, segments), choice=chosen)
+
+
+def _task_record(t: int, manifest: Manifest, s: PackState, c: Collection, rows: tuple[TaskRow, ...],
+                 stats: TaskStats, **more: Any) -> dict[str, Any]:
+    ck, listing, source = c.tasks[t], c.listings[t + 1], c.sources[t]
+    renames = {r.key: key for r, key in zip(rows, ck.keys) if r.key != key}
+    key_map = str(c.key_maps[t]) if renames or source.adapter else None
+    return TaskRecord(c.names[t], manifest.lam[t], source.location, _files(ck, s), rows, stats,
+                      folder=_folder(listing, s), weights=_weights(ck), skipped=listing.skipped, renames=renames,
+                      key_map=key_map, adapter=source.adapter, **more).to_json()

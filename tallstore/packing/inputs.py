@@ -13,6 +13,7 @@ import torch
 
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..checkpoint.tasks import TaskSource
+from ..dtypes import DType, TensorInfo
 from ..errors import PlanError
 from ..ops.masks import task_vectors
 from .executors import PerProcess
@@ -61,11 +62,16 @@ def release(spec: InputSpec) -> None:
 
 @dataclass
 class Block:
-    """Row block of a masked tensor across the inputs: flat base, ``(T, n)`` task weights and ``τ``."""
+    """Row block of a masked tensor across the inputs: flat base, ``(T, n)`` task weights (in the
+    tensor's shared dtype) and ``τ``; each task's own dtype of the tensor, the tensor's shared
+    dtype and shape, and how many rows the block holds."""
 
     base: torch.Tensor
     tasks: torch.Tensor
     tau: torch.Tensor
+    dtypes: tuple[DType, ...]
+    info: TensorInfo
+    rows: int
 
 
 def read_block(spec: InputSpec, kp: KeyPlan, index: int) -> Block:
@@ -74,7 +80,8 @@ def read_block(spec: InputSpec, kp: KeyPlan, index: int) -> Block:
     a, b = kp.blocks[index]
     base = got.base.read(kp.key, a, b).reshape(-1)
     first = got.tasks[0].read(kp.key, a, b).reshape(-1)
-    tasks = torch.empty((len(got.tasks), first.numel()), dtype=first.dtype)  # filled in place: no stack copy
+    # filled in place, no stack copy; in the shared dtype, which holds every task's values exactly
+    tasks = torch.empty((len(got.tasks), first.numel()), dtype=kp.info.dtype.torch)
     tasks[0] = first
     for t, ck in enumerate(got.tasks[1:], 1):
         tasks[t] = ck.read(kp.key, a, b).reshape(-1)
@@ -82,7 +89,8 @@ def read_block(spec: InputSpec, kp: KeyPlan, index: int) -> Block:
         check_finite(base, kp.key, "the base")
         for name, t in zip(spec.names, tasks):
             check_finite(t, kp.key, f"task {name!r}")
-    return Block(base, tasks, task_vectors(base, tasks))
+    dtypes = tuple(ck.info(kp.key).dtype for ck in got.tasks)
+    return Block(base, tasks, task_vectors(base, tasks), dtypes, kp.info, b - a)
 
 
 def check_finite(t: torch.Tensor, key: str, who: str) -> None:

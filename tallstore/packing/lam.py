@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import closing
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -163,12 +164,13 @@ class MergedCache:
         """Compute every block of ``τ_MTL`` and ``θ_MTL`` on ``executor`` and store it."""
         fn = partial(merged_bits, rule=rule, params=params)
         units = [BlockPass(self.spec, kp, i, fn) for kp in self.masked.values() for i in range(len(kp.blocks))]
-        for unit, (mtl, bits) in executor.run(units):
-            kp = unit.kp
-            at = kp.blocks[unit.index][0] * kp.info.row_numel
-            self.tau_mtl[self.elem[kp.key] + at : self.elem[kp.key] + at + mtl.size] = mtl
-            b0 = self.byte[kp.key] + at * kp.info.dtype.itemsize
-            self.merged[b0 : b0 + bits.size] = bits
+        with closing(executor.run(units)) as results:
+            for unit, (mtl, bits) in results:
+                kp = unit.kp
+                at = kp.blocks[unit.index][0] * kp.info.row_numel
+                self.tau_mtl[self.elem[kp.key] + at : self.elem[kp.key] + at + mtl.size] = mtl
+                b0 = self.byte[kp.key] + at * kp.info.dtype.itemsize
+                self.merged[b0 : b0 + bits.size] = bits
 
     def close(self) -> None:
         """Delete the scratch files."""
@@ -182,7 +184,14 @@ class MergedCache:
         out = {}
         for key in ck.keys:
             kp = self.masked.get(key)
-            out[key] = ck.read(key) if kp is None else self._rebuild(kp, got.base.read(key), ck.read(key), lam)
+            if kp is None:
+                out[key] = ck.read(key)
+            else:  # in the task's own dtype, rounded once (mixed dtypes), as extract gives it
+                info, rows = ck.info(key), kp.info.rows
+                rebuilt = self._rebuild(kp, got.base.read(key), ck.read(key, 0, rows), lam).to(info.dtype.torch)
+                if info.rows > rows:  # a grown tensor: its extra rows are stored exactly
+                    rebuilt = torch.cat([rebuilt, ck.read(key, rows, info.rows)])
+                out[key] = rebuilt
         return out
 
     def _rebuild(self, kp: KeyPlan, base: torch.Tensor, task: torch.Tensor, lam: float) -> torch.Tensor:
@@ -215,18 +224,20 @@ def search_scores(
                 sd = cache.state_dict(t, lam)
                 value = evaluate(name, sd)
                 del sd
-                row.append(_score(value, name, lam))
+                row.append(score(value, name, f"at λ={lam}"))
             scores.append(row)
         return scores
     finally:
         cache.close()
 
 
-def _score(value: object, name: str, lam: float) -> float:
+def score(value: object, name: str, what: str) -> float:
+    """An ``evaluate`` result as a float; a one-line error naming the task and ``what`` was scored
+    unless it is a finite number."""
     try:
-        score = float(value)  # type: ignore[arg-type]
+        out = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        score = math.nan
-    if not math.isfinite(score):
-        raise PlanError(f"evaluate returned {value!r} for task {name!r} at λ={lam}; it must return a finite number")
-    return score
+        out = math.nan
+    if not math.isfinite(out):
+        raise PlanError(f"evaluate returned {value!r} for task {name!r} {what}; it must return a finite number")
+    return out

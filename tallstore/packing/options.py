@@ -20,6 +20,16 @@ from . import lam as lam_select
 
 DEFAULT_LAM = 0.4
 MAX_LAM = 1.0
+FIDELITY: Mapping[str, float | None] = MappingProxyType({
+    "tall": None, "compact": 6.0, "balanced": 3.0, "high": 1.0, "lossless": None, "auto": None,
+})
+"""The presets of ``fidelity``: ``tall`` (the paper's TALL masks, the default), the per-task delta
+codes with step factor κ (``compact``, ``balanced``, ``high``: a relative error of κ/√12 in every
+coded row; see benchmarks/RESULTS.md for what each keeps), ``lossless`` (every task bit for bit),
+``auto`` (per task, the coarsest step of ``fidelity_grid`` whose ``evaluate`` score reaches
+``fidelity_target`` of the fine-tune's own; exact if none does)."""
+DEFAULT_FIDELITY_GRID = (6.0, 3.0, 1.0)
+DEFAULT_FIDELITY_TARGET = 0.995
 Lam = float | Mapping[str, float] | str
 
 
@@ -48,12 +58,19 @@ class PackOptions:
     allow_unrelated_base: bool = False
     shared_bits: int | None = None
     shared_method: str = "absmax"
+    lossless: bool = False
+    max_rebuild_error: float | None = None
+    fidelity: str = "tall"
+    fidelity_grid: tuple[float, ...] = DEFAULT_FIDELITY_GRID
+    fidelity_target: float = DEFAULT_FIDELITY_TARGET
     shared: SharedForm = field(init=False)
+    delta_step: float | None = field(init=False)
     rule: merges.TaskArithmetic | merges.Ties = field(init=False)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
-        set_(self, "lam_grid", lam_select.check(self.lam, self.lam_grid, self.evaluate))
+        searched = self.fidelity == "auto"
+        set_(self, "lam_grid", lam_select.check(self.lam, self.lam_grid, None if searched else self.evaluate))
         if isinstance(self.lam, Mapping):
             set_(self, "lam", MappingProxyType({str(k): _lam(v, k) for k, v in self.lam.items()}))
         elif not isinstance(self.lam, str):
@@ -73,6 +90,9 @@ class PackOptions:
             if self.shared_method not in ("absmax", "mse"):
                 raise PlanError(f"shared_method must be 'absmax' or 'mse', got {self.shared_method!r}")
             set_(self, "shared", SharedForm(FORM_QUANTIZED, self.shared_bits, self.shared_method))
+            if self.lam == "search":
+                raise PlanError("lam='search' scores rebuilds from the exact shared vector; it cannot be combined "
+                                "with shared_bits (use lam='auto' or a fixed λ)")
         set_(self, "key_map", tuple(self.key_map))
         parse_key_map(self.key_map)
         set_(self, "exact", tuple(self.exact))
@@ -80,8 +100,67 @@ class PackOptions:
             raise PlanError(f"block_elems must be a positive integer, got {self.block_elems!r}")
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
             raise PlanError(f"workers must be a positive integer, got {self.workers!r}")
+        if not isinstance(self.lossless, bool):
+            raise PlanError(f"lossless must be True or False, got {self.lossless!r}")
+        self._check_fidelity()
+        if self.max_rebuild_error is not None:
+            if self.lossless:
+                raise PlanError("lossless stores every task exactly: a max_rebuild_error has nothing to choose")
+            try:
+                floor = float(self.max_rebuild_error)
+            except (TypeError, ValueError):
+                floor = math.nan
+            if isinstance(self.max_rebuild_error, bool) or not math.isfinite(floor) or floor < 0:
+                raise PlanError(f"max_rebuild_error must be a finite number ≥ 0 (a relative error, 0.3 say), "
+                                f"got {self.max_rebuild_error!r}")
+            set_(self, "max_rebuild_error", floor)
         if isinstance(self.max_file_bytes, bool) or not isinstance(self.max_file_bytes, int) or self.max_file_bytes < 0:
             raise PlanError(f"max_file_bytes must be a whole number of bytes ≥ 0, got {self.max_file_bytes!r}")
+
+    def _check_fidelity(self) -> None:
+        """``fidelity``: one of :data:`FIDELITY`; a delta preset replaces the TALL machinery, so
+        the options that only TALL tasks use are refused with it rather than ignored."""
+        if self.fidelity not in FIDELITY:
+            raise PlanError(f"fidelity must be one of {', '.join(FIDELITY)}, got {self.fidelity!r}")
+        if self.fidelity == "lossless":
+            object.__setattr__(self, "lossless", True)
+        step = FIDELITY[self.fidelity]
+        object.__setattr__(self, "delta_step", step)
+        if self.fidelity == "auto":
+            self._check_search()
+        elif step is None:
+            return
+        if self.lossless:
+            raise PlanError(f"fidelity {self.fidelity!r} codes every task approximately; it cannot be lossless")
+        clash = [name for name, used in (
+            ("max_rebuild_error", self.max_rebuild_error is not None), ("shared_bits", self.shared_bits is not None),
+            ("lam='auto'/'search'", isinstance(self.lam, str)), ("exact", bool(self.exact)),
+            ("allow_nonfinite", self.allow_nonfinite),
+        ) if used]
+        if clash:
+            raise PlanError(f"fidelity {self.fidelity!r} codes each task on its own (no shared vector, no masks): "
+                            f"{clash[0]} does not apply to it")
+
+    @property
+    def delta(self) -> bool:
+        """Whether every task is delta-coded on its own (a delta preset, or ``auto``)."""
+        return self.delta_step is not None or self.fidelity == "auto"
+
+    def _check_search(self) -> None:
+        if self.evaluate is None:
+            raise PlanError("fidelity='auto' needs evaluate=fn(task_name, state_dict) -> score (without data, "
+                            "pick a preset: compact, balanced or high)")
+        try:
+            grid = tuple(sorted({float(v) for v in self.fidelity_grid}, reverse=True))
+            target = float(self.fidelity_target)
+        except (TypeError, ValueError):
+            raise PlanError("fidelity_grid must be numbers and fidelity_target a number") from None
+        if not grid or not all(math.isfinite(v) and v > 0 for v in grid):
+            raise PlanError(f"fidelity_grid must hold step factors > 0, got {self.fidelity_grid!r}")
+        if not (math.isfinite(target) and 0 < target <= 1):
+            raise PlanError(f"fidelity_target must be a fraction in (0, 1] of each fine-tune's score, got {target!r}")
+        object.__setattr__(self, "fidelity_grid", grid)
+        object.__setattr__(self, "fidelity_target", target)
 
     @property
     def selects_lam(self) -> bool:
@@ -96,7 +175,7 @@ class PackOptions:
         if isinstance(self.lam, Mapping):
             unknown = set(self.lam) - set(names)
             if unknown:
-                raise PlanError(f"λ given for unknown task {sorted(unknown)[0]!r}")
+                raise PlanError(f"λ given for unknown task {min(unknown)!r}")
             return [float(self.lam.get(n, DEFAULT_LAM)) for n in names]
         return [float(self.lam)] * len(names)
 

@@ -9,6 +9,7 @@ so float sums are reproducible.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import closing
 from functools import partial
 from typing import Any
 
@@ -38,11 +39,12 @@ def run_pass(executor: Executor, spec: InputSpec, plan: Plan, fn: Callable[[Bloc
     pending: dict[int, Any] = {}
     total: Any = None
     done = 0
-    for unit, result in executor.run(units):
-        pending[position[id(unit)]] = result
-        while done in pending:
-            total = _add(total, pending.pop(done))
-            done += 1
+    with closing(executor.run(units)) as results:  # closed on an interrupt too: its threads joined
+        for unit, result in results:
+            pending[position[id(unit)]] = result
+            while done in pending:
+                total = _add(total, pending.pop(done))
+                done += 1
     return total
 
 
@@ -68,7 +70,8 @@ def nonfinite_keys(executor: Executor, spec: InputSpec, plan: Plan) -> set[str]:
     task's rebuild through the shared vector or the masks.
     """
     units = [BlockPass(spec, kp, i, has_nonfinite) for kp in plan.masked() for i in range(len(kp.blocks))]
-    return {unit.kp.key for unit, odd in executor.run(units) if odd}
+    with closing(executor.run(units)) as results:
+        return {unit.kp.key for unit, odd in results if odd}
 
 
 UNRELATED = 1.0

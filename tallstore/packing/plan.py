@@ -1,7 +1,8 @@
 """The pack plan: which tensors are masked, which are stored exactly, and where mask bits go.
 
-A tensor is *masked* when the base and every task hold it as a non-empty float tensor of one
-shape, the tasks agree on its dtype, and no ``exact`` pattern names it. Every other tensor is
+A tensor is *masked* when the base and every task hold it as a non-empty float tensor of the
+base's shape (whatever float dtype each task has; a task may have more dim-0 rows, added tokens
+say: the base's rows are masked, the extra rows stored exactly) and no ``exact`` pattern names it. Every other tensor is
 *separate*: each task's copy is stored exactly unless it equals the base's.
 """
 
@@ -9,10 +10,12 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from .. import dtypes
 from ..checkpoint import Checkpoint
-from ..dtypes import TensorInfo
+from ..dtypes import DType, TensorInfo
 from ..errors import PlanError
 from ..storage import layout
 from ..storage.geometry import block_ranges
@@ -35,6 +38,7 @@ class KeyPlan:
     tasks_with: list[int]
     mask_offset: int = -1
     blocks: list[tuple[int, int]] = field(default_factory=list)
+    grown: dict[int, int] = field(default_factory=dict)
 
     @property
     def mask_nbytes(self) -> int:
@@ -71,6 +75,23 @@ def check_task_names(names: list[str]) -> None:
         seen.add(n)
 
 
+def _fits(task: TensorInfo, base: TensorInfo) -> bool:
+    """A task's tensor can be masked against the base's: the same shape, or more dim-0 rows (an
+    embedding or LM head grown by added tokens) of the same row shape."""
+    return task.shape == base.shape or (
+        len(task.shape) >= 1 and task.shape[1:] == base.shape[1:] and task.rows > base.rows and task.row_numel > 0
+    )
+
+
+def shared_dtype(task_dtypes: list[DType]) -> DType:
+    """The dtype a masked tensor's shared data is computed in: the tasks' own when they agree;
+    float32 (float64 if one task is) when they mix, so every task's values are exact in it and
+    each task is rebuilt in its own dtype, rounded once."""
+    if all(d == task_dtypes[0] for d in task_dtypes):
+        return task_dtypes[0]
+    return dtypes.by_name("float64" if any(d.name == "float64" for d in task_dtypes) else "float32")
+
+
 def _is_unicode(name: str) -> bool:
     """Whether ``name`` encodes to UTF-8, as archive metadata and safetensors headers need."""
     try:
@@ -87,12 +108,14 @@ def make_plan(
     block_elems: int,
     exact: tuple[str, ...] = (),
     exact_keys: frozenset[str] = frozenset(),
+    stored: Sequence[tuple[str, Checkpoint]] = (),
 ) -> Plan:
-    """Classify every tensor name of the base and the tasks and lay out the mask bits; ``exact``
-    globs and ``exact_keys`` (names, e.g. tensors holding NaN/Inf) are stored exactly per task."""
+    """Classify every tensor name of the base and the TALL ``tasks`` and lay out the mask bits;
+    ``exact`` globs and ``exact_keys`` (names, e.g. tensors holding NaN/Inf) are stored exactly
+    per task. The ``stored`` tasks (name, checkpoint), kept exactly whole, only add their names."""
     order: list[str] = list(base.keys)
     seen = set(order)
-    for ck in tasks:
+    for ck in [*tasks, *(ck for _, ck in stored)]:
         for k in ck.keys:
             if k not in seen:
                 seen.add(k)
@@ -104,19 +127,18 @@ def make_plan(
             raise PlanError(f"tensor name {key!r} is not valid Unicode (it holds a lone surrogate)")
         base_info = base.info(key) if key in base else None
         with_key = [i for i, ck in enumerate(tasks) if key in ck]
-        infos = [tasks[i].info(key) for i in with_key]
+        infos = [tasks[i].info(key) for i in with_key] or [ck.info(key) for _, ck in stored if key in ck]
         masked = (
-            base_info is not None
+            bool(tasks)
+            and base_info is not None
             and len(with_key) == len(tasks)
             and base_info.dtype.is_float
             and base_info.numel > 0
-            and all(inf == infos[0] for inf in infos)
-            and infos[0].dtype.is_float
-            and infos[0].shape == base_info.shape
+            and all(_fits(inf, base_info) and inf.dtype.is_float for inf in infos)
             and not any(fnmatch.fnmatchcase(key, p) for p in exact)
             and key not in exact_keys
         )
-        info = infos[0] if masked else (base_info or infos[0])
+        info = TensorInfo(shared_dtype([i.dtype for i in infos]), base_info.shape) if masked else (base_info or infos[0])
         kp = KeyPlan(
             key=key,
             node=encode(key),
@@ -125,12 +147,13 @@ def make_plan(
             base_info=base_info,
             tasks_with=with_key,
             blocks=list(block_ranges(info, block_elems)),
+            grown={t: inf.rows for t, inf in zip(with_key, infos) if masked and inf.shape != base_info.shape},
         )
         if masked:
             kp.mask_offset = offset
             offset += kp.mask_nbytes
         plans.append(kp)
-    _check_related(base, tasks, names)
+    _check_related(base, [*tasks, *(ck for _, ck in stored)], [*names, *(n for n, _ in stored)])
     return Plan(plans, [list(ck.keys) for ck in tasks], offset, block_elems)
 
 
@@ -143,7 +166,7 @@ def _check_related(base: Checkpoint, tasks: list[Checkpoint], names: list[str]) 
         shared = sum(
             base.info(k).numel
             for k in base.keys
-            if base.info(k).dtype.is_float and k in ck and ck.info(k).shape == base.info(k).shape
+            if base.info(k).dtype.is_float and k in ck and _fits(ck.info(k), base.info(k))
         )
         if shared < MIN_SHARED * total:
             raise PlanError(

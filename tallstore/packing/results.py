@@ -47,6 +47,23 @@ class SeparateResult:
 
 
 @dataclass
+class ExactResult:
+    """One tensor of a task stored on its own: its source (``xbase``, ``exact``, ``base`` or
+    ``delta``), the task's block digests and CRCs, the bytes it holds uncompressed, its ``Σ τ²``
+    and (``delta``) its squared rebuild error and coded segments."""
+
+    task: int
+    key: str
+    source: str
+    digests: list[bytes]
+    crcs: list[int]
+    nbytes: int
+    tau_sq: float
+    sq_err: float = 0.0
+    segments: list[bytes] | None = None
+
+
+@dataclass
 class PackState:
     """What the driver accumulates from the units: digests, sums, separate tensors, file hashes."""
 
@@ -61,12 +78,16 @@ class PackState:
     task_crcs: dict[str, list[list[int]]] = field(default_factory=dict)
     nonzero: set[str] = field(default_factory=set)
     separate: dict[str, SeparateResult] = field(default_factory=dict)
+    extra: dict[str, dict[int, tuple[list[bytes], list[int]]]] = field(default_factory=dict)
+    exact: dict[int, dict[str, ExactResult]] = field(default_factory=dict)
     file_hashes: dict[str, str] = field(default_factory=dict)
     block_sums: dict[tuple[str, int], tuple[np.ndarray, ...]] = field(default_factory=dict)
     codes: StreamWriter | None = None
     mask_streams: list[StreamWriter] = field(default_factory=list)
     code_segments: dict[str, list[Segment]] = field(default_factory=dict)
     mask_segments: list[list[Segment]] = field(default_factory=list)
+    delta_streams: dict[int, StreamWriter] = field(default_factory=dict)
+    delta_segments: dict[int, dict[str, list[Segment]]] = field(default_factory=dict)
     ones: np.ndarray = field(init=False)
     _order: dict[tuple[str, int], int] = field(init=False)
     _waiting: dict[int, BlockResult] = field(init=False)
@@ -106,6 +127,14 @@ class PackState:
         if r.nonzero:
             self.nonzero.add(r.key)
 
+    def add_exact(self, r: ExactResult) -> None:
+        """Fold in one tensor stored on its own; a delta tensor's segments go to its task's stream."""
+        if r.segments is not None:
+            w = self.delta_streams[r.task]
+            self.delta_segments.setdefault(r.task, {})[r.key] = [w.append(seg) for seg in r.segments]
+            r.segments = None
+        self.exact.setdefault(r.task, {})[r.key] = r
+
     def _append_ready(self) -> None:
         """Append the waiting segments that come next in plan order; memory holds only those
         that wait for a block still running."""
@@ -120,6 +149,8 @@ class PackState:
 
     def close_streams(self) -> None:
         """Check every block arrived, then finish the stream arrays."""
+        for d in self.delta_streams.values():
+            d.close()
         if self.codes is None:
             return
         if self._waiting or self._next != len(self._order):

@@ -19,6 +19,7 @@ from ..checkpoint.interface import WeightLayout
 from ..checkpoint.writer import save
 from ..dtypes import TensorInfo
 from ..errors import TallstoreError
+from ..storage.chunks import allocating
 from ..storage.stores import read_concurrency
 from . import loading, models, stats, summary
 from .base_model import BaseHandle, EmbeddedBase, ExternalBase
@@ -259,6 +260,8 @@ class TaskView(Mapping[str, torch.Tensor]):
 
     def _load(self, keys: list[str]) -> dict[str, torch.Tensor]:
         """Fresh tensors for ``keys``, rebuilt in place."""
-        out = {k: torch.empty(self.info(k).shape, dtype=self.info(k).dtype.torch) for k in keys}
+        nbytes = sum(self.info(k).nbytes for k in keys)
+        with allocating(f"{self._source.location}: task {self.name!r} ({nbytes} bytes)"):
+            out = {k: torch.empty(self.info(k).shape, dtype=self.info(k).dtype.torch) for k in keys}
         loading.load(self._source, self._archive._base, self.index, {k: t.view(-1) for k, t in out.items()})
         return out

@@ -21,11 +21,13 @@ import torch
 
 from .. import dtypes
 from ..errors import CorruptArchiveError, TallstoreError
+from ..ops import delta
 from ..ops.kernel import TILE, rebuild_bits, shared_bits
 from ..storage import layout
 from ..storage.chunks import BUFFERS, Batch, coalesce
 from ..storage.codecs import ArrayFormat
-from ..storage.geometry import block_ranges
+from ..storage.deltas import decode_segment
+from ..storage.geometry import extra_info, row_blocks
 from ..storage.manifest import TaskRow, TensorEntry
 from ..storage.segments import decode_codes, decode_mask_segment
 from .base_model import EmbeddedBase, ExternalBase
@@ -73,6 +75,7 @@ class Loader:
         self._mask: ArrayFormat | None = None
         self._codes: ArrayFormat | None = None
         self._stream: ArrayFormat | None = None
+        self._deltas: ArrayFormat | None = None
         self._mask_runs: list[tuple[int, int]] = []
         self._mask_bufs: list[np.ndarray] = []
         self._mask_errors: dict[int, Exception] = {}
@@ -98,21 +101,30 @@ class Loader:
         """Plan ``w``'s chunk reads; one ``(elements, job)`` per row block."""
         e = self.source.manifest.entries[w.entry]
         info = w.row.info
-        ranges = list(block_ranges(info, self.block_elems))
+        grown = w.row.source == layout.SOURCE_MASKED and bool(e.shape) and info.rows > e.shape[0]
+        ranges = row_blocks(info, e.shape[0] if grown else None, self.block_elems)
         if len(ranges) != len(w.row.crcs):
             raise CorruptArchiveError(f"{len(w.row.crcs)} block checksums recorded for {len(ranges)} blocks")
         if info.numel == 0:
             return [(0, lambda: self._check(w, 0, 0))]
+        extra: list[tuple[int, Callable[[], None]]] = []
+        if grown:
+            extra = self._plan_extra(w, e, ranges)
+            ranges = [r for r in ranges if r[0] < e.shape[0]]
         data = None
         reader = self.source.reader
         quantized = self.source.manifest.shared.quantized
         if w.row.source == layout.SOURCE_MASKED and quantized:
-            return self._plan_quantized(w, e, ranges)
+            return self._plan_quantized(w, e, ranges) + extra
+        if w.row.source == layout.SOURCE_DELTA:
+            return self._plan_delta(w, e, ranges)
         if w.row.source == layout.SOURCE_MASKED:
-            data = reader.array(layout.merged_path(e.node), info.dtype.storage, info.numel, e.crcs)
+            data = reader.array(layout.merged_path(e.node), e.dtype.storage, e.info.numel, e.crcs)
             mask_ranges.append(e.mask_range)
         elif w.row.source == layout.SOURCE_EXACT:
             data = reader.array(layout.exact_path(e.node, self.task), info.dtype.storage, info.numel, w.row.crcs)
+        elif w.row.source == layout.SOURCE_XBASE:  # its chunks hold XOR bits: the block CRCs check the result
+            data = reader.array(layout.exact_path(e.node, self.task), info.dtype.storage, info.numel)
         base_arr = None
         if w.row.source != layout.SOURCE_EXACT and isinstance(self.base, EmbeddedBase):
             base_arr = self.base.array(e)
@@ -125,13 +137,34 @@ class Loader:
             if base_arr is not None:
                 self.batch.add_range(base_arr, a * row, b * row)
             jobs.append(((b - a) * row, self._block_job(w, e, i, a, b, data, base_arr, bits[a * row : b * row])))
+        return jobs + extra
+
+    def _plan_extra(self, w: Wanted, e: TensorEntry, ranges: list[tuple[int, int]]) -> list[tuple[int, Callable[[], None]]]:
+        """Plan the exact rows a grown tensor has past the base's (read from ``extra/<t>``)."""
+        base_rows = e.shape[0]
+        info = extra_info(w.row.info, base_rows)
+        data = self.source.reader.array(layout.extra_path(e.node, self.task), info.dtype.storage, info.numel)
+        row = info.row_numel
+        bits = dtypes.to_storage(w.out)
+        jobs = []
+        for i, (a, b) in enumerate(ranges):
+            if a < base_rows:
+                continue
+            self.batch.add_range(data, (a - base_rows) * row, (b - base_rows) * row)
+            jobs.append(((b - a) * row, self._extra_job(w, i, (a - base_rows) * row, data, bits[a * row : b * row])))
         return jobs
 
-    def _block_job(
-        self, w: Wanted, e: TensorEntry, i: int, a: int, b: int,
-        data: ArrayFormat | None, base_arr: ArrayFormat | None, out: np.ndarray,
-    ) -> Callable[[], None]:
-        row = w.row.info.row_numel
+    def _extra_job(self, w: Wanted, i: int, lo: int, data: ArrayFormat, out: np.ndarray) -> Callable[[], None]:
+        def body(visit: Callable[[np.ndarray], None]) -> None:
+            self.batch.read_range(data, lo, out)
+            visit(out)
+
+        return self._checked(w, i, body)
+
+    def _checked(self, w: Wanted, i: int, body: Callable[[Callable[[np.ndarray], None]], None]) -> Callable[[], None]:
+        """Block ``i`` of ``w`` as a job: ``body(visit)`` rebuilds it, handing every finished tile of
+        the output to ``visit``; their CRC-32C must then be the recorded one. Any failure inside
+        becomes one error naming the archive, the task and the tensor."""
 
         def job() -> None:
             crc = 0
@@ -141,17 +174,7 @@ class Loader:
                 crc = crc32c.crc32c(tile.view(np.uint8), crc)
 
             try:
-                if data is not None:
-                    self.batch.read_range(data, a * row, out)
-                if w.row.source == layout.SOURCE_EXACT:
-                    visit(out)
-                else:
-                    mask = None
-                    if w.row.source == layout.SOURCE_MASKED:
-                        assert e.mask_offset is not None
-                        mask = self._mask_bytes(e.mask_offset + a * row // 8, out.size)
-                    with self._base_rows(w, e, a, b, base_arr) as base:
-                        rebuild_bits(out, dtypes.to_storage(base.to(w.row.dtype.torch)), mask, visit)
+                body(visit)
             except Exception as err:
                 if isinstance(err, TallstoreError) and not isinstance(err, CorruptArchiveError):
                     raise
@@ -159,6 +182,48 @@ class Loader:
             self._check(w, i, crc)
 
         return job
+
+    def _block_job(
+        self, w: Wanted, e: TensorEntry, i: int, a: int, b: int,
+        data: ArrayFormat | None, base_arr: ArrayFormat | None, out: np.ndarray,
+    ) -> Callable[[], None]:
+        row = w.row.info.row_numel
+
+        def body(visit: Callable[[np.ndarray], None]) -> None:
+            if w.row.source == layout.SOURCE_EXACT:
+                assert data is not None
+                self.batch.read_range(data, a * row, out)
+                visit(out)
+            elif w.row.source in (layout.SOURCE_BASE, layout.SOURCE_XBASE):
+                xbase = w.row.source == layout.SOURCE_XBASE
+                if xbase:
+                    assert data is not None
+                    self.batch.read_range(data, a * row, out)
+                with self._base_rows(w, e, a, b, base_arr) as base:
+                    rebuild_bits(out, dtypes.to_storage(base.to(w.row.dtype.torch)), True if xbase else None, visit)
+            else:
+                assert data is not None and e.mask_offset is not None
+                mask = self._mask_bytes(e.mask_offset + a * row // 8, out.size)
+                with self._in_shared_dtype(w, e, out, visit) as work, self._base_rows(w, e, a, b, base_arr) as base:
+                    self.batch.read_range(data, a * row, work)
+                    rebuild_bits(work, dtypes.to_storage(base.to(e.dtype.torch)), mask, None if work is not out else visit)
+
+        return self._checked(w, i, body)
+
+    @contextmanager
+    def _in_shared_dtype(self, w: Wanted, e: TensorEntry, out: np.ndarray, visit: Callable[[np.ndarray], None]) -> Iterator[np.ndarray]:
+        """Where a block is rebuilt: ``out`` itself, or — a task of another dtype than the tensor's
+        shared one (mixed dtypes) — a pooled buffer in the shared dtype, cast into ``out`` (and
+        checksummed) on the way out, rounded once."""
+        if w.row.dtype == e.dtype:
+            yield out
+            return
+        with BUFFERS.take(out.size * e.dtype.itemsize) as buf:
+            work = np.frombuffer(buf, e.dtype.storage)
+            yield work
+            cast = dtypes.from_storage(work, e.dtype, (out.size,)).to(w.row.dtype.torch)
+            out[:] = dtypes.to_storage(cast)
+            visit(out)
 
     @contextmanager
     def _base_rows(self, w: Wanted, e: TensorEntry, a: int, b: int, base_arr: ArrayFormat | None) -> Iterator[torch.Tensor]:
@@ -200,34 +265,59 @@ class Loader:
         self, w: Wanted, e: TensorEntry, i: int, a: int, b: int, code: tuple[int, int, int],
         mask: tuple[int, int, int], base_arr: ArrayFormat | None, out: np.ndarray,
     ) -> Callable[[], None]:
-        def job() -> None:
-            crc = 0
+        def body(visit: Callable[[np.ndarray], None]) -> None:
+            assert self._codes is not None and self._stream is not None
+            where = f"block {i} of {w.entry!r}"
+            raw = np.empty(code[1], np.uint8)
+            self.batch.read_range(self._codes, code[0], raw)
+            scales, q = decode_codes(raw, code[2], b - a, out.size, f"the shared codes of {where}")
+            raw = np.empty(mask[1], np.uint8)
+            self.batch.read_range(self._stream, mask[0], raw)
+            packed = decode_mask_segment(raw, mask[2], q, f"the mask of {where}")
+            with self._in_shared_dtype(w, e, out, visit) as work, self._base_rows(w, e, a, b, base_arr) as base:
+                base_bits = dtypes.to_storage(base.to(e.dtype.torch))
+                np.bitwise_xor(shared_bits(base, scales, q, b - a, e.dtype), base_bits, out=work)
+                rebuild_bits(work, base_bits, packed, None if work is not out else visit)
 
-            def visit(tile: np.ndarray) -> None:
-                nonlocal crc
-                crc = crc32c.crc32c(tile.view(np.uint8), crc)
+        return self._checked(w, i, body)
 
-            try:
-                assert self._codes is not None and self._stream is not None
-                where = f"block {i} of {w.entry!r}"
-                raw = np.empty(code[1], np.uint8)
-                self.batch.read_range(self._codes, code[0], raw)
-                scales, q = decode_codes(raw, code[2], b - a, out.size, f"the shared codes of {where}")
-                raw = np.empty(mask[1], np.uint8)
-                self.batch.read_range(self._stream, mask[0], raw)
-                packed = decode_mask_segment(raw, mask[2], q, f"the mask of {where}")
-                with self._base_rows(w, e, a, b, base_arr) as base:
-                    shared = shared_bits(base, scales, q, b - a, w.row.dtype)
-                    base_bits = dtypes.to_storage(base.to(w.row.dtype.torch))
-                    np.bitwise_xor(shared, base_bits, out=out)
-                    rebuild_bits(out, base_bits, packed, visit)
-            except Exception as err:
-                if isinstance(err, TallstoreError) and not isinstance(err, CorruptArchiveError):
-                    raise
-                raise self._corrupt(w.row.key, err) from None
-            self._check(w, i, crc)
+    def _plan_delta(self, w: Wanted, e: TensorEntry, ranges: list[tuple[int, int]]) -> list[tuple[int, Callable[[], None]]]:
+        """Plan a delta-coded tensor: its segments in the task's delta stream, the embedded base's blocks."""
+        record = self.source.task(self.task).delta
+        assert record is not None
+        if self._deltas is None:
+            self._deltas = self.source.delta_stream(self.task)
+        segments = record.segments[w.row.key]
+        base_arr = self.base.array(e) if isinstance(self.base, EmbeddedBase) else None
+        row = w.row.info.row_numel
+        stream = delta.tensor_seed(record.seed, w.entry)
+        bits = dtypes.to_storage(w.out)
+        jobs = []
+        for i, (a, b) in enumerate(ranges):
+            seg = segments[i]
+            self.batch.add_range(self._deltas, seg[0], seg[0] + seg[1])
+            if base_arr is not None:
+                self.batch.add_range(base_arr, a * row, b * row)
+            jobs.append(((b - a) * row, self._delta_job(w, e, i, a, b, seg, stream, base_arr, bits[a * row : b * row])))
+        return jobs
 
-        return job
+    def _delta_job(
+        self, w: Wanted, e: TensorEntry, i: int, a: int, b: int, seg: tuple[int, int, int], stream: int,
+        base_arr: ArrayFormat | None, out: np.ndarray,
+    ) -> Callable[[], None]:
+        def body(visit: Callable[[np.ndarray], None]) -> None:
+            assert self._deltas is not None
+            row = w.row.info.row_numel
+            raw = np.empty(seg[1], np.uint8)
+            self.batch.read_range(self._deltas, seg[0], raw)
+            u = delta.dither(stream, a * row, (b - a) * row).reshape(b - a, row)
+            block = decode_segment(raw, seg[2], u, f"the delta code of block {i} of {w.row.key!r}")
+            with self._base_rows(w, e, a, b, base_arr) as base:
+                rebuilt = delta.rebuild_block(block, base.reshape(b - a, row), u).to(w.row.dtype.torch)
+            out[:] = dtypes.to_storage(rebuilt.reshape(-1))
+            visit(out)
+
+        return self._checked(w, i, body)
 
     def _plan_masks(self, ranges: list[tuple[int, int]]) -> None:
         """Plan the task's mask bytes covering ``ranges``, decoded into one buffer per run."""

@@ -151,6 +151,12 @@ class ArchiveSource:
         total = sum(seg[1] for seg in self.task(task).masks or ())
         return self.reader.array(layout.mask_path(task), np.dtype(np.uint8), total)
 
+    def delta_stream(self, task: int) -> ArrayFormat:
+        """Representation ``delta``: task ``task``'s stream of delta segments (its length: all of them)."""
+        record = self.task(task).delta
+        total = sum(seg[1] for segs in record.segments.values() for seg in segs) if record else 0
+        return self.reader.array(layout.delta_path(task), np.dtype(np.uint8), total)
+
     def read_file(self, f: FolderFile) -> bytes:
         """An archived non-weight file's bytes, checked against its recorded size and SHA-256."""
         arr = self.reader.array(layout.file_path(f.sha256), np.dtype(np.uint8), f.size)

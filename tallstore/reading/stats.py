@@ -4,7 +4,8 @@ A weight selected by no task is *catastrophic* (the merge changes it, yet no tas
 weight no task changed counts here too, as in the paper, which defines both from the masks
 alone); one selected by exactly one task is *selfish*. Statistics cover every maskable weight
 (kinds ``masked`` and ``base``) and are computed from the stored masks only, streaming through
-``masks/<t>`` a few chunks at a time.
+``masks/<t>`` a few chunks (shared form ``quantized``: one row block) at a time. Tasks stored
+exactly whole have no mask and are listed apart.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import torch
 
 from ..errors import ArchiveError, CorruptArchiveError, TallstoreError
 from ..storage import layout
+from ..storage.geometry import row_blocks
+from ..storage.segments import decode_codes, decode_mask_segment
 from .source import ArchiveSource
 
 PIECE = 1 << 20  # mask elements unpacked per task at a time (a multiple of 8)
@@ -61,65 +64,137 @@ class _Counts:
         }
 
 
+class _Tally:
+    """The counts ``mask_stats`` accumulates from ``(T, n)`` pieces of unpacked mask bits."""
+
+    def __init__(self, T: int) -> None:
+        self.overall = _Counts(T)
+        self.layers: dict[str, _Counts] = {}
+        self.inter = torch.zeros((T, T), dtype=torch.float64)
+        self.alone = np.zeros(T, np.int64)
+        self.T = T
+
+    def layer(self, key: str) -> _Counts:
+        return self.layers.setdefault(layer_of(key), _Counts(self.T))
+
+    def add(self, bits: np.ndarray, layer: _Counts) -> None:
+        """Count one piece: ``bits[t, i]`` is 1 where task ``t``'s mask selects weight ``i``."""
+        selected = bits.sum(axis=0, dtype=np.int64)
+        h = np.bincount(selected, minlength=self.T + 1)
+        for c in (self.overall, layer):
+            c.hist += h
+            c.params += bits.shape[1]
+        self.alone += bits[:, selected == 1].sum(axis=1, dtype=np.int64)
+        m = torch.from_numpy(bits).to(torch.float32)
+        self.inter += (m @ m.T).to(torch.float64)
+
+
 def mask_stats(source: ArchiveSource) -> dict[str, Any]:
     """Densities, the 0…T selection histogram, catastrophic/selfish fractions overall and per
-    layer, the weights each task holds alone, and the pairwise Jaccard overlap of the masks."""
+    layer, the weights each task holds alone, and the pairwise Jaccard overlap of the masks of
+    the tasks that have them (a task stored exactly whole has none)."""
     m = source.manifest
-    names = list(m.tasks)
+    tall = [t for t in range(len(m.tasks)) if source.task(t).tall]
+    names = [m.tasks[t] for t in tall]
     T = len(names)
     if T > MAX_TASKS:
         raise ArchiveError(f"{source.location}: stats compares every pair of tasks; {T} tasks are more than it "
                            f"does ({MAX_TASKS})")
+    tally = _Tally(T)
+    if T and m.shared.quantized:
+        _quantized_masks(source, tall, tally)
+    elif T:
+        _xor_masks(source, tall, tally)
+    total = tally.overall.params
+    ones = tally.inter.diagonal().round().long().tolist()
+    inter = tally.inter
+    union = torch.tensor(ones, dtype=torch.float64).view(-1, 1) + torch.tensor(ones, dtype=torch.float64).view(1, -1) - inter
+    jaccard = torch.where(union > 0, inter / union.clamp(min=1), torch.ones((), dtype=torch.float64))
+    return {
+        "location": source.location,
+        "tasks": names,
+        "exact_tasks": [n for t, n in enumerate(m.tasks) if t not in tall],
+        "masked_params": total,
+        "density": {n: ones[t] / total if total else 0.0 for t, n in enumerate(names)},
+        **tally.overall.summary(),
+        "selfish_by_task": {n: float(tally.alone[t] / total) if total else 0.0 for t, n in enumerate(names)},
+        "layers": [{"layer": name, **tally.layers[name].summary()} for name in sorted(tally.layers, key=natural_key)],
+        "jaccard": jaccard.tolist(),
+    }
+
+
+def _xor_masks(source: ArchiveSource, tall: list[int], tally: _Tally) -> None:
+    """Shared form ``xor``: stream the tasks' flat mask arrays a window at a time."""
+    m = source.manifest
+    T = len(tall)
     entries = sorted(
         (e for e in m.tensors if e.kind in (layout.KIND_MASKED, layout.KIND_BASE) and e.mask_offset is not None),
         key=lambda e: e.mask_offset or 0,
     )
-    overall = _Counts(T)
-    layers: dict[str, _Counts] = {}
-    inter = torch.zeros((T, T), dtype=torch.float64)
-    alone = np.zeros(T, np.int64)
-    segments = []
-    for e in entries:
-        segments.append((e.mask_offset, e.info.numel, layers.setdefault(layer_of(e.key), _Counts(T))))
+    segments = [(e.mask_offset, e.info.numel, tally.layer(e.key)) for e in entries]
     window = _window(T, m.mask.chunk_bytes)
-    piece = min(PIECE, max(8, BUDGET // 4 // T)) // 8  # mask bytes unpacked per task at a time (as float32 too)
+    piece = _piece(T) // 8  # mask bytes unpacked per task at a time (as float32 too)
     total_bytes = m.mask.nbytes
     s = 0
     for w0 in range(0, total_bytes, window):
         w1 = min(w0 + window, total_bytes)
-        data = _read_window(source, w0, w1)
+        data = _read_window(source, tall, w0, w1)
         while s < len(segments) and segments[s][0] < w1:
             lo, n, counts = segments[s]
             a, b = max(lo, w0), min(lo + (n + 7) // 8, w1)
             for p in range(a, b, piece):
                 q = min(p + piece, b)
                 count = min((q - p) * 8, n - (p - lo) * 8)
-                bits = np.unpackbits(data[:, p - w0 : q - w0], axis=1, count=count, bitorder=layout.BITORDER)
-                selected = bits.sum(axis=0, dtype=np.int64)
-                h = np.bincount(selected, minlength=T + 1)
-                for c in (overall, counts):
-                    c.hist += h
-                    c.params += count
-                alone += bits[:, selected == 1].sum(axis=1, dtype=np.int64)
-                m = torch.from_numpy(bits).to(torch.float32)
-                inter += (m @ m.T).to(torch.float64)
+                tally.add(np.unpackbits(data[:, p - w0 : q - w0], axis=1, count=count, bitorder=layout.BITORDER), counts)
             if lo + (n + 7) // 8 > w1:
                 break
             s += 1
-    total = overall.params
-    ones = inter.diagonal().round().long().tolist()
-    union = torch.tensor(ones, dtype=torch.float64).view(-1, 1) + torch.tensor(ones, dtype=torch.float64).view(1, -1) - inter
-    jaccard = torch.where(union > 0, inter / union.clamp(min=1), torch.ones((), dtype=torch.float64))
-    return {
-        "location": source.location,
-        "tasks": names,
-        "masked_params": total,
-        "density": {n: ones[t] / total if total else 0.0 for t, n in enumerate(names)},
-        **overall.summary(),
-        "selfish_by_task": {n: float(alone[t] / total) if total else 0.0 for t, n in enumerate(names)},
-        "layers": [{"layer": name, **layers[name].summary()} for name in sorted(layers, key=natural_key)],
-        "jaccard": jaccard.tolist(),
-    }
+
+
+def _quantized_masks(source: ArchiveSource, tall: list[int], tally: _Tally) -> None:
+    """Shared form ``quantized``: per row block of each masked tensor, decode the shared codes
+    and every task's mask segment under them."""
+    m = source.manifest
+    try:
+        codes = source.codes_array()
+        streams = [(source.mask_stream(t), source.task(t).masks) for t in tall]
+        piece = _piece(len(tall))
+        for e in m.tensors:
+            if e.kind != layout.KIND_MASKED or e.codes is None or e.mask_block is None:
+                continue
+            counts = tally.layer(e.key)
+            row = e.info.row_numel
+            for i, (a, b) in enumerate(row_blocks(e.info, None, m.block_elems)):
+                where = f"block {i} of {e.key!r}"
+                code = e.codes[i]
+                batch = source.reader.batch()
+                batch.add_range(codes, code[0], code[0] + code[1])
+                for stream, segs in streams:
+                    assert segs is not None
+                    batch.add_range(stream, segs[e.mask_block + i][0], sum(segs[e.mask_block + i][:2]))
+                batch.fetch()
+                raw = np.empty(code[1], np.uint8)
+                batch.read_range(codes, code[0], raw)
+                _, q = decode_codes(raw, code[2], b - a, (b - a) * row, f"the shared codes of {where}")
+                packed = []
+                for stream, segs in streams:
+                    assert segs is not None
+                    seg = segs[e.mask_block + i]
+                    raw = np.empty(seg[1], np.uint8)
+                    batch.read_range(stream, seg[0], raw)
+                    packed.append(decode_mask_segment(raw, seg[2], q, f"a mask of {where}"))
+                bits = np.stack(packed)
+                n = (b - a) * row
+                for p in range(0, n, piece):
+                    tally.add(np.unpackbits(bits[:, p // 8 : (min(p + piece, n) + 7) // 8], axis=1,
+                                            count=min(piece, n - p), bitorder=layout.BITORDER), counts)
+    except TallstoreError as e:
+        raise CorruptArchiveError(f"{source.location}: mask data is unreadable or corrupt ({e})") from None
+
+
+def _piece(T: int) -> int:
+    """Mask elements unpacked per task at a time (a multiple of 8): ``PIECE``, less for many tasks."""
+    return min(PIECE, max(8, BUDGET // 4 // T)) // 8 * 8
 
 
 def _window(T: int, chunk: int) -> int:
@@ -129,13 +204,13 @@ def _window(T: int, chunk: int) -> int:
     return share - share % chunk if share >= chunk else share
 
 
-def _read_window(source: ArchiveSource, w0: int, w1: int) -> np.ndarray:
-    """Bytes ``[w0, w1)`` of every task's mask, as a ``(T, w1 − w0)`` uint8 array."""
+def _read_window(source: ArchiveSource, tall: list[int], w0: int, w1: int) -> np.ndarray:
+    """Bytes ``[w0, w1)`` of the masks of tasks ``tall``, as a ``(T, w1 − w0)`` uint8 array."""
     m = source.manifest
-    out = np.empty((len(m.tasks), w1 - w0), np.uint8)
+    out = np.empty((len(tall), w1 - w0), np.uint8)
     try:
         arrays = [source.reader.array(layout.mask_path(t), np.dtype(np.uint8), m.mask.nbytes, source.task(t).mask_crcs)
-                  for t in range(len(m.tasks))]
+                  for t in tall]
         source.reader.read_into([(a, w0, out[t]) for t, a in enumerate(arrays)])
     except TallstoreError as e:
         raise CorruptArchiveError(f"{source.location}: mask data is unreadable or corrupt ({e})") from None

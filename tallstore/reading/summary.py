@@ -19,7 +19,10 @@ def describe(source: ArchiveSource, *, sizes: bool = True) -> dict[str, Any]:
     for i, name in enumerate(m.tasks):
         rec = source.task(i)
         tasks.append({
-            "name": name, "lam": rec.lam, "source": rec.source, "files": [f.to_json() for f in rec.files],
+            "name": name, "representation": rec.representation, "lam": rec.lam, "source": rec.source,
+            **({"delta_step": rec.delta.step} if rec.delta is not None else {}),
+            **({"choice": rec.choice} if rec.choice is not None else {}),
+            "files": [f.to_json() for f in rec.files],
             "raw_bytes": sum(f.size for f in rec.files) + sum(f.size for f in rec.folder), **rec.stats.to_json(),
             "folder": [f.to_json() for f in rec.folder], "skipped": list(rec.skipped),
             "key_map": rec.key_map, "renames": rec.renames, "adapter": rec.adapter,
@@ -32,6 +35,7 @@ def describe(source: ArchiveSource, *, sizes: bool = True) -> dict[str, Any]:
         "created": m.created,
         "writer": m.writer,
         "merge": m.merge.to_json(),
+        "shared": m.shared.to_json(),
         "lam": list(m.lam),
         "aliases": dict(m.aliases),
         "lam_selection": m.lam_selection or {"method": "fixed"},

@@ -6,8 +6,9 @@ Three levels, each including the one before:
   spec-only codecs, its own ``zarr.json`` agrees with the consolidated copy, every chunk is present
   (writers store every chunk, §2) and decodes through the checked reader, which checks its
   ``crc32c`` and bounds its size;
-- **deep**: the base is hashed against its fingerprint and every task is rebuilt (the reader checks
-  each tensor's CRC-32C) and compared with the SHA-256 tree digests recorded at pack time;
+- **deep**: every archived non-weight file is hashed against its SHA-256, the base against its
+  fingerprint, and every task is rebuilt (the reader checks each tensor's CRC-32C) and compared
+  with the SHA-256 tree digests recorded at pack time;
 - **against**: a task is compared with an original checkpoint: relative error ``‖θ̂−θ‖/‖τ‖`` over
   masked tensors, maximum absolute error, exact tensors, and whether the original's files still
   have the SHA-256 recorded at pack time.
@@ -34,10 +35,10 @@ from ..checkpoint import open_checkpoint
 from ..dtypes import TensorInfo
 from ..errors import ArchiveError, TallstoreError
 from ..storage import layout
-from ..storage.chunks import BUFFERS, MAX_DOCUMENT, MissingObject
+from ..storage.chunks import BUFFERS, MAX_DOCUMENT, MissingObject, allocating
 from ..storage.codecs import ArrayFormat
 from ..storage.digests import block_digest, combine, fingerprint
-from ..storage.geometry import block_ranges
+from ..storage.geometry import block_ranges, extra_info, row_blocks
 from ..storage.manifest import archive_digest
 from . import loading
 from .base_model import EmbeddedBase, ExternalBase
@@ -117,6 +118,7 @@ def verify(
     _check_stored(source, report)
     _check_copy(source, report)
     if deep:
+        _check_files(source, report)
         _check_base(source, base(), report)
         for t, name in enumerate(m.tasks):
             _check_task(source, base(), t, name, report, progress)
@@ -132,13 +134,17 @@ def expected_arrays(source: ArchiveSource, report: VerifyReport) -> list[Expecte
     """Every array the manifest and the readable task listings imply."""
     m = source.manifest
     out: list[Expected] = []
+    quantized = m.shared.quantized
     for e in m.tensors:
         info = e.info
-        if e.kind == layout.KIND_MASKED:
+        if e.kind == layout.KIND_MASKED and not quantized:
             out.append(Expected(layout.merged_path(e.node), info.dtype.storage, info.numel, f"merged bits of {e.key!r}", e.crcs))
         if m.base.embedded and e.base_dtype is not None:
             out.append(Expected(layout.base_path(e.node), e.base_dtype.storage, info.numel, f"embedded base of {e.key!r}",
                                 e.base_crcs))
+    if quantized and any(e.codes for e in m.tensors):
+        out.append(Expected(layout.SHARED_CODES, np.dtype(np.uint8), sum(seg[1] for e in m.tensors for seg in e.codes or ()),
+                            "the shared vector's codes"))
     stored: dict[str, int] = {f.sha256: f.size for f in m.base.folder}
     for t, name in enumerate(m.tasks):
         try:
@@ -147,13 +153,27 @@ def expected_arrays(source: ArchiveSource, report: VerifyReport) -> list[Expecte
             report.problems.append(str(e))
             continue
         stored.update((f.sha256, f.size) for f in record.folder)
-        if m.mask.nbytes:
+        if quantized and record.masks:
+            out.append(Expected(layout.mask_path(t), np.dtype(np.uint8), sum(seg[1] for seg in record.masks),
+                                f"mask of task {name!r}"))
+        elif m.mask.nbytes and record.tall:
             out.append(Expected(layout.mask_path(t), np.dtype(np.uint8), m.mask.nbytes, f"mask of task {name!r}",
                                 record.mask_crcs))
+        if record.delta is not None:
+            out.append(Expected(layout.delta_path(t), np.dtype(np.uint8),
+                                sum(seg[1] for segs in record.delta.segments.values() for seg in segs),
+                                f"delta code of task {name!r}"))
         for row in record.rows:
-            if row.source == layout.SOURCE_EXACT:
-                path = layout.exact_path(m.entries[record.entry_key(row.key)].node, t)
-                out.append(Expected(path, row.dtype.storage, row.info.numel, f"exact {row.key!r} of task {name!r}", row.crcs))
+            e = m.entries[record.entry_key(row.key)]
+            if row.source in (layout.SOURCE_EXACT, layout.SOURCE_XBASE):
+                path = layout.exact_path(e.node, t)
+                crcs = row.crcs if row.source == layout.SOURCE_EXACT else None  # xbase chunks hold XOR bits
+                out.append(Expected(path, row.dtype.storage, row.info.numel, f"exact {row.key!r} of task {name!r}", crcs))
+            elif row.source == layout.SOURCE_MASKED and row.info.rows > e.info.rows:
+                extra = extra_info(row.info, e.info.rows)
+                out.append(Expected(layout.extra_path(e.node, t), row.dtype.storage, extra.numel,
+                                    f"rows of {row.key!r} past the base's, task {name!r}",
+                                    row.crcs[len(list(block_ranges(e.info, m.block_elems))):]))
     for sha, size in sorted(stored.items()):
         out.append(Expected(layout.file_path(sha), np.dtype(np.uint8), size, f"archived file {sha[:12]}…"))
     return out
@@ -291,11 +311,12 @@ def _why(e: TallstoreError) -> str:
     return "is missing" if isinstance(e, MissingObject) else f"is unreadable ({e})"
 
 
-def _digest(t: torch.Tensor, info: TensorInfo, block_elems: int, version: int = 1) -> str:
-    """The tree digest (§7) of a whole tensor (format v2: ``[dtype, shape]`` first)."""
+def _digest(t: torch.Tensor, info: TensorInfo, block_elems: int, version: int = 1, base_rows: int | None = None) -> str:
+    """The tree digest (§7) of a whole tensor (format v2: ``[dtype, shape]`` first; a grown
+    tensor's blocks are those of the base's rows, then those of its extra rows)."""
     flat = t.reshape(-1)
     row = info.row_numel
-    return combine((block_digest(flat[a * row : b * row]) for a, b in block_ranges(info, block_elems)),
+    return combine((block_digest(flat[a * row : b * row]) for a, b in row_blocks(info, base_rows, block_elems)),
                    info if version >= 2 else None)
 
 
@@ -339,8 +360,9 @@ def _check_files(source: ArchiveSource, report: VerifyReport) -> None:
 
 
 def _rebuild(source: ArchiveSource, base: ExternalBase | EmbeddedBase, t: int, key: str, info: TensorInfo) -> torch.Tensor:
-    out = torch.empty(info.shape, dtype=info.dtype.torch)
-    loading.load(source, base, t, {key: out.view(-1)})
+    with allocating(f"{source.location}: tensor {key!r} of task {source.manifest.tasks[t]!r} ({info.nbytes} bytes)"):
+        out = torch.empty(info.shape, dtype=info.dtype.torch)
+        loading.load(source, base, t, {key: out.view(-1)})
     return out
 
 
@@ -350,15 +372,16 @@ def _check_task(
 ) -> None:
     """Rebuild every tensor of task ``t`` and compare its digest with the recorded one."""
     try:
-        rows = source.task(t).rows
+        record = source.task(t)
     except TallstoreError as e:
         report.problems.append(str(e))
         return
     bad = len(report.problems)
-    for row in rows:
+    for row in record.rows:
         try:
+            e = source.manifest.entries[record.entry_key(row.key)]
             digest = _digest(_rebuild(source, base, t, row.key, row.info), row.info, source.manifest.block_elems,
-                             source.manifest.version)
+                             source.manifest.version, e.info.rows if row.source == layout.SOURCE_MASKED else None)
         except TallstoreError as e:
             report.problems.append(str(e))
             continue
@@ -399,7 +422,7 @@ def _compare(
                 report.problems.append(f"{where}: tensor {key!r} has {ck.info(key)} in the original, {row.info} rebuilt")
                 continue
             want = ck.read(key)
-            masked = row.source == layout.SOURCE_MASKED
+            masked = row.source in (layout.SOURCE_MASKED, layout.SOURCE_DELTA)  # the approximate rows
             if masked:
                 tau_sq += float((want.to(torch.float64) - base.read(record.entry_key(key)).to(torch.float64)).square().sum())
             try:

@@ -81,6 +81,24 @@ def _check_object(st: os.stat_result, key: str, limit: int, what: str) -> None:
         raise CorruptArchiveError(f"{what} {key} holds {st.st_size} bytes, more than it may ({limit})")
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is a failed allocation: Python's ``MemoryError``, or the ``RuntimeError`` torch's
+    CPU allocator raises ("DefaultCPUAllocator: can't allocate memory")."""
+    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
+@contextmanager
+def allocating(what: str) -> Iterator[None]:
+    """Turn a failed allocation inside the ``with`` block into a one-line ``ArchiveError`` naming
+    ``what``: sizes an archive records within the manifest's limits may still exceed memory."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
+        raise ArchiveError(f"{what} does not fit in memory") from None
+
+
 class BufferPool:
     """Reusable byte buffers: decoding reads into memory that is already mapped, not fresh pages.
 
@@ -102,10 +120,8 @@ class BufferPool:
                 buf = min(fits, key=len)
                 self._free.remove(buf)
         if not fits:
-            try:
+            with allocating(f"a chunk of {n} bytes"):
                 buf = bytearray(n)
-            except MemoryError:
-                raise ArchiveError(f"a chunk of {n} bytes does not fit in memory") from None
         try:
             yield memoryview(buf)[:n]
         finally:
@@ -359,7 +375,8 @@ class ChunkReader:
     def read(self, array: ArrayFormat, lo: int = 0, hi: int | None = None) -> np.ndarray:
         """Elements ``[lo, hi)`` of ``array``, every chunk they touch checked."""
         hi = array.numel if hi is None else hi
-        out = np.empty(max(0, hi - lo), array.storage)
+        with allocating(f"{array.path} ({max(0, hi - lo) * array.storage.itemsize} bytes)"):
+            out = np.empty(max(0, hi - lo), array.storage)
         self.read_into([(array, lo, out)])
         return out
 

@@ -38,3 +38,18 @@ def block_ranges(info: TensorInfo, block_elems: int) -> Iterator[tuple[int, int]
 def chunk_elems(info: TensorInfo, block_elems: int) -> int:
     """Elements per chunk of the flat arrays of this tensor (one block), at least 1."""
     return max(1, block_rows(info, block_elems) * info.row_numel)
+
+
+def extra_info(info: TensorInfo, base_rows: int) -> TensorInfo:
+    """The rows of a grown tensor (a task with more dim-0 rows than the base) past the base's."""
+    return TensorInfo(info.dtype, (info.rows - base_rows, *info.shape[1:]))
+
+
+def row_blocks(info: TensorInfo, base_rows: int | None, block_elems: int) -> list[tuple[int, int]]:
+    """The blocks of a task's tensor as stored: those of the base's rows (masked), then — a grown
+    tensor — those of its extra rows, each range in the task tensor's own rows."""
+    if base_rows is None or not info.shape or base_rows >= info.rows:
+        return list(block_ranges(info, block_elems))
+    masked = TensorInfo(info.dtype, (base_rows, *info.shape[1:]))
+    extra = extra_info(info, base_rows)
+    return [*block_ranges(masked, block_elems), *((a + base_rows, b + base_rows) for a, b in block_ranges(extra, block_elems))]

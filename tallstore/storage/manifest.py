@@ -32,7 +32,7 @@ from ..errors import (
     TallstoreError,
 )
 from . import layout
-from .geometry import block_rows
+from .geometry import block_rows, extra_info
 
 NODE = re.compile(r"[a-z0-9_.~-]{1,255}")
 SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -124,6 +124,14 @@ def _segments(v: Any, n: int) -> tuple[tuple[int, int, int], ...] | None:
 def _n_blocks(info: TensorInfo, block_elems: int) -> int:
     """How many row blocks ``block_ranges`` cuts ``info`` into, counted without enumerating them."""
     return 1 if info.numel == 0 else -(-info.rows // block_rows(info, block_elems))
+
+
+def _n_row_blocks(info: TensorInfo, base_rows: int | None, block_elems: int) -> int:
+    """``len(geometry.row_blocks(info, base_rows, block_elems))``, counted without enumerating them."""
+    if base_rows is None or not info.shape or base_rows >= info.rows:
+        return _n_blocks(info, block_elems)
+    masked = TensorInfo(info.dtype, (base_rows, *info.shape[1:]))
+    return _n_blocks(masked, block_elems) + _n_blocks(extra_info(info, base_rows), block_elems)
 
 
 def _check_size(info: TensorInfo, where: str, what: str) -> None:
@@ -681,6 +689,19 @@ class TaskRecord:
     key_map: str | None = None
     adapter: bool = False
     masks: tuple[tuple[int, int, int], ...] | None = None
+    representation: str = layout.REPR_TALL
+    delta: DeltaRecord | None = None
+    choice: dict[str, Any] | None = None
+
+    @property
+    def exact(self) -> bool:
+        """Whether every tensor of the task is stored bit for bit (no mask, not in the shared vector)."""
+        return self.representation == layout.REPR_EXACT
+
+    @property
+    def tall(self) -> bool:
+        """Whether the task is rebuilt from the shared vector and its TALL mask (it takes part in merges)."""
+        return self.representation == layout.REPR_TALL
 
     def entry_key(self, key: str) -> str:
         """The manifest's name of the task's tensor ``key`` (the base's, when the task's own
@@ -710,9 +731,17 @@ class TaskRecord:
         renames = attrs.get("renames", {}) if manifest.version >= 2 else {}
         if not _str_map(renames) or len(set(renames.values())) != len(renames):
             raise Malformed(where, f"{who}'s 'renames' is not a one-to-one map of names")
+        representation = attrs.get("representation", layout.REPR_TALL) if manifest.version >= 2 else layout.REPR_TALL
+        if representation not in layout.REPRESENTATIONS:
+            raise Malformed(where, f"{who} has an unknown representation {representation!r}")
+        exact = representation != layout.REPR_TALL
         rows: dict[str, TaskRow] = {}
         for raw in raw_rows:
             row = _row(raw, manifest, renames, where, who)
+            if exact and row.source == layout.SOURCE_MASKED:
+                raise Malformed(where, f"tensor {row.key!r} of {who} is masked, but the task is stored {representation}")
+            if row.source == layout.SOURCE_DELTA and representation != layout.REPR_DELTA:
+                raise Malformed(where, f"tensor {row.key!r} of {who} is delta-coded, but the task is {representation}")
             if row.key in rows:
                 raise Malformed(where, f"tensor {row.key!r} of {who} is unknown to the manifest or listed twice")
             rows[row.key] = row
@@ -721,7 +750,7 @@ class TaskRecord:
         entry_keys = {renames.get(k, k) for k in rows}
         if len(entry_keys) != len(rows):
             raise Malformed(where, f"{who} names one manifest tensor twice")
-        missing = [e.key for e in manifest.tensors if e.kind == layout.KIND_MASKED and e.key not in entry_keys]
+        missing = [e.key for e in manifest.tensors if e.kind == layout.KIND_MASKED and e.key not in entry_keys and not exact]
         if missing:
             raise Malformed(where, f"{who} lacks the masked tensor {missing[0]!r}")
         mask_crcs = None
@@ -733,11 +762,11 @@ class TaskRecord:
         if not isinstance(key_map, (str, type(None))) or not isinstance(adapter, bool):
             raise Malformed(where, f"{who}'s 'key_map' or 'adapter' is malformed")
         masks = None
-        if manifest.version >= 2 and manifest.shared.quantized:
+        if manifest.version >= 2 and not exact and manifest.shared.quantized:
             masks = _segments(attrs.get("masks"), manifest.mask_blocks)
             if masks is None:
                 raise Malformed(where, f"{who} has no mask segment per masked block")
-        elif manifest.version >= 2:
+        elif manifest.version >= 2 and not exact:
             mask_crcs = _crc_list(attrs.get("mask_crcs"), manifest.mask.n_ranges)
             if mask_crcs is None:
                 raise Malformed(where, f"{who} has no CRC-32C per mask range")
@@ -748,9 +777,15 @@ class TaskRecord:
             if not _is_str_list(skipped_v) or not all(safe_relative_path(p) for p in skipped_v):
                 raise Malformed(where, f"{who}'s 'skipped' is not a list of safe paths")
             skipped = tuple(skipped_v)
+        delta = None
+        if representation == layout.REPR_DELTA:
+            delta = DeltaRecord.from_json(attrs.get("delta"), rows, manifest.block_elems, where, who)
+        choice = attrs.get("choice")
+        if choice is not None and not (isinstance(choice, dict) and all(isinstance(k, str) for k in choice)):
+            raise Malformed(where, f"{who}'s 'choice' is not an object")
         return cls(name, float(attrs["lam"]), str(attrs.get("source", "")), files, tuple(rows.values()),
                    _stats(attrs["stats"], where, who), mask_crcs, folder, weights, skipped, dict(renames), key_map, adapter,
-                   masks)
+                   masks, representation, delta, choice)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -773,7 +808,44 @@ class TaskRecord:
             out["adapter"] = True
         if self.masks is not None:
             out["masks"] = [list(seg) for seg in self.masks]
+        if not self.tall:
+            out["representation"] = self.representation
+        if self.delta is not None:
+            out["delta"] = self.delta.to_json()
+        if self.choice is not None:
+            out["choice"] = self.choice
         return out
+
+
+@dataclass(frozen=True)
+class DeltaRecord:
+    """A delta task's code (spec §10): its step factor κ, its dither seed, and each delta-coded
+    tensor's segments in ``deltas/<t>``, one per row block."""
+
+    step: float
+    seed: int
+    segments: dict[str, tuple[tuple[int, int, int], ...]]
+
+    @classmethod
+    def from_json(cls, v: Any, rows: dict[str, TaskRow], block_elems: int, where: str, who: str) -> DeltaRecord:
+        if not isinstance(v, dict) or not _is_number(v.get("step")) or not _is_int(v.get("seed"), 0, 0xFFFFFFFF):
+            raise Malformed(where, f"{who} is delta-coded but has no valid 'delta' step and seed")
+        step = float(v["step"])
+        raw = v.get("segments")
+        coded = {k for k, r in rows.items() if r.source == layout.SOURCE_DELTA}
+        if not math.isfinite(step) or step <= 0 or not isinstance(raw, dict) or set(raw) != coded:
+            raise Malformed(where, f"{who}'s delta step is not positive or its segments do not list its delta-coded tensors")
+        segments = {}
+        for key in sorted(coded):
+            segs = _segments(raw[key], _n_blocks(rows[key].info, block_elems))
+            if segs is None:
+                raise Malformed(where, f"tensor {key!r} of {who} has no delta segment per block")
+            segments[key] = segs
+        return cls(step, int(v["seed"]), segments)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"step": self.step, "seed": self.seed,
+                "segments": {k: [list(s) for s in segs] for k, segs in sorted(self.segments.items())}}
 
 
 def _row(raw: Any, manifest: Manifest, renames: dict[str, str], where: str, who: str) -> TaskRow:
@@ -791,13 +863,19 @@ def _row(raw: Any, manifest: Manifest, renames: dict[str, str], where: str, who:
         raise Malformed(where, f"{what} has no valid sha256")
     info = TensorInfo(d, shape)
     _check_size(info, where, what)
-    if _crc_list(crcs, _n_blocks(info, manifest.block_elems)) is None:
+    grown = bool(shape) and bool(e.shape) and shape[1:] == e.shape[1:] and shape[0] > e.shape[0]
+    base_rows = e.shape[0] if grown and src == layout.SOURCE_MASKED else None
+    if _crc_list(crcs, _n_row_blocks(info, base_rows, manifest.block_elems)) is None:
         raise Malformed(where, f"{what} has no CRC-32C per block")
-    same = d == e.dtype and shape == e.shape
-    if src == layout.SOURCE_MASKED and (e.kind != layout.KIND_MASKED or not same):
+    if src == layout.SOURCE_MASKED and (e.kind != layout.KIND_MASKED or not (shape == e.shape or grown) or not d.is_float):
         raise Malformed(where, f"{what} is masked but does not match its masked entry")
-    if src == layout.SOURCE_BASE and (e.base_dtype is None or shape != e.shape):
+    if src in (layout.SOURCE_BASE, layout.SOURCE_XBASE) and (e.base_dtype is None or shape != e.shape):
         raise Malformed(where, f"{what} comes from the base but the base has no such tensor")
+    if src == layout.SOURCE_XBASE and not (d == e.base_dtype or (d.is_float and e.base_dtype.is_float)):
+        raise Malformed(where, f"{what} is stored against the base, whose dtype {e.base_dtype.name} it cannot take")
+    if src == layout.SOURCE_DELTA and (e.base_dtype is None or shape != e.shape or len(shape) < 2
+                                       or not (d.is_float and e.base_dtype.is_float)):
+        raise Malformed(where, f"{what} is delta-coded but the base has no floating tensor of its shape")
     return TaskRow(key, d, shape, src, digest, tuple(crcs))
 
 

@@ -41,3 +41,29 @@ def read_concurrency(
     if value < 1:
         raise TallstoreError(f"concurrency must be at least 1, got {value}")
     return value
+
+
+def settle_writes(timeout: float = 10.0) -> None:
+    """Wait (up to ``timeout`` s) for store operations still running on zarr's I/O loop.
+
+    An interrupt that lands while the main thread waits on a zarr write leaves that write running
+    on zarr's background loop; removing a staging folder before it ends would let it recreate the
+    folder. Called before an interrupted or failed output is removed."""
+    import asyncio
+
+    from zarr.core import sync as zsync
+
+    loop = zsync.loop[0] if zsync.loop and zsync.loop[0] is not None else None
+    if loop is None or not loop.is_running():
+        return
+
+    async def others() -> None:
+        me = asyncio.current_task()
+        pending = [t for t in asyncio.all_tasks() if t is not me]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
+
+    try:
+        asyncio.run_coroutine_threadsafe(others(), loop).result(timeout + 1)
+    except Exception:  # best effort: the caller removes what it can either way
+        return

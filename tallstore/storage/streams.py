@@ -2,9 +2,11 @@
 
 An entropy-coded block has no fixed size, so it cannot be a chunk of a regular grid. Segments are
 appended, in a fixed order, to a flat ``uint8`` array whose chunks (of ``chunk_bytes``) are
-``bytes → crc32c`` — spec codecs only, so any Zarr v3 reader reads the bytes — and the manifest
-records each segment's ``[offset, length, crc32c]``: a reader fetches exactly the chunks that
-cover a segment and checks the segment's CRC before decoding it.
+``bytes → zstd → crc32c`` — spec codecs only, so any Zarr v3 reader reads the bytes — and the
+manifest records each segment's ``[offset, length, crc32c]``: a reader fetches exactly the chunks
+that cover a segment and checks the segment's CRC before decoding it. Coded bytes do not compress;
+zstd (level 1, stored blocks) is there for the zero padding Zarr requires of the last chunk, which
+would otherwise cost up to a whole chunk per stream.
 
 The writer is fed in order by one thread (the pack driver, which reorders unit results) and
 writes each chunk object as soon as it is full, so memory holds at most one chunk per stream.
@@ -15,11 +17,13 @@ from __future__ import annotations
 import crc32c
 import numpy as np
 import zarr
-from zarr.codecs import Crc32cCodec
+from numcodecs import zstd
+from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 STREAM_CHUNK_BYTES = 1 << 20
+STREAM_ZSTD_LEVEL = 1
 
 Segment = tuple[int, int, int]
 
@@ -40,7 +44,8 @@ class StreamWriter:
 
     def _create(self, chunk: int) -> zarr.Array:
         return self._group.create_array(self._path, shape=(0,), dtype=np.uint8, chunks=(chunk,),
-                                        compressors=[Crc32cCodec()], fill_value=0, overwrite=True)
+                                        compressors=[ZstdCodec(level=STREAM_ZSTD_LEVEL), Crc32cCodec()], fill_value=0,
+                                        overwrite=True)
 
     def append(self, data: bytes) -> Segment:
         """Add one segment; returns its ``(offset, length, crc32c)``."""
@@ -68,6 +73,7 @@ class StreamWriter:
         if self._array is None:
             self._array = self._create(self._chunk)
         key = f"{self._prefix}/c/{self._written}"
-        body = chunk + crc32c.crc32c(chunk).to_bytes(4, "little")
+        frame = zstd.compress(chunk, STREAM_ZSTD_LEVEL)
+        body = frame + crc32c.crc32c(frame).to_bytes(4, "little")
         sync(self._store.set(key, default_buffer_prototype().buffer.from_bytes(body)))
         self._written += 1

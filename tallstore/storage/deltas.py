@@ -1,0 +1,76 @@
+"""What one delta segment holds (representation ``delta``, spec §10), both ways.
+
+A **delta segment** is one row block of one tensor of one task (``R`` rows of ``C`` elements,
+``N`` of them coded, the others decay rows), little endian:
+
+1. ``float32`` decay scale;
+2. ``⌈R/8⌉`` bytes: the decay flag of each row, bits packed little-endian;
+3. ``N`` ``bfloat16`` steps (the high 16 bits of the float32), one per coded row in row order;
+4. for each dither context ``i = 0..7``: a ``uint32`` byte length ``L_i``, then ``L_i`` bytes of
+   the int8 codes (as uint8) whose dither context is ``i``, in row-major order of the coded
+   positions, coded by :func:`~tallstore.storage.entropy.encode_symbols` (``L_i = 0`` for none).
+
+Decoding takes ``R`` and ``C`` from the manifest, regenerates the dither, and checks the segment's
+CRC-32C first, so damaged or foreign bytes are an error before the decoders see them.
+"""
+
+from __future__ import annotations
+
+import crc32c
+import numpy as np
+import torch
+
+from ..errors import CorruptArchiveError
+from ..ops.delta import CONTEXTS, DeltaBlock, dither_context
+from .entropy import decode_symbols, encode_symbols
+
+
+def encode_segment(block: DeltaBlock, u: torch.Tensor) -> bytes:
+    """The segment of ``block`` (coded against the block's dither ``u``, rows × row length)."""
+    parts = [np.float32(block.decay_scale).astype("<f4").tobytes(),
+             np.packbits(block.decay.numpy(), bitorder="little").tobytes(),
+             (block.steps.numpy().astype("<f4").view("<u4") >> 16).astype("<u2").tobytes()]
+    codes = block.codes.reshape(-1).numpy().view(np.uint8)
+    ctx = dither_context(u[~block.decay]).reshape(-1).numpy()
+    for i in range(CONTEXTS):
+        part = np.ascontiguousarray(codes[ctx == i])
+        body = encode_symbols(part) if part.size else b""
+        parts += [len(body).to_bytes(4, "little"), body]
+    return b"".join(parts)
+
+
+def decode_segment(data: np.ndarray, crc: int, u: torch.Tensor, what: str) -> DeltaBlock:
+    """The :class:`DeltaBlock` of a segment whose block has ``u.shape`` (rows, row length)."""
+    if crc32c.crc32c(data) != crc:
+        raise CorruptArchiveError(f"{what} does not hold what was packed (its CRC-32C differs)")
+    rows, at = u.shape[0], 4 + (u.shape[0] + 7) // 8
+    if data.size < at:
+        raise CorruptArchiveError(f"{what} is shorter than its header")
+    scale = float(data[:4].view("<f4")[0])
+    decay = torch.from_numpy(np.unpackbits(data[4:at], count=rows, bitorder="little").astype(bool))
+    n = rows - int(decay.sum())
+    if data.size < at + 2 * n or not np.isfinite(scale):
+        raise CorruptArchiveError(f"{what} is shorter than its steps or has a non-finite decay scale")
+    steps = (data[at : at + 2 * n].view("<u2").astype("<u4") << 16).view("<f4").astype(np.float32)
+    at += 2 * n
+    if not (np.isfinite(steps).all() and (steps >= 0).all()):
+        raise CorruptArchiveError(f"{what} holds a negative or non-finite step")
+    ctx = dither_context(u[~decay]).reshape(-1).numpy()
+    codes = np.zeros(ctx.size, np.uint8)
+    for i in range(CONTEXTS):
+        if data.size < at + 4:
+            raise CorruptArchiveError(f"{what} ends before its code stream {i}")
+        length = int(data[at : at + 4].view("<u4")[0])
+        at += 4
+        where = ctx == i
+        if length > data.size - at or (length == 0) != (not where.any()):
+            raise CorruptArchiveError(f"{what} has a code stream {i} of the wrong length")
+        if length:
+            try:
+                codes[where] = decode_symbols(data[at : at + length], int(where.sum()))
+            except ValueError as e:
+                raise CorruptArchiveError(f"{what} cannot be decoded ({e})") from None
+        at += length
+    if at != data.size:
+        raise CorruptArchiveError(f"{what} has bytes past its last code stream")
+    return DeltaBlock(decay, scale, torch.from_numpy(steps), torch.from_numpy(codes.view(np.int8)).reshape(n, u.shape[1]))
