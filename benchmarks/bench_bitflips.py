@@ -3,8 +3,9 @@
 ``python -m benchmarks.bench_bitflips [--trials N] [--seed S] [--workers W]``
 
 Each trial, drawn from ``--seed`` alone (so a trial is the same whichever worker runs it), picks
-one of two small format-v2 archives (base embedded, base external), one of its stored files
-(chunks and metadata documents alike; for the external archive, now and then the base file it
+one of four small format-v2 archives (base embedded; base external; the 4-bit shared form with
+entropy-coded masks; delta-coded tasks, ``--fidelity balanced``), one of its stored files (chunks
+and metadata documents alike; for an archive with an external base, now and then the base file it
 reads) and damages it: one random bit flipped (most trials), the file truncated, or deleted.
 Then it runs every reading command and classifies each outcome against the intact archive's:
 
@@ -63,11 +64,19 @@ NAME = "bitflips"
 COMMANDS = ("load", "extract", "merge", "stats", "verify", "verify --deep")
 OUTCOMES = ("detected", "harmless", "silent", "traceback")
 DEFECTS = ("silent", "traceback")
-FIXTURES = ("embedded", "external")
+FIXTURE_OPTIONS: dict[str, dict[str, Any]] = {  # each archive's pack options
+    "embedded": {"embed_base": True},
+    "external": {},
+    "quantized": {"embed_base": True, "shared_bits": 4},  # shared codes and entropy-coded mask streams
+    "delta": {"fidelity": "balanced"},  # delta-coded tasks: segment streams, base external
+}
+FIXTURES = tuple(FIXTURE_OPTIONS)
+EXTERNAL = ("external", "delta")  # packed against a base file beside the archive
+NO_MERGE = ("delta",)  # delta tasks have no masks: merge is refused by design, so it is not run
 TASKS = ("t0", "t1", "t2")
 BLOCK_ELEMS = 64
 TIMEOUT = 120
-TRIALS = 1200
+TRIALS = 1600
 QUICK_TRIALS = 100
 WORKERS = 2
 BASE_SHARE = 0.1  # of the external archive's trials, those that damage its base file
@@ -103,15 +112,15 @@ def write_collection(folder: Path) -> tuple[Path, dict[str, Path]]:
 
 
 def build(root: Path) -> dict[str, Path]:
-    """The two pristine archives (``root/<fixture>/arc``), the external one's base beside it."""
+    """The pristine archives (``root/<fixture>/arc``), each with the base beside it."""
     base, tasks = write_collection(root / "inputs")
     out = {}
     for fixture in FIXTURES:
         folder = root / fixture
         folder.mkdir()
         shutil.copy(base, folder / "base.safetensors")
-        tallstore.pack(folder / "arc", folder / "base.safetensors", tasks, embed_base=fixture == "embedded",
-                       block_elems=BLOCK_ELEMS)
+        tallstore.pack(folder / "arc", folder / "base.safetensors", tasks, block_elems=BLOCK_ELEMS,
+                       **FIXTURE_OPTIONS[fixture])
         out[fixture] = folder
     return out
 
@@ -190,17 +199,19 @@ def run_all(fixture: str, folder: Path, scratch: Path, task: str) -> dict[str, R
     """Every command of ``COMMANDS`` on the archive ``folder/arc`` (``extract``: of ``task``), with
     the base ``folder/base.safetensors`` for the external fixture (not the one it was packed from)."""
     location = str(folder / "arc")
-    base = folder / "base.safetensors" if fixture == "external" else None
+    base = folder / "base.safetensors" if fixture in EXTERNAL else None
     opt = ["--base", str(base)] if base is not None else []
     extracted, merged = scratch / "extract.safetensors", scratch / "merge.safetensors"
-    return {
+    runs = {
         "load": load(folder / "arc", base),
         "extract": cli_run(["extract", location, task, "-o", str(extracted), "--force", "-q", *opt], extracted),
-        "merge": cli_run(["merge", location, "-o", str(merged), "--force", "-q", *opt], merged),
         "stats": cli_run(["stats", location, "--json", *opt]),
         "verify": cli_run(["verify", location, "-q", *opt]),
         "verify --deep": cli_run(["verify", location, "--deep", "-q", *opt]),
     }
+    if fixture not in NO_MERGE:
+        runs["merge"] = cli_run(["merge", location, "-o", str(merged), "--force", "-q", *opt], merged)
+    return runs
 
 
 # ── damage ────────────────────────────────────────────────────────────────────────────────────
@@ -234,7 +245,7 @@ def draw(index: int, seed: int, files: dict[str, list[tuple[str, int]]]) -> Tria
     ``files[fixture]`` (``(path, size)``, the external base last)."""
     rng = random.Random(f"{seed}:{index}")
     fixture = FIXTURES[index % len(FIXTURES)]
-    *stored, base = files[fixture] if fixture == "external" else [*files[fixture], None]
+    *stored, base = files[fixture] if fixture in EXTERNAL else [*files[fixture], None]
     name, size = base if base is not None and rng.random() < BASE_SHARE else rng.choice(stored)
     (op,) = rng.choices(list(OPS), weights=list(OPS.values()))
     offset = rng.randrange(size) if op != "delete" else 0
@@ -319,10 +330,10 @@ def _trial(t: Trial) -> tuple[Trial, dict[str, str], dict[str, str]]:
         with damaged(folder, t) as inert:
             runs = run_all(t.fixture, folder, _STATE["root"], t.task)
     except Timeout:
-        return t, {c: "traceback" for c in COMMANDS}, {c: f"still running after {TIMEOUT} s" for c in COMMANDS}
+        return t, {c: "traceback" for c in reference}, {c: f"still running after {TIMEOUT} s" for c in reference}
     finally:
         signal.alarm(0)
-    outcomes = {c: classify(c, runs[c], reference[c], inert) for c in COMMANDS}
+    outcomes = {c: classify(c, runs[c], reference[c], inert) for c in COMMANDS if c in runs}
     if kind_of(t.file) == "base file":  # shallow verify does not read the base (by design)
         del outcomes["verify"]
     details = {c: runs[c].detail or "success with another output" for c, o in outcomes.items() if o in DEFECTS}
@@ -338,7 +349,8 @@ def campaign(trials: int, seed: int, workers: int) -> dict[str, Any]:
         pristine = build(Path(tmp))
         files = {f: sorted((str(p.relative_to(folder)), p.stat().st_size) for p in (folder / "arc").rglob("*") if p.is_file())
                  for f, folder in pristine.items()}
-        files["external"].append(("base.safetensors", (pristine["external"] / "base.safetensors").stat().st_size))
+        for f in EXTERNAL:
+            files[f].append(("base.safetensors", (pristine[f] / "base.safetensors").stat().st_size))
         plan = [draw(i, seed, files) for i in range(trials)]
         table = {c: dict.fromkeys(OUTCOMES, 0) for c in COMMANDS}
         by_kind: dict[str, dict[str, dict[str, int]]] = {}
@@ -375,16 +387,18 @@ def section(r: dict[str, Any], out: Path | None = None, doc: Path | None = None)
     rows += [f"| {cmd} | " + " | ".join(str(r["table"][cmd][o]) for o in OUTCOMES) + " |" for cmd in COMMANDS]
     kinds = ["| damaged file | trials | detected | harmless | defects |", "|---|---|---|---|---|"]
     for kind, t in sorted(r["by_kind"].items()):
-        n = sum(t["load"].values())
+        n = sum(t["load"].values())  # every trial loads
         total = {o: sum(t[cmd][o] for cmd in COMMANDS) for o in OUTCOMES}
         kinds.append(f"| {kind} | {n} | {total['detected']} | {total['harmless']} | {total['silent'] + total['traceback']} |")
     defects = len(r["defects"])
     intro = (
-        f"`benchmarks/bench_bitflips.py`, seed {c['seed']}: {c['trials']} trials over two small format-v2 archives "
-        f"(base embedded, base external; {c['files']['embedded']} and {c['files']['external'] - 1} stored files, "
+        f"`benchmarks/bench_bitflips.py`, seed {c['seed']}: {c['trials']} trials over {len(c['fixtures'])} small "
+        "format-v2 archives (" + ", ".join(
+            f"{f}: {c['files'][f] - (f in EXTERNAL)} stored files" for f in c["fixtures"]) + "; "
         f"`block_elems` {c['block_elems']}), each damaging one stored file ({c['ops']['flip']:.0%} one bit flipped, "
-        f"{c['ops']['truncate']:.0%} truncated, {c['ops']['delete']:.0%} deleted; the external archive's base file in "
-        f"{c['base_share']:.0%} of its trials) and running every command. *detected*: a one-line error or a problem "
+        f"{c['ops']['truncate']:.0%} truncated, {c['ops']['delete']:.0%} deleted; an external base file in "
+        f"{c['base_share']:.0%} of its archive's trials) and running every command (merge: not on the delta archive, "
+        "whose tasks have no masks to merge). *detected*: a one-line error or a problem "
         "reported by `verify`; *harmless*: bit for bit the intact archive's output; *silent* and *traceback* are "
         "defects. Shallow `verify` does not read an external base, so base-file trials are not counted for it. "
         f"Generated {r['generated']} in {r['seconds'] / 60:.1f} min."

@@ -49,7 +49,16 @@ import torch
 
 import tallstore
 
-from .common import HERE, LAM, ZIPNN_DTYPES, Config, evict, main_dtype, synthetic_sparse, tree_bytes
+from .common import (
+    HERE,
+    LAM,
+    ZIPNN_DTYPES,
+    Config,
+    evict,
+    main_dtype,
+    synthetic_sparse,
+    tree_bytes,
+)
 
 NAME = "pack"
 WORKERS = 2

@@ -22,12 +22,9 @@ driver also records per example whether the rebuilt model's prediction equals th
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import math
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field

@@ -19,7 +19,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import bench_bitflips, bench_core, bench_fidelity, bench_load, bench_pack, bench_rate, bench_size, report
+from . import (
+    bench_bitflips,
+    bench_core,
+    bench_fidelity,
+    bench_load,
+    bench_pack,
+    bench_rate,
+    bench_size,
+    report,
+)
 from .common import RESULTS, WORK, Config, load_average, machine, now
 
 

@@ -77,8 +77,8 @@ def pack(
       ``‖θ̂_t − θ_t‖ / ‖τ_t‖`` would exceed this (measured before packing), the rest as TALL;
     - ``fidelity``: ``"tall"`` (the paper's masks, the default), ``"compact"``, ``"balanced"`` or
       ``"high"`` (each task delta-coded on its own with a dithered step of κ = 6, 3 or 1 times
-      each row's RMS change: smaller than TALL and closer to the fine-tunes; see the README's
-      table), ``"lossless"`` (the same as ``lossless=True``), or ``"auto"``: per task the coarsest
+      each row's RMS change: a relative weight error of κ/√12; on the benchmark zoo smaller than
+      TALL and more accurate; see the README's table), ``"lossless"`` (the same as ``lossless=True``), or ``"auto"``: per task the coarsest
       step of ``fidelity_grid`` whose model scores at least ``fidelity_target`` (a fraction) of the
       fine-tune's own score under ``evaluate(task_name, state_dict)`` — the model then stored —,
       else the task is stored exactly; every score is recorded in the archive (``info --json``);

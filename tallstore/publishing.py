@@ -25,6 +25,7 @@ import glob
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -187,10 +188,38 @@ def _is_marked(path: Path) -> bool:
     return isinstance(meta, dict) and OUTPUT_KEY in meta
 
 
+def output_listing(folder: Path) -> dict[str, int] | None:
+    """Every file below ``folder`` but the marker, by relative POSIX path, with its size; None if
+    the folder holds anything but plain files and folders (a link, a FIFO…)."""
+    out: dict[str, int] = {}
+    for root, dirs, names in os.walk(folder, followlinks=False):
+        for d in dirs:
+            if os.path.islink(os.path.join(root, d)):
+                return None
+        for name in names:
+            full = os.path.join(root, name)
+            st = os.lstat(full)
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            rel = os.path.relpath(full, folder).replace(os.sep, "/")
+            if rel != MARKER:
+                out[rel] = st.st_size
+    return out
+
+
+def marker_document(folder: Path, command: str) -> str:
+    """The :data:`MARKER` of an output folder as written: who wrote it and every file it holds,
+    so that a later ``--force`` replaces it only while it holds exactly those files."""
+    return json.dumps({"written_by": "tallstore", "command": command, "files": output_listing(folder)}) + "\n"
+
+
 def _is_output_folder(path: Path) -> bool:
-    """``path`` is a folder tallstore wrote: it holds the :data:`MARKER` file."""
-    doc = _json(_read(path / MARKER, 4096))
-    return isinstance(doc, dict) and doc.get("written_by") == "tallstore"
+    """``path`` is a folder tallstore wrote and nothing was added to, removed from or resized in
+    since: its :data:`MARKER` lists exactly the files it holds."""
+    doc = _json(_read(path / MARKER, MAX_DOCUMENT))
+    if not (isinstance(doc, dict) and doc.get("written_by") == "tallstore" and isinstance(doc.get("files"), dict)):
+        return False
+    return output_listing(path) == doc["files"]
 
 
 def _is_archive_copy(path: Path) -> bool:

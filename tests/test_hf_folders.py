@@ -165,7 +165,7 @@ def test_to_model_builds_the_task_without_writing_files_and_matches_the_extract(
 
 def test_a_sentence_transformers_task_comes_back_as_one(collection: dict[str, Any], tmp_path: Path) -> None:
     arc = tallstore.open(collection["archive"])
-    model = arc["st"].to_sentence_transformer()
+    model = arc["st"].to_sentence_transformer(device="cpu")  # a caller's device, not a second one
     from_extract = st.SentenceTransformer(str(arc.extract("st", tmp_path / "st")), device="cpu")
     sentences = ["a packed model", "comes back whole"]
     assert torch.equal(torch.as_tensor(model.encode(sentences)), torch.as_tensor(from_extract.encode(sentences)))

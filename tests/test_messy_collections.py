@@ -172,7 +172,9 @@ def test_a_fine_tune_given_twice_is_stored_once_its_second_name_an_alias_and_not
     assert record(arc, "a")["rebuild_error"] == pytest.approx(record(alone, "a")["rebuild_error"])
 
     # a and its twin alone: one task, so it rebuilds bit for bit (θ₀ + 2τ would be off by ‖τ‖)
-    twins = tallstore.pack(tmp_path / "twins.tall", base_path, {"a": paths["a"], "a2": a2}, block_elems=64)
+    twins, messages = pack_warnings(
+        lambda: tallstore.pack(tmp_path / "twins.tall", base_path, {"a": paths["a"], "a2": a2}, block_elems=64))
+    assert messages == ["task 'a2' is the same input as 'a' (identical files): stored once, 'a2' reads 'a''s weights"]
     assert twins.describe(sizes=False)["aliases"] == {"a2": "a"}
     for name in ("a", "a2"):
         assert_bitwise(twins[name].state_dict(), tasks["a"])
@@ -229,6 +231,16 @@ def test_near_duplicate_tasks_get_a_pack_warning_naming_both_their_rebuild_error
         assert f"{record(arc, name)['rebuild_error']:.3f}" in msg
     assert "rebuild error" in msg and "--max-rebuild-error" in msg
     assert not [m for m in messages if "'gamma'" in m]
+
+
+def test_the_console_prints_a_pack_warning_as_one_warning_line(cli: Cli, tmp_path: Path) -> None:
+    base = make_base()
+    save_file(base, tmp_path / "base.safetensors")
+    save_file(make_task(base, 0), tmp_path / "a.safetensors")
+    code, _, err = cli("pack", tmp_path / "z.tall", "--base", tmp_path / "base.safetensors", "-q",
+                       "--task", f"a={tmp_path / 'a.safetensors'}", "--task", f"b={tmp_path / 'a.safetensors'}")
+    assert code == 0 and err.splitlines() == [
+        "warning: task 'b' is the same input as 'a' (identical files): stored once, 'b' reads 'a''s weights"]
 
 
 def test_distinct_tasks_get_no_near_duplicate_warning(tmp_path: Path) -> None:
@@ -545,6 +557,8 @@ def test_max_rebuild_error_keeps_tasks_above_it_exact_and_the_rest_tall_within_i
         t = record(arc, n)
         if n in above:
             assert t["representation"] == "exact" and t["rebuild_error"] == 0.0
+            assert t["choice"] == {"method": "max_rebuild_error", "floor": floor,
+                                   "rebuild_error": pytest.approx(errors[n], rel=1e-12)}
             assert_bitwise(arc[n].state_dict(), sd)
         else:
             assert t["representation"] == "tall" and 0 < t["rebuild_error"] <= floor

@@ -219,6 +219,20 @@ def test_force_replaces_archives_outputs_tallstore_wrote_and_empty_folders(input
     assert hidden(tmp_path) == []
 
 
+def test_force_refuses_an_extracted_folder_someone_added_a_file_to_or_changed(inputs: Inputs, tmp_path: Path) -> None:
+    _, _, archive = inputs
+    out = tmp_path / "folder"
+    assert run_cli("extract", archive, "t0", "-o", out)[0] == 0
+    (out / "notes.txt").write_text("mine")
+    line = one_error_line(run_cli("extract", archive, "t1", "-o", out, "--force"))
+    assert str(out) in line and "left alone" in line and (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
+    weights = next(out.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes() + b"\0")  # resized: no longer what tallstore wrote
+    one_error_line(run_cli("extract", archive, "t1", "-o", out, "--force"))
+    assert weights.read_bytes().endswith(b"\0")
+
+
 def test_force_moves_aside_only_the_archive_it_checked(inputs: Inputs, tmp_path: Path) -> None:
     base, tasks, archive = inputs
     target = tmp_path / "arc"

@@ -102,7 +102,7 @@ class KeyMapReport:
                 f"ambiguous key prefixes: {a.rule} maps {a.params:,} parameters and {b.rule} {b.params:,}; "
                 f"choose one with a key map rule such as {a.rule.spec!r}"
             )
-        how = f"key prefix {self.prefix}" if self.prefix else "no key prefix difference"
+        how = f"key prefix {self.prefix}" if self.prefix else "the given key map" if self.renamed else "no key prefix difference"
         return f"{how}: {self.renamed} tensors renamed; the task covers {self.covered:.1%} of the base's parameters"
 
 

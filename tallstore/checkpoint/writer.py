@@ -163,7 +163,7 @@ def save(
                 raise TallstoreError(f"archived file {path!r} collides with a weight file of the output")
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(read())
-        (tmp / publishing.MARKER).write_text(json.dumps({"written_by": "tallstore", "command": command}) + "\n")
+        (tmp / publishing.MARKER).write_text(publishing.marker_document(tmp, command))
     return out
 
 

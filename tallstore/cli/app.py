@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 
 import typer
 from rich.text import Text
 
-from ..errors import TallstoreError
+from ..errors import PackWarning, TallstoreError
 from ..storage.chunks import out_of_memory
 from ..text import printable
 
@@ -40,8 +41,20 @@ def fail(message: str) -> "typer.Exit":
     return typer.Exit(2)
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, *_: object) -> None:
+    """tallstore's own warnings as one ``warning: …`` line (escaped like errors); others as Python prints them."""
+    if issubclass(category, PackWarning):
+        print(f"warning: {printable(' '.join(str(message).split()))}", file=sys.stderr)
+    else:
+        _default_showwarning(message, category, filename, lineno, *_)  # type: ignore[arg-type]
+
+
+_default_showwarning = warnings.showwarning
+
+
 def run() -> None:
     """Run the command ``sys.argv`` names, ending with its exit status (``entry.main`` calls it)."""
+    warnings.showwarning = _show_warning
     _register_commands()
     # zarr abandons its other chunk reads when one fails; asyncio's complaints about them are noise
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)

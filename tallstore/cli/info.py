@@ -57,13 +57,21 @@ def render(d: dict[str, Any]) -> None:
                       "delta-coded) tensors, measured when packed. 'verify --deep' proves each task rebuilds to what was "
                       "packed, not to the original: compare with 'verify --against', or pack with --lossless / "
                       "--max-rebuild-error to keep tasks bit for bit."))
-    chosen = [task for task in d["tasks"] if isinstance(task.get("choice"), dict)]
-    if chosen:
-        ch = chosen[0]["choice"]
-        grid = ", ".join(_num(v) for v in ch.get("grid", [])) if isinstance(ch.get("grid"), list) else _num(ch.get("grid"))
-        c.print(plain(f"delta step chosen per task by {_num(ch.get('method'))}: the coarsest of {{{grid}}} whose "
-                      f"model scores ≥ {_num(ch.get('target'))} × the fine-tune's own score (exact if none did); "
-                      "every score: info --json"))
+    for task in d["tasks"]:
+        ch = task.get("choice")
+        if not isinstance(ch, dict):
+            continue
+        if ch.get("method") == "max_rebuild_error":
+            c.print(plain(f"task {task['name']}: stored exactly, its TALL rebuild error {_num(ch.get('rebuild_error'))} "
+                          f"exceeding --max-rebuild-error {_num(ch.get('floor'))}"))
+        else:
+            grid = ", ".join(_num(v) for v in ch["grid"]) if isinstance(ch.get("grid"), list) else _num(ch.get("grid"))
+            keeps = f"≥ {_num(ch.get('target'))} × its own score under {_num(ch.get('method'))}"
+            if task.get("representation") == "delta":
+                c.print(plain(f"task {task['name']}: delta κ={_num(task.get('delta_step'))}, the coarsest of {{{grid}}} "
+                              f"keeping {keeps}"))
+            else:
+                c.print(plain(f"task {task['name']}: exact, no delta step of {{{grid}}} keeping {keeps}"))
     sel = d.get("lam_selection", {})
     if sel.get("method", "fixed") != "fixed":
         grid = sel.get("grid")

@@ -37,7 +37,7 @@ def pack(
     shared_bits: Annotated[Optional[int], typer.Option("--shared-bits", help="Store τ_MTL quantized to this many bits (2–8, one scale per row) with entropy-coded masks: a smaller archive, each task's rebuild slightly further from the original (see benchmarks/RESULTS.md).")] = None,
     lossless: Annotated[bool, typer.Option("--lossless", help="Store every task bit for bit (each tensor XOR the base's, compressed), no TALL masks: extract gives back the exact weights.")] = False,
     max_rebuild_error: Annotated[Optional[float], typer.Option("--max-rebuild-error", help="Store exactly, instead of as TALL masks, every task whose relative rebuild error ‖θ̂−θ‖/‖τ‖ would exceed E (measured before writing; 'info' shows each task's).", metavar="E")] = None,
-    fidelity: Annotated[str, typer.Option("--fidelity", help="tall (the paper's TALL masks, default); compact, balanced or high: each task delta-coded on its own (dithered steps of 6, 3 or 1 × each row's RMS change: smaller and closer to the fine-tunes than TALL, see the README); lossless (= --lossless).")] = "tall",
+    fidelity: Annotated[str, typer.Option("--fidelity", help="tall (the paper's TALL masks, default); compact, balanced or high: each task delta-coded on its own (dithered steps of 6, 3 or 1 × each row's RMS change: a relative weight error of κ/√12 by design; smaller archives than TALL that kept more accuracy on the benchmark zoo, see the README); lossless (= --lossless).")] = "tall",
     codecs: Annotated[str, typer.Option("--codecs", help="Weight compression: 'fast' (LZ4HC, default: quickest loads) or 'compact' (zstd: a slightly smaller archive, slower loads).")] = "fast",
     workers: Annotated[int, typer.Option("--workers", min=1, help="Threads packing tensors in parallel.")] = 2,
     storage_option: options.StorageOptions = None,
@@ -49,7 +49,7 @@ def pack(
 
     TALL rebuilds are approximations of the fine-tunes (the paper keeps 99.2–99.7% of each
     task's accuracy); 'info' shows each task's measured rebuild error. --fidelity
-    compact/balanced/high code each task on its own, smaller and closer; --lossless or
+    compact/balanced/high code each task on its own (smaller; see the README's table); --lossless or
     --max-rebuild-error keep tasks bit for bit. Streams tensor by tensor: memory holds a block
     of each input at a time, never a model.
     """

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from numba import njit
 
 DECAY_TOL = 0.1  # relative residual below which a row counts as pure weight decay
 DITHER_BITS = 16  # u = k / 2^16 − 1/2: c − u is exact in float32 for |c| < 2^7
@@ -86,17 +87,29 @@ def dither(stream: int, start: int, n: int) -> torch.Tensor:
     """Dither values ``u_i = (SplitMix64(stream + i) >> 48)/2¹⁶ − 1/2`` for the flat positions
     ``start ≤ i < start + n`` of the tensor (float32, exact): a block's dither does not depend on
     which other blocks are read."""
-    idx = np.arange(start, start + n, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        h = _splitmix64(idx + np.uint64(stream))
-    k = (h >> np.uint64(64 - DITHER_BITS)).astype(np.float32)
-    return torch.from_numpy(k * np.float32(2.0**-DITHER_BITS) - np.float32(0.5))
+    out = np.empty(n, np.float32)
+    _dither_kernel(np.uint64(stream), np.uint64(start), out)
+    return torch.from_numpy(out)
 
 
-def dither_context(u: torch.Tensor) -> torch.Tensor:
-    """The entropy-coding stream of each code, ``⌊(u + 1/2)·8⌋`` (int64, 0..7): given ``u`` a code
-    is far more predictable (at coarse steps ``c ≠ 0`` mostly where ``|u|`` is near 1/2)."""
-    return ((u.to(torch.float64) + 0.5) * CONTEXTS).floor().clamp_(0, CONTEXTS - 1).to(torch.int64)
+@njit(cache=True, nogil=True)
+def _dither_kernel(stream, start, out):  # pragma: no cover - compiled
+    """:func:`_splitmix64` of ``stream + start + i``, its 16 high bits as ``k/2¹⁶ − 1/2``, into ``out``."""
+    scale = np.float32(2.0**-DITHER_BITS)
+    half = np.float32(0.5)
+    for i in range(out.size):
+        z = stream + start + np.uint64(i) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+        out[i] = np.float32(z >> np.uint64(64 - DITHER_BITS)) * scale - half
+
+
+def dither_context(u: torch.Tensor) -> np.ndarray:
+    """The entropy-coding stream of each code, ``⌊(u + 1/2)·8⌋`` (uint8, 0..7, flat): given ``u`` a
+    code is far more predictable (at coarse steps ``c ≠ 0`` mostly where ``|u|`` is near 1/2).
+    Exact in float32: ``u + 1/2`` is a multiple of 2⁻¹⁶ below 1."""
+    return ((u.reshape(-1) + 0.5) * CONTEXTS).floor_().numpy().astype(np.uint8)
 
 
 def dithered_codes(x: torch.Tensor, steps: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

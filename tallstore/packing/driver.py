@@ -323,6 +323,9 @@ def _finish(root: zarr.Group, spec: PackSpec, choice: fidelity.Choice, manifest:
     if s.block_sums:
         for message in near_duplicates(s.gram, spec.inputs.names, [errors[t] for t in p.tall]):
             warnings.warn(message, PackWarning, stacklevel=3)
+    for alias, target in sorted(c.aliases.items()):
+        warnings.warn(f"task {alias!r} is the same input as {target!r} (identical files): stored once, "
+                      f"{alias!r} reads {target!r}'s weights", PackWarning, stacklevel=3)
     for t, record in enumerate(records):
         root.create_group(layout.task_group(t), attributes={layout.ATTR: record})
     doc = manifest.to_json()

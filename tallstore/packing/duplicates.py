@@ -18,6 +18,7 @@ from ..checkpoint.opening import open_file
 from ..storage.digests import probe
 
 NEAR_COSINE = 0.9
+NEAR_ERROR = 0.05  # a pair whose rebuilds are both this close (relative error) has nothing to warn about
 
 
 def identical_inputs(tasks: Sequence[Checkpoint], storage_options: dict | None = None) -> dict[int, int]:
@@ -48,8 +49,9 @@ def identical_inputs(tasks: Sequence[Checkpoint], storage_options: dict | None =
 
 
 def near_duplicates(gram: np.ndarray, names: Sequence[str], errors: Sequence[float]) -> list[str]:
-    """Warnings for task pairs whose task vectors have a cosine above :data:`NEAR_COSINE`
-    (``gram``: the ``(T, T)`` inner products of the task vectors over the masked tensors)."""
+    """Warnings for task pairs whose task vectors have a cosine above :data:`NEAR_COSINE` and one of
+    whose rebuild errors exceeds :data:`NEAR_ERROR` (``gram``: the ``(T, T)`` inner products of the
+    task vectors over the masked tensors)."""
     norms = np.sqrt(np.maximum(np.diag(gram), 0.0))
     out = []
     for i in range(len(names)):
@@ -57,11 +59,11 @@ def near_duplicates(gram: np.ndarray, names: Sequence[str], errors: Sequence[flo
             if norms[i] == 0 or norms[j] == 0:
                 continue
             cos = float(gram[i, j] / (norms[i] * norms[j]))
-            if math.isfinite(cos) and cos > NEAR_COSINE:
+            if math.isfinite(cos) and cos > NEAR_COSINE and max(errors[i], errors[j]) > NEAR_ERROR:
                 out.append(
                     f"tasks {names[i]!r} and {names[j]!r} have nearly parallel task vectors (cosine {cos:.3f} > "
                     f"{NEAR_COSINE}): their TALL rebuilds interfere (rebuild errors {errors[i]:.3f} and {errors[j]:.3f}); "
-                    "if that is too much, store one of them with its own delta (--fidelity high) or exactly "
-                    "(--max-rebuild-error)"
+                    "if that is too much, store the tasks each on its own (--fidelity balanced) or the worse "
+                    "one exactly (--max-rebuild-error)"
                 )
     return out

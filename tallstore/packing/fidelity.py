@@ -52,16 +52,19 @@ def choose(
         steps, records = _delta_steps(c, options)
         return Choice(list(range(n)), steps, records, prepare(c, [], options, ex, out, storage_options))
     exact: set[int] = set(range(n)) if options.lossless else set()
+    records: dict[int, dict[str, Any]] = {}
     while True:
         tall = [t for t in range(n) if t not in exact]
         p = prepare(c, tall, options, ex, out, storage_options)
         if options.max_rebuild_error is None or not tall:
             break
-        over = {t for t, e in zip(tall, rebuild_errors(p, options, ex)) if e > options.max_rebuild_error}
+        over = {t: e for t, e in zip(tall, rebuild_errors(p, options, ex)) if e > options.max_rebuild_error}
         if not over:
             break
-        exact |= over
-    return Choice(sorted(exact), dict.fromkeys(sorted(exact)), {}, p)
+        exact |= set(over)
+        records |= {t: {"method": "max_rebuild_error", "floor": options.max_rebuild_error, "rebuild_error": e}
+                    for t, e in over.items()}
+    return Choice(sorted(exact), dict.fromkeys(sorted(exact)), records, p)
 
 
 def _delta_steps(c: Collection, options: PackOptions) -> tuple[dict[int, float | None], dict[int, dict[str, Any]]]:

@@ -187,4 +187,4 @@ def load_sentence_transformer(task: Task, **kwargs: Any) -> Any:
         raise TallstoreError(f"task {task.name!r} was not packed from a sentence-transformers folder (no modules.json)")
     with tempfile.TemporaryDirectory(prefix="tallstore-") as tmp:
         folder = task.save(Path(tmp) / "model")
-        return SentenceTransformer(str(folder), device="cpu", **kwargs)
+        return SentenceTransformer(str(folder), **{"device": "cpu", **kwargs})

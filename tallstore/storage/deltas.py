@@ -31,12 +31,23 @@ def encode_segment(block: DeltaBlock, u: torch.Tensor) -> bytes:
              np.packbits(block.decay.numpy(), bitorder="little").tobytes(),
              (block.steps.numpy().astype("<f4").view("<u4") >> 16).astype("<u2").tobytes()]
     codes = block.codes.reshape(-1).numpy().view(np.uint8)
-    ctx = dither_context(u[~block.decay]).reshape(-1).numpy()
+    order, bounds = _by_context(u[~block.decay])
+    grouped = codes[order]
     for i in range(CONTEXTS):
-        part = np.ascontiguousarray(codes[ctx == i])
+        part = grouped[bounds[i] : bounds[i + 1]]
         body = encode_symbols(part) if part.size else b""
         parts += [len(body).to_bytes(4, "little"), body]
     return b"".join(parts)
+
+
+def _by_context(u: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The coded positions grouped by dither context, each group in position order (a stable
+    sort), and where each of the ``CONTEXTS`` groups starts and ends."""
+    ctx = dither_context(u)
+    order = np.argsort(ctx, kind="stable")
+    bounds = np.zeros(CONTEXTS + 1, np.int64)
+    np.cumsum(np.bincount(ctx, minlength=CONTEXTS), out=bounds[1:])
+    return order, bounds
 
 
 def decode_segment(data: np.ndarray, crc: int, u: torch.Tensor, what: str) -> DeltaBlock:
@@ -55,22 +66,24 @@ def decode_segment(data: np.ndarray, crc: int, u: torch.Tensor, what: str) -> De
     at += 2 * n
     if not (np.isfinite(steps).all() and (steps >= 0).all()):
         raise CorruptArchiveError(f"{what} holds a negative or non-finite step")
-    ctx = dither_context(u[~decay]).reshape(-1).numpy()
-    codes = np.zeros(ctx.size, np.uint8)
+    order, bounds = _by_context(u[~decay])
+    grouped = np.zeros(order.size, np.uint8)
     for i in range(CONTEXTS):
         if data.size < at + 4:
             raise CorruptArchiveError(f"{what} ends before its code stream {i}")
         length = int(data[at : at + 4].view("<u4")[0])
         at += 4
-        where = ctx == i
-        if length > data.size - at or (length == 0) != (not where.any()):
+        count = int(bounds[i + 1] - bounds[i])
+        if length > data.size - at or (length == 0) != (count == 0):
             raise CorruptArchiveError(f"{what} has a code stream {i} of the wrong length")
         if length:
             try:
-                codes[where] = decode_symbols(data[at : at + length], int(where.sum()))
+                grouped[bounds[i] : bounds[i + 1]] = decode_symbols(data[at : at + length], count)
             except ValueError as e:
                 raise CorruptArchiveError(f"{what} cannot be decoded ({e})") from None
         at += length
+    codes = np.empty_like(grouped)
+    codes[order] = grouped
     if at != data.size:
         raise CorruptArchiveError(f"{what} has bytes past its last code stream")
     return DeltaBlock(decay, scale, torch.from_numpy(steps), torch.from_numpy(codes.view(np.int8)).reshape(n, u.shape[1]))
