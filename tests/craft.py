@@ -75,3 +75,15 @@ def _reseal(location: Path, root: dict[str, Any], m: dict[str, Any]) -> None:
     if nodes is not None and COPY in nodes:
         nodes[COPY] = meta
     (location / "zarr.json").write_text(json.dumps(root))
+
+
+def naive_task_edit(location: Path, index: int, edit: Callable[[dict[str, Any]], None]) -> None:
+    """A naive edit of task ``index``'s record in its own and the consolidated metadata: the
+    digest and the manifest's copy are left as they were (what a careless editor would do)."""
+    own = location / "tasks" / str(index) / "zarr.json"
+    meta = json.loads(own.read_text())
+    edit(meta["attributes"]["tallstore"])
+    own.write_text(json.dumps(meta))
+    root = json.loads((location / "zarr.json").read_text())
+    edit(root["consolidated_metadata"]["metadata"][f"tasks/{index}"]["attributes"]["tallstore"])
+    (location / "zarr.json").write_text(json.dumps(root))

@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 
 import tallstore
 import tallstore.reading.stats as stats_module
-from craft import craft
+from craft import craft, naive_task_edit
 from tallstore.errors import CorruptArchiveError, TallstoreError
 from tallstore.storage.codecs import MAX_CHUNKS, ArrayFormat
 
@@ -387,11 +387,11 @@ def reverse_rows(attrs: dict[str, Any]) -> None:
 NAIVE_EDITS: dict[str, Callable[[Path], None]] = {
     "lam": lambda arc: edit_root(arc, lambda m: m.update(lam=[0.9, 0.9, 0.9])),
     "version": lambda arc: edit_root(arc, lambda m: m.update(version=1)),
-    "task names swapped": lambda arc: (edit_root(arc, swap_task_names), edit_record(arc, 0, rename_in_record(0, "t1")),
-                                       edit_record(arc, 1, rename_in_record(1, "t0"))),
-    "exact shape transposed": lambda arc: (edit_root(arc, transpose_head), edit_record(arc, 0, transpose_head_row)),
-    "row dropped": lambda arc: edit_record(arc, 0, drop_head_row),
-    "rows reordered": lambda arc: edit_record(arc, 0, reverse_rows),
+    "task names swapped": lambda arc: (edit_root(arc, swap_task_names), naive_task_edit(arc, 0, rename_in_record(0, "t1")),
+                                       naive_task_edit(arc, 1, rename_in_record(1, "t0"))),
+    "exact shape transposed": lambda arc: (edit_root(arc, transpose_head), naive_task_edit(arc, 0, transpose_head_row)),
+    "row dropped": lambda arc: naive_task_edit(arc, 0, drop_head_row),
+    "rows reordered": lambda arc: naive_task_edit(arc, 0, reverse_rows),
 }
 
 
@@ -399,17 +399,6 @@ def edit_root(location: Path, edit: Callable[[dict[str, Any]], None]) -> None:
     """A naive edit of the root's manifest: the digest and the manifest's copy are left as they were."""
     root = json.loads((location / "zarr.json").read_text())
     edit(root["attributes"]["tallstore"])
-    (location / "zarr.json").write_text(json.dumps(root))
-
-
-def edit_record(location: Path, index: int, edit: Callable[[dict[str, Any]], None]) -> None:
-    """A naive edit of one task's record, wherever it lives (its own ``zarr.json`` and the consolidated copy)."""
-    own = location / "tasks" / str(index) / "zarr.json"
-    meta = json.loads(own.read_text())
-    edit(meta["attributes"]["tallstore"])
-    own.write_text(json.dumps(meta))
-    root = json.loads((location / "zarr.json").read_text())
-    edit(root["consolidated_metadata"]["metadata"][f"tasks/{index}"]["attributes"]["tallstore"])
     (location / "zarr.json").write_text(json.dumps(root))
 
 

@@ -24,6 +24,8 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from reliability_helpers import TINY_BLOCK, one_error_line, read_all, run_cli, same_bits, tiny_collection
 
+from craft import naive_task_edit
+
 import tallstore
 from tallstore.errors import ArchiveError, CorruptArchiveError, TallstoreError
 
@@ -190,25 +192,13 @@ def test_task_metadata_missing_without_consolidation_is_read_from_the_copy_and_r
         tallstore.open(copy)
 
 
-def rewrite_task_attrs(location: Path, index: int, edit) -> None:  # type: ignore[no-untyped-def]
-    """Apply ``edit`` to task ``index``'s attributes in its own and the consolidated metadata
-    (a naive edit: the digest and the manifest's copy are left as they were)."""
-    own = location / "tasks" / str(index) / "zarr.json"
-    meta = json.loads(own.read_text())
-    edit(meta["attributes"]["tallstore"])
-    own.write_text(json.dumps(meta))
-    root = json.loads((location / "zarr.json").read_text())
-    edit(root["consolidated_metadata"]["metadata"][f"tasks/{index}"]["attributes"]["tallstore"])
-    (location / "zarr.json").write_text(json.dumps(root))
-
-
 def zero_w_digest(attrs: dict) -> None:  # type: ignore[type-arg]
     row = next(r for r in attrs["tensors"] if r[0] == "w")
     row[4] = "0" * 64
 
 
 def test_an_edited_task_record_fails_the_manifest_digest_and_the_copy_is_read(copy: Path, packed: Packed) -> None:
-    rewrite_task_attrs(copy, 0, zero_w_digest)
+    naive_task_edit(copy, 0, zero_w_digest)
     report = tallstore.open(copy).verify(deep=True)
     assert "does not match its digest" in report.problems[0] and report.tasks_rebuilt == 2
     assert same_bits(read_all(copy)["t0"], packed.reference["t0"])
@@ -224,7 +214,7 @@ def test_a_wrong_recorded_digest_in_a_v1_archive_is_found_by_deep_verify_only(tm
     def edit(attrs: dict) -> None:  # type: ignore[type-arg]
         attrs["tensors"][0][4] = "0" * 64
 
-    rewrite_task_attrs(v1, 0, edit)
+    naive_task_edit(v1, 0, edit)
     assert tallstore.open(v1).verify().ok
     deep = tallstore.open(v1).verify(deep=True)
     assert not deep.ok and deep.tasks_rebuilt == len(deep.against) + 2
