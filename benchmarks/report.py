@@ -173,6 +173,14 @@ def summary_rate(r: dict[str, Any]) -> list[list[str]]:
     rows = []
     for c in r["collections"]:
         peers_ = {m: x for m, x in c["methods"].items() if not m.startswith("tallstore")}
+        presets = {m: x for m, x in c["methods"].items() if m.startswith("tallstore_") and "int" not in m}
+        if presets:
+            ours = "; ".join(f"{m.removeprefix('tallstore_')} {x['bits_per_param_task']:.3f} bit → "
+                             f"{pct(x['mean_normalized_test'], 2)}" for m, x in presets.items())
+            theirs = "; ".join(f"{RATE_LABELS.get(m, m)} {x['bits_per_param_task']:.3f} → {pct(x['mean_normalized_test'], 2)}"
+                               for m, x in sorted(peers_.items(), key=lambda kv: kv[1]["bits_per_param_task"]))
+            rows.append([f"tallstore --fidelity presets, real MiniLM zoo float32, T={len(c['tasks'])}, base external, "
+                         "bits/param/task all-in → mean normalized test accuracy", ours, f"peers: {theirs}", "–"])
         for d in c.get("dial", []):
             budget = RATE_BUDGETS.get(d["target"])
             if budget is None:
