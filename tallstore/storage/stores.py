@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Any
 
 from zarr.abc.store import Store
+from zarr.core import sync as zsync
 from zarr.storage import FsspecStore, LocalStore
 
 from ..errors import TallstoreError
@@ -49,10 +51,6 @@ def settle_writes(timeout: float = 10.0) -> None:
     An interrupt that lands while the main thread waits on a zarr write leaves that write running
     on zarr's background loop; removing a staging folder before it ends would let it recreate the
     folder. Called before an interrupted or failed output is removed."""
-    import asyncio
-
-    from zarr.core import sync as zsync
-
     loop = zsync.loop[0] if zsync.loop and zsync.loop[0] is not None else None
     if loop is None or not loop.is_running():
         return
