@@ -19,7 +19,6 @@ from .packing.options import (
 )
 from .reading.archive import Archive, open
 from .storage.codecs import Codecs
-from .storage.geometry import DEFAULT_BLOCK_ELEMS
 
 
 def pack(
@@ -37,7 +36,7 @@ def pack(
     overwrite: bool = False,
     allow_nonfinite: bool = False,
     allow_unrelated_base: bool = False,
-    block_elems: int = DEFAULT_BLOCK_ELEMS,
+    block_elems: int | None = None,
     workers: int = 2,
     codecs: Codecs | str = "fast",
     key_map: Iterable[str] = (),
@@ -63,7 +62,9 @@ def pack(
     - ``overwrite``: replace an existing archive at ``out``;
     - ``allow_nonfinite``: accept NaN/Inf weights instead of refusing (such tensors are stored exactly);
     - ``allow_unrelated_base``: pack even when no task looks fine-tuned from ``base``;
-    - ``block_elems``: row-block size (elements) for streaming and chunking;
+    - ``block_elems``: row-block size (elements) for streaming and chunking; by default a power
+      of two from 2^22 down to 2^18 as the tasks grow in number (2^26 bytes of float32 stack per
+      worker), so memory stays flat in the number of tasks;
     - ``workers``: threads; ``client``: a ``dask.distributed`` client to run the pack units on;
     - ``codecs``: ``"fast"`` (LZ4HC weights, quickest loads), ``"compact"`` (zstd) or a ``Codecs``;
     - ``key_map``: ``"OLD_PREFIX=NEW_PREFIX"`` rules renaming task tensors before they are matched

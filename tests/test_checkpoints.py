@@ -276,3 +276,30 @@ def test_read_bytes_are_the_stored_bytes_of_the_same_rows_as_read(tmp_path: Path
         for key in sd:
             for a, b in [(0, 1), (1, 2), (0, None), (2, 5)]:
                 assert ck.read_bytes(key, a, b) == dtypes.to_storage(ck.read(key, a, b)).tobytes(), (key, a, b)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+@pytest.mark.parametrize("into", [torch.float32, torch.bfloat16])
+def test_read_into_fills_the_given_tensor_with_the_rows_read_gives(tmp_path: Path, fmt: str, into: torch.dtype) -> None:
+    sd = {"m": torch.randn(7, 3), "h": torch.randn(4, 2).to(torch.bfloat16)}
+    path = tmp_path / f"x.{fmt}"
+    if fmt == "safetensors":
+        save_file(sd, path)
+    else:
+        torch.save(sd, path)
+    with open_checkpoint(path) as ck:
+        for key in sd:
+            for a, b in [(0, 1), (1, 3), (2, 4)]:
+                out = torch.full(((b - a) * sd[key].shape[1],), float("nan"), dtype=into)
+                ck.read_into(key, a, b, out)
+                assert torch.equal(out, ck.read(key, a, b).reshape(-1).to(into)), (key, a, b)
+
+
+def test_read_into_a_truncated_file_is_a_checkpoint_error(tmp_path: Path) -> None:
+    path = tmp_path / "x.safetensors"
+    save_file({"m": torch.randn(64, 4)}, path)
+    with open_checkpoint(path) as ck:
+        with open(path, "r+b") as f:
+            f.truncate(path.stat().st_size - 100)
+        with pytest.raises(CheckpointError, match="truncated"):
+            ck.read_into("m", 0, 64, torch.empty(256))

@@ -276,3 +276,22 @@ def test_disjoint_support_archive_rebuilds_every_task_bit_exactly(tmp_path: Path
         got = arc[name].state_dict()
         for key in base:
             np.testing.assert_array_equal(bits(got[key].reshape(-1)), bits(want[key].reshape(-1)), err_msg=f"{name} {key}")
+
+
+def test_tasks_equal_on_every_probe_but_one_element_both_enter_the_merge() -> None:
+    from tallstore.ops.merges import SAMPLE_STRIDE, TaskArithmetic
+
+    tau = torch.zeros(3, 4 * SAMPLE_STRIDE)
+    tau[:, ::SAMPLE_STRIDE] = 1.0
+    tau[1] = tau[0]
+    tau[2] = tau[0]
+    tau[2, 5] = 0.25  # off the probed positions: only the full comparison sees it
+    got = TaskArithmetic().apply(tau, {})
+    assert torch.equal(got, tau[0] + tau[2])
+
+
+def test_tasks_equal_in_value_enter_the_merge_once_even_with_signed_zeros() -> None:
+    from tallstore.ops.merges import distinct
+
+    tau = torch.tensor([[0.0, 1.0, -2.0], [-0.0, 1.0, -2.0], [0.0, 1.0, 2.0]])
+    assert distinct(tau) == [0, 2]

@@ -497,3 +497,18 @@ def test_invalid_lambda_is_refused(collection: Callable[..., Collection], tmp_pa
     with pytest.raises(PlanError, match="unknown task"):
         tallstore.pack(tmp_path / "zoo.tall", base=base, tasks=tasks, lam={"nope": 0.3})
     assert not (tmp_path / "zoo.tall").exists()
+
+
+@pytest.mark.parametrize(("n_tasks", "block_elems"), [(1, 1 << 22), (8, 1 << 21), (20, 1 << 19), (1000, 1 << 18)])
+def test_default_row_block_shrinks_as_the_tasks_grow_in_number(n_tasks: int, block_elems: int) -> None:
+    from tallstore.storage.geometry import auto_block_elems
+
+    assert auto_block_elems(n_tasks) == block_elems
+
+
+def test_a_pack_without_block_elems_records_the_block_its_task_count_picks(tmp_path: Path) -> None:
+    from tallstore.storage.geometry import auto_block_elems
+
+    base, tasks = streaming_collection()
+    arc = pack_dicts(tmp_path, base, tasks, allow_unrelated_base=True)
+    assert arc.describe(sizes=False)["block_elems"] == auto_block_elems(len(tasks))

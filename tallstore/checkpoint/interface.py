@@ -38,6 +38,11 @@ class Checkpoint(ABC):
     def read(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Rows ``[start, stop)`` along dim 0 of ``key`` (the whole tensor for a scalar)."""
 
+    def read_into(self, key: str, start: int, stop: int, out: torch.Tensor) -> None:
+        """Rows ``[start, stop)`` of ``key`` into the flat tensor ``out`` (cast to its dtype): a
+        packer's stack of tasks is filled without a fresh buffer per read."""
+        out.copy_(self.read(key, start, stop).reshape(-1))
+
     def read_bytes(self, key: str, start: int = 0, stop: int | None = None) -> bytes:
         """The raw little-endian bytes of rows ``[start, stop)`` of ``key`` (what digests hash)."""
         return dtypes.to_storage(self.read(key, start, stop)).tobytes()

@@ -218,6 +218,9 @@ class RenamedCheckpoint(Checkpoint):
     def read(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         return self._inner.read(self._original[key], start, stop)
 
+    def read_into(self, key: str, start: int, stop: int, out: torch.Tensor) -> None:
+        self._inner.read_into(self._original[key], start, stop, out)
+
     def read_bytes(self, key: str, start: int = 0, stop: int | None = None) -> bytes:
         return self._inner.read_bytes(self._original[key], start, stop)
 

@@ -123,7 +123,8 @@ class SafetensorsCheckpoint(Checkpoint):
     def info(self, key: str) -> TensorInfo:
         return self._infos[key]
 
-    def _rows(self, key: str, start: int, stop: int | None) -> tuple[np.ndarray, TensorInfo, tuple[int, ...]]:
+    def _span(self, key: str, start: int, stop: int | None) -> tuple[int, int, int, tuple[int, ...]]:
+        """File index, byte offset and byte count of rows ``[start, stop)`` of ``key``, and their shape."""
         info = self._infos[key]
         rows = info.rows
         stop = rows if stop is None or not info.shape else min(stop, rows)
@@ -131,8 +132,18 @@ class SafetensorsCheckpoint(Checkpoint):
         shape = (stop - start, *info.shape[1:]) if info.shape else ()
         row_bytes = info.row_numel * info.dtype.itemsize
         i, offset = self._where[key]
-        data = self._sources[i].read(offset + start * row_bytes, (stop - start) * row_bytes)
-        return data, info, shape
+        return i, offset + start * row_bytes, (stop - start) * row_bytes, shape
+
+    def _rows(self, key: str, start: int, stop: int | None) -> tuple[np.ndarray, TensorInfo, tuple[int, ...]]:
+        i, offset, n, shape = self._span(key, start, stop)
+        return self._sources[i].read(offset, n), self._infos[key], shape
+
+    def read_into(self, key: str, start: int, stop: int, out: torch.Tensor) -> None:
+        i, offset, n, _ = self._span(key, start, stop)
+        if out.dtype != self._infos[key].dtype.torch or not out.is_contiguous() or out.numel() * out.element_size() != n:
+            super().read_into(key, start, stop, out)
+            return
+        self._sources[i].read_into(offset, dtypes.to_storage(out).view(np.uint8))
 
     def read(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         data, info, shape = self._rows(key, start, stop)

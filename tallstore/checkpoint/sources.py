@@ -34,6 +34,10 @@ class ByteSource(ABC):
     def read(self, offset: int, n: int) -> np.ndarray:
         """Exactly ``n`` bytes from ``offset`` as a fresh, writable ``uint8`` array."""
 
+    def read_into(self, offset: int, out: np.ndarray) -> None:
+        """Exactly ``out.size`` bytes from ``offset`` into the flat ``uint8`` array ``out``."""
+        out[:] = self.read(offset, out.size)
+
     def sha256(self) -> str:
         """SHA-256 of the whole file, read in pieces."""
         h = hashlib.sha256()
@@ -62,16 +66,24 @@ class LocalFile(ByteSource):
             raise CheckpointError(f"{self.path}: cannot read ({e.strerror})") from None
 
     def read(self, offset: int, n: int) -> np.ndarray:
+        buf = np.empty(n, np.uint8)
+        self.read_into(offset, buf)
+        return buf
+
+    def read_into(self, offset: int, out: np.ndarray) -> None:
         if self._fd is None:
             raise CheckpointError(f"{self.location}: read after close")
-        buf = np.empty(n, np.uint8)
+        n, got = out.size, 0
         try:
-            got = os.preadv(self._fd, [buf], offset) if n else 0
+            while got < n:  # preadv may return short (large reads, signals): go on where it stopped
+                step = os.preadv(self._fd, [out[got:]], offset + got)
+                if step == 0:
+                    break
+                got += step
         except OSError as e:
             raise CheckpointError(f"{self.location}: cannot read ({e.strerror})") from None
         if got != n:
             raise CheckpointError(f"{self.location}: truncated (changed while it was read?)")
-        return buf
 
     def close(self) -> None:
         if self._fd is not None:

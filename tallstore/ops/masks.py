@@ -6,38 +6,65 @@ All functions are pure and work on one block of one tensor across tasks at a tim
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
+from numba import njit
 
 
 def task_vectors(base: torch.Tensor, tasks: torch.Tensor) -> torch.Tensor:
-    """``τ_t = θ_t − θ₀`` in float32 for a ``(T, n)`` stack of task weights (subtracted in place:
-    one float32 ``(T, n)`` buffer)."""
+    """``τ_t = θ_t − θ₀`` in float32 for a ``(T, n)`` stack of task weights (one float32
+    ``(T, n)`` buffer, written in one pass when the weights are float32)."""
+    if tasks.dtype == torch.float32 and base.dtype == torch.float32:
+        out = np.empty(tuple(tasks.shape), dtype=np.float32)
+        _differences(tasks.reshape(tasks.shape[0], -1).contiguous().numpy(), base.reshape(-1).contiguous().numpy(),
+                     out.reshape(tasks.shape[0], -1))
+        return torch.from_numpy(out)
     return tasks.to(torch.float32, copy=True).sub_(base.to(torch.float32))
 
 
-def task_sum(tau: torch.Tensor) -> torch.Tensor:
-    """``Σ_t τ_t`` in float32, in task order (``((τ_0 + τ_1) + τ_2) + …``), one row at a time.
+@njit(cache=True, nogil=True)
+def _differences(tasks: np.ndarray, base: np.ndarray, out: np.ndarray) -> None:
+    for t in range(tasks.shape[0]):
+        for i in range(tasks.shape[1]):
+            out[t, i] = tasks[t, i] - base[i]
+
+
+def task_sum(tau: torch.Tensor, rows: Sequence[int] | None = None) -> torch.Tensor:
+    """``Σ_t τ_t`` over ``rows`` of ``tau`` (default all) in float32, in task order
+    (``((τ_0 + τ_1) + τ_2) + …``), one row at a time, without copying the stack.
 
     ``tensor.sum(dim=0)`` associates the tail of a row differently from its body, so τ_MTL (and
     the archive) would depend on the block size.
     """
-    out = tau[0].clone()
-    for row in tau[1:]:
-        out += row
+    order = list(range(tau.shape[0])) if rows is None else list(rows)
+    out = tau[order[0]].clone()
+    for t in order[1:]:
+        out += tau[t]
     return out
+
+
+@njit(cache=True, nogil=True)
+def _tall_masks(tau: np.ndarray, tau_mtl: np.ndarray, lam: np.ndarray, out: np.ndarray) -> None:
+    for t in range(tau.shape[0]):
+        lt = lam[t]
+        for i in range(tau.shape[1]):
+            x = tau[t, i]
+            out[t, i] = abs(x) > lt * abs(tau_mtl[i] - x)
 
 
 def tall_masks(tau: torch.Tensor, tau_mtl: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     """``m_t = |τ_t| > λ_t · |τ_MTL − τ_t|`` (strict, elementwise) as a ``(T, n)`` bool tensor.
 
-    Computed one task at a time so temporaries stay at one row's size, not ``(T, n)``.
+    One fused float32 pass per task (``|τ_MTL − τ_t|`` rounded, times λ_t rounded, compared),
+    no temporaries.
     """
-    lam32 = lam.to(torch.float32)
-    masks = torch.empty(tau.shape, dtype=torch.bool)
-    for t in range(tau.shape[0]):
-        residual = (tau_mtl - tau[t]).abs_().mul_(lam32[t])
-        torch.gt(tau[t].abs(), residual, out=masks[t])
-    return masks
+    masks = np.empty(tuple(tau.shape), dtype=np.bool_)
+    _tall_masks(tau.to(torch.float32).reshape(tau.shape[0], -1).contiguous().numpy(),
+                tau_mtl.to(torch.float32).reshape(-1).contiguous().numpy(),
+                lam.to(torch.float32).numpy(), masks.reshape(tau.shape[0], -1))
+    return torch.from_numpy(masks)
 
 
 def merged_weights(

@@ -7,6 +7,7 @@ failed pack never leaves something that opens as a complete archive.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import math
 import os
@@ -33,7 +34,7 @@ from ..locations import is_url, local_path
 from ..storage import layout
 from ..storage.arrays import WRITE_ALL, create_masks, create_weights
 from ..storage.digests import combine, fingerprint, probe
-from ..storage.geometry import chunk_elems
+from ..storage.geometry import auto_block_elems, chunk_elems
 from ..storage.manifest import (
     BaseRecord,
     DeltaRecord,
@@ -103,6 +104,8 @@ def pack(
     target = Target(out, options.overwrite, storage_options)  # checks the output before any pre-pass
     with ExitStack() as stack:
         c = open_collection(base, tasks, options, storage_options, stack)
+        if options.block_elems is None:
+            options = dataclasses.replace(options, block_elems=auto_block_elems(len(c.tasks)))
         ex = executor or _executor(client, options.workers)
         choice = fidelity.choose(c, options, ex, out, storage_options)
         exact, p = choice.stored, choice.prepared

@@ -9,8 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
+from .. import dtypes
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..checkpoint.tasks import TaskSource
 from ..dtypes import DType, TensorInfo
@@ -79,18 +81,17 @@ def read_block(spec: InputSpec, kp: KeyPlan, index: int) -> Block:
     got = inputs(spec)
     a, b = kp.blocks[index]
     base = got.base.read(kp.key, a, b).reshape(-1)
-    first = got.tasks[0].read(kp.key, a, b).reshape(-1)
-    # filled in place, no stack copy; in the shared dtype, which holds every task's values exactly
-    tasks = torch.empty((len(got.tasks), first.numel()), dtype=kp.info.dtype.torch)
-    tasks[0] = first
-    for t, ck in enumerate(got.tasks[1:], 1):
-        tasks[t] = ck.read(kp.key, a, b).reshape(-1)
+    # read straight into the stack, in the shared dtype, which holds every task's values exactly
+    stack = np.empty((len(got.tasks), (b - a) * kp.info.row_numel), dtype=kp.info.dtype.storage)
+    tasks = dtypes.from_storage(stack, kp.info.dtype, stack.shape)
+    for t, ck in enumerate(got.tasks):
+        ck.read_into(kp.key, a, b, tasks[t])
     if not spec.allow_nonfinite:
         check_finite(base, kp.key, "the base")
         for name, t in zip(spec.names, tasks):
             check_finite(t, kp.key, f"task {name!r}")
-    dtypes = tuple(ck.info(kp.key).dtype for ck in got.tasks)
-    return Block(base, tasks, task_vectors(base, tasks), dtypes, kp.info, b - a)
+    own = tuple(ck.info(kp.key).dtype for ck in got.tasks)
+    return Block(base, tasks, task_vectors(base, tasks), own, kp.info, b - a)
 
 
 def check_finite(t: torch.Tensor, key: str, who: str) -> None:

@@ -13,7 +13,6 @@ from ..checkpoint.keymap import parse_key_map
 from ..errors import PlanError
 from ..ops import merges, ties
 from ..storage.codecs import Codecs, preset
-from ..storage.geometry import DEFAULT_BLOCK_ELEMS
 from ..storage.layout import FORM_QUANTIZED
 from ..storage.manifest import SharedForm
 from . import lam as lam_select
@@ -50,7 +49,7 @@ class PackOptions:
     exact: tuple[str, ...] = ()
     overwrite: bool = False
     allow_nonfinite: bool = False
-    block_elems: int = DEFAULT_BLOCK_ELEMS
+    block_elems: int | None = None  # None: geometry.auto_block_elems of the number of tasks
     workers: int = 2
     codecs: Codecs | str = field(default_factory=Codecs)
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
@@ -96,7 +95,8 @@ class PackOptions:
         set_(self, "key_map", tuple(self.key_map))
         parse_key_map(self.key_map)
         set_(self, "exact", tuple(self.exact))
-        if isinstance(self.block_elems, bool) or not isinstance(self.block_elems, int) or self.block_elems < 1:
+        if self.block_elems is not None and (
+                isinstance(self.block_elems, bool) or not isinstance(self.block_elems, int) or self.block_elems < 1):
             raise PlanError(f"block_elems must be a positive integer, got {self.block_elems!r}")
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
             raise PlanError(f"workers must be a positive integer, got {self.workers!r}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import closing
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -17,9 +18,10 @@ import numpy as np
 import torch
 
 from ..errors import PlanError
+from ..storage.layout import KIND_MASKED
 from .executors import Executor
 from .inputs import Block, InputSpec
-from .plan import Plan
+from .plan import KeyPlan, Plan
 from .units import BlockPass
 
 
@@ -31,10 +33,9 @@ def _add(total: Any, part: Any) -> Any:
     return total + part
 
 
-def run_pass(executor: Executor, spec: InputSpec, plan: Plan, fn: Callable[[Block], Any], first_only: bool = False) -> Any:
-    """``Σ fn(block)`` over every masked row block (``first_only``: the first block of each masked
-    tensor, a cheap sample of the whole model), added in plan order (arrays, or tuples of them)."""
-    units = [BlockPass(spec, kp, i, fn) for kp in plan.masked() for i in range(1 if first_only else len(kp.blocks))]
+def run_pass(executor: Executor, spec: InputSpec, plan: Plan, fn: Callable[[Block], Any]) -> Any:
+    """``Σ fn(block)`` over every masked row block, added in plan order (arrays, or tuples of them)."""
+    units = [BlockPass(spec, kp, i, fn) for kp in plan.masked() for i in range(len(kp.blocks))]
     position = {id(u): j for j, u in enumerate(units)}
     pending: dict[int, Any] = {}
     total: Any = None
@@ -75,6 +76,17 @@ def nonfinite_keys(executor: Executor, spec: InputSpec, plan: Plan) -> set[str]:
 
 
 UNRELATED = 1.0
+SAMPLE_ELEMS = 1 << 16  # at least this many leading elements (whole rows) of each masked tensor
+
+
+def sample_plan(plan: Plan, elems: int = SAMPLE_ELEMS) -> Plan:
+    """``plan`` cut to a cheap sample of the model: the first rows (about ``elems`` elements, at
+    least one row) of each masked tensor, as one block each."""
+    def first_rows(kp: KeyPlan) -> KeyPlan:
+        a, b = kp.blocks[0]
+        return replace(kp, blocks=[(a, min(b, a + max(1, -(-elems // max(1, kp.info.row_numel)))))])
+
+    return replace(plan, keys=[first_rows(kp) if kp.kind == KIND_MASKED else kp for kp in plan.keys])
 
 
 def change_sums(block: Block) -> tuple[np.ndarray, np.ndarray]:
@@ -83,13 +95,13 @@ def change_sums(block: Block) -> tuple[np.ndarray, np.ndarray]:
 
 
 def check_related(executor: Executor, spec: InputSpec, plan: Plan) -> None:
-    """Refuse a base that no task looks fine-tuned from: on a sample of the model (the first block
-    of each masked tensor), every task's ``‖τ_t‖ / ‖θ₀‖`` above :data:`UNRELATED`. A fine-tune
+    """Refuse a base that no task looks fine-tuned from: on a sample of the model
+    (:func:`sample_plan`), every task's ``‖τ_t‖ / ‖θ₀‖`` above :data:`UNRELATED`. A fine-tune
     moves its weights by a few percent of their norm; two unrelated models of one architecture
     differ by about √2 times it (a randomly initialised base, a base of another pre-training)."""
     if not plan.masked():
         return
-    tau_sq, base_sq = run_pass(executor, spec, plan, change_sums, first_only=True)
+    tau_sq, base_sq = run_pass(executor, spec, sample_plan(plan), change_sums)
     if base_sq[0] <= 0:
         return
     with np.errstate(invalid="ignore"):  # NaN weights (allowed ones) give NaN, never a refusal

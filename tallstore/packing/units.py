@@ -32,6 +32,7 @@ from ..checkpoint.opening import open_file
 from ..dtypes import DType
 from ..errors import CheckpointError
 from ..ops import delta
+from ..ops.rebuild_error import error_sums
 from ..ops.kernel import pack_mask, rebuild_bits, shared_bits
 from ..ops.masks import merged_weights, tall_masks
 from ..ops.merges import TaskArithmetic, Ties
@@ -165,11 +166,10 @@ def shared_block(blk: Block, rule: TaskArithmetic | Ties, params: dict[str, Any]
 
 def task_rebuilds(sb: SharedBlock, blk: Block) -> Iterator[tuple[torch.Tensor, float, float]]:
     """Each task's rebuild of the block with its squared error and ``Σ τ_t²`` (float64), one
-    task at a time, so float64 temporaries stay at one block's size."""
+    task at a time, so only one rebuild is held."""
     for t in range(blk.tasks.shape[0]):
         rebuilt = sb.rebuilt(t, blk.dtypes[t])
-        sq_err = float((rebuilt.to(torch.float64) - blk.tasks[t].to(torch.float64)).square().sum())
-        yield rebuilt, sq_err, float(blk.tau[t].to(torch.float64).square().sum())
+        yield rebuilt, *error_sums(rebuilt, blk.tasks[t], blk.tau[t])
 
 
 def rebuild_sums(block: Block, rule: TaskArithmetic | Ties, params: dict[str, Any], lams: tuple[float, ...],

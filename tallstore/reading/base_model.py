@@ -43,6 +43,10 @@ class ExternalBase:
     def read(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         return self.ckpt.read(key, start, stop)
 
+    def read_into(self, key: str, start: int, stop: int, out: torch.Tensor) -> None:
+        """Rows ``start:stop`` of the base tensor ``key`` into the flat tensor ``out``."""
+        self.ckpt.read_into(key, start, stop, out)
+
 
 class EmbeddedBase:
     """A base stored inside the archive (``--embed-base``), read through the checked reader."""

@@ -227,16 +227,18 @@ class Loader:
 
     @contextmanager
     def _base_rows(self, w: Wanted, e: TensorEntry, a: int, b: int, base_arr: ArrayFormat | None) -> Iterator[torch.Tensor]:
-        """Rows ``a:b`` of the base tensor, flat, in the base's dtype (valid inside the block)."""
-        if base_arr is None:
-            yield self.base.read(w.entry, a, b).reshape(-1)
-            return
+        """Rows ``a:b`` of the base tensor, flat, in the base's dtype (valid inside the block), read
+        into a pooled buffer (a fresh one per block would cost its page faults every load)."""
         info = e.base_info
         assert info is not None
         n = (b - a) * info.row_numel
         with BUFFERS.take(n * info.dtype.itemsize) as buf:
             raw = np.frombuffer(buf, info.dtype.storage)
-            self.batch.read_range(base_arr, a * info.row_numel, raw)
+            if base_arr is None:
+                assert isinstance(self.base, ExternalBase)
+                self.base.read_into(w.entry, a, b, dtypes.from_storage(raw, info.dtype, (n,)))
+            else:
+                self.batch.read_range(base_arr, a * info.row_numel, raw)
             yield dtypes.from_storage(raw, info.dtype, (n,))
 
     def _plan_quantized(self, w: Wanted, e: TensorEntry, ranges: list[tuple[int, int]]) -> list[tuple[int, Callable[[], None]]]:

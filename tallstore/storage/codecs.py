@@ -4,7 +4,9 @@
 equal significance (sign/exponent bytes compress well) before the compressor. Two presets:
 ``fast`` (the default, LZ4HC) decodes faster than ``compact`` (zstd), which makes archives a
 little smaller; loading a task is bound by that decode (``benchmarks/`` measures both). Masks are
-packed bits; zstd's btultra levels (16+) take them to within a few percent of the mask entropy.
+packed bits: ``fast`` codes them with zstd level 6 (60+ MB/s a core, so a pack is not bound by
+them), ``compact`` with level 16 (btultra: within a few percent of the mask entropy where a mask
+is sparse, at 2–16 MB/s; on real masks 2% smaller than level 3, ``benchmarks/bench_masks.py``).
 
 **Decode.** Every array an archive reader touches is decoded here, from its ``zarr.json``: a
 flat (1-D) array with a regular chunk grid, any chain of the Zarr v3 spec codecs ``bytes``,
@@ -48,7 +50,7 @@ class Codecs:
     weight_cname: str = "lz4hc"
     weight_level: int = 5
     weight_shuffle: str = "shuffle"
-    mask_level: int = 16
+    mask_level: int = 6
     file_level: int = 12
 
     def weights(self, itemsize: int) -> list[BytesBytesCodec]:
@@ -74,7 +76,7 @@ class Codecs:
 
 PRESETS = {
     "fast": Codecs(),
-    "compact": Codecs(weight_cname="zstd", weight_level=5),
+    "compact": Codecs(weight_cname="zstd", weight_level=5, mask_level=16),
 }
 
 

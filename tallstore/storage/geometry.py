@@ -11,7 +11,17 @@ from collections.abc import Iterator
 
 from ..dtypes import TensorInfo
 
-DEFAULT_BLOCK_ELEMS = 1 << 22
+DEFAULT_BLOCK_ELEMS = 1 << 22  # the largest block a pack picks by itself
+MIN_AUTO_BLOCK_ELEMS = 1 << 18
+STACK_BYTES = 1 << 26  # a pack worker's float32 stack of one block of every task, at most
+
+
+def auto_block_elems(n_tasks: int) -> int:
+    """The block a pack of ``n_tasks`` TALL tasks uses unless told: the largest power of two whose
+    float32 stack over the tasks fits :data:`STACK_BYTES`, within [2^18, 2^22] elements, so a
+    worker's memory does not grow with the number of tasks."""
+    fit = STACK_BYTES // (4 * max(1, n_tasks))
+    return max(MIN_AUTO_BLOCK_ELEMS, min(DEFAULT_BLOCK_ELEMS, 1 << max(0, fit.bit_length() - 1)))
 
 
 def block_rows(info: TensorInfo, block_elems: int) -> int:
