@@ -157,3 +157,23 @@ def test_quantization_is_deterministic_and_pinned() -> None:
 
 # sha256 prefixes of codes + scales of the seeded block above: a change means the codes changed.
 PINNED_DIGESTS = ["14287a4a3d06b704", "63acd1e6c544b22f"]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_fused_float32_shared_bits_equal_the_tensor_formula_bit_for_bit(seed: int) -> None:
+    from tallstore import dtypes
+    from tallstore.dtypes import by_name
+    from tallstore.ops.kernel import shared_bits
+
+    g = torch.Generator().manual_seed(seed)
+    rows, row = 7, 301
+    base = torch.randn(rows * row, generator=g) * 10.0 ** torch.randint(-40, 3, (rows * row,), generator=g)
+    q = torch.randint(-7, 8, (rows * row,), generator=g, dtype=torch.int8).numpy()
+    scales = (torch.rand(rows, generator=g) * 10.0 ** torch.randint(-42, 0, (rows,), generator=g)).numpy()
+    scales[0] = 0.0
+    f32 = by_name("float32")
+    tau = dequantize_rows(torch.from_numpy(q).view(rows, -1), torch.from_numpy(scales)).reshape(-1)
+    formula = dtypes.to_storage(base + tau)
+    out = np.empty(rows * row, np.uint32)
+    assert np.array_equal(shared_bits(base, scales, q, rows, f32, out=out), formula)
+    assert np.array_equal(shared_bits(base, scales, q, rows, f32), formula)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from numba import njit
 
 from ..dtypes import DType, to_storage
 from .quantize import dequantize_rows
@@ -50,9 +51,29 @@ def pack_mask(mask: np.ndarray) -> np.ndarray:
     return np.packbits(mask, axis=-1, bitorder=BITORDER)
 
 
-def shared_bits(base: torch.Tensor, scales: np.ndarray, q: np.ndarray, rows: int, dtype: DType) -> np.ndarray:
+def shared_bits(base: torch.Tensor, scales: np.ndarray, q: np.ndarray, rows: int, dtype: DType,
+                out: np.ndarray | None = None) -> np.ndarray:
     """Bits of ``cast_d(θ₀ + s·q)``, the quantized form's merged weights of one row block
     (``rows`` rows; one IEEE float32 product and sum per element, then one cast to ``dtype``):
-    what :func:`rebuild_bits` selects from where the mask is set."""
+    what :func:`rebuild_bits` selects from where the mask is set, written into ``out`` if given
+    (float32 weights of a float32 base in one fused pass)."""
+    if dtype.name == "float32" and base.dtype == torch.float32:
+        out = np.empty(q.size, dtype.storage) if out is None else out
+        _shared_f32(base.reshape(-1).contiguous().numpy(), scales.astype(np.float32, copy=False), q.reshape(-1), rows,
+                    out.view(np.float32))
+        return out
     tau = dequantize_rows(torch.from_numpy(q).view(rows, -1), torch.from_numpy(scales)).reshape(-1)
-    return to_storage((base.to(torch.float32) + tau).to(dtype.torch))
+    got = to_storage((base.to(torch.float32) + tau).to(dtype.torch))
+    if out is None:
+        return got
+    out[:] = got
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _shared_f32(base: np.ndarray, scales: np.ndarray, q: np.ndarray, rows: int, out: np.ndarray) -> None:
+    row = q.size // rows if rows else 0
+    for r in range(rows):
+        s = scales[r]
+        for i in range(r * row, (r + 1) * row):
+            out[i] = base[i] + s * np.float32(q[i])

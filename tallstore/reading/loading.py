@@ -278,7 +278,8 @@ class Loader:
             packed = decode_mask_segment(raw, mask[2], q, f"the mask of {where}")
             with self._in_shared_dtype(w, e, out, visit) as work, self._base_rows(w, e, a, b, base_arr) as base:
                 base_bits = dtypes.to_storage(base.to(e.dtype.torch))
-                np.bitwise_xor(shared_bits(base, scales, q, b - a, e.dtype), base_bits, out=work)
+                shared_bits(base, scales, q, b - a, e.dtype, out=work)
+                np.bitwise_xor(work, base_bits, out=work)
                 rebuild_bits(work, base_bits, packed, None if work is not out else visit)
 
         return self._checked(w, i, body)
