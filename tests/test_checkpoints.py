@@ -261,18 +261,22 @@ def test_garbage_torch_file_is_a_checkpoint_error(tmp_path: Path) -> None:
     assert "\n" not in str(err.value)
 
 
+def saved(sd: dict[str, torch.Tensor], path: Path) -> Path:
+    """``sd`` written to ``path``: safetensors, or a torch file for any other suffix."""
+    if path.suffix == ".safetensors":
+        save_file(sd, path)
+    else:
+        torch.save(sd, path)
+    return path
+
+
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
 def test_read_bytes_are_the_stored_bytes_of_the_same_rows_as_read(tmp_path: Path, fmt: str) -> None:
     from tallstore import dtypes
 
     sd = {"m": torch.randn(5, 3), "s": torch.tensor(3.0), "h": torch.randn(4).to(torch.bfloat16),
           "e": torch.empty(0, 2), "i": torch.arange(6).reshape(3, 2)}
-    path = tmp_path / f"x.{fmt}"
-    if fmt == "safetensors":
-        save_file(sd, path)
-    else:
-        torch.save(sd, path)
-    with open_checkpoint(path) as ck:
+    with open_checkpoint(saved(sd, tmp_path / f"x.{fmt}")) as ck:
         for key in sd:
             for a, b in [(0, 1), (1, 2), (0, None), (2, 5)]:
                 assert ck.read_bytes(key, a, b) == dtypes.to_storage(ck.read(key, a, b)).tobytes(), (key, a, b)
@@ -282,12 +286,7 @@ def test_read_bytes_are_the_stored_bytes_of_the_same_rows_as_read(tmp_path: Path
 @pytest.mark.parametrize("into", [torch.float32, torch.bfloat16])
 def test_read_into_fills_the_given_tensor_with_the_rows_read_gives(tmp_path: Path, fmt: str, into: torch.dtype) -> None:
     sd = {"m": torch.randn(7, 3), "h": torch.randn(4, 2).to(torch.bfloat16)}
-    path = tmp_path / f"x.{fmt}"
-    if fmt == "safetensors":
-        save_file(sd, path)
-    else:
-        torch.save(sd, path)
-    with open_checkpoint(path) as ck:
+    with open_checkpoint(saved(sd, tmp_path / f"x.{fmt}")) as ck:
         for key in sd:
             for a, b in [(0, 1), (1, 3), (2, 4)]:
                 out = torch.full(((b - a) * sd[key].shape[1],), float("nan"), dtype=into)
