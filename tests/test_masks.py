@@ -295,3 +295,17 @@ def test_tasks_equal_in_value_enter_the_merge_once_even_with_signed_zeros() -> N
 
     tau = torch.tensor([[0.0, 1.0, -2.0], [-0.0, 1.0, -2.0], [0.0, 1.0, 2.0]])
     assert distinct(tau) == [0, 2]
+
+
+@pytest.mark.parametrize("dtypes_ab", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                       (torch.float64, torch.float16)])
+@pytest.mark.parametrize("n", [0, 5, 8, 1003])
+def test_squared_distance_is_the_float64_sum_of_squared_differences(dtypes_ab: tuple[torch.dtype, torch.dtype], n: int) -> None:
+    from tallstore.ops.sums import squared_distance
+
+    g = torch.Generator().manual_seed(n)
+    a = (torch.randn(n, generator=g) * 1e3).to(dtypes_ab[0])
+    b = (torch.randn(n, generator=g) * 1e3).to(dtypes_ab[1])
+    want = float((a.to(torch.float64) - b.to(torch.float64)).square().sum())
+    assert squared_distance(a, b) == pytest.approx(want, rel=1e-12)
+    assert squared_distance(a) == pytest.approx(float(a.to(torch.float64).square().sum()), rel=1e-12)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import PlanError
+from ..ops.sums import squared_distance
 from ..storage.layout import KIND_MASKED
 from .executors import Executor
 from .inputs import Block, InputSpec
@@ -91,7 +92,7 @@ def sample_plan(plan: Plan, elems: int = SAMPLE_ELEMS) -> Plan:
 
 def change_sums(block: Block) -> tuple[np.ndarray, np.ndarray]:
     """Per task ``Σ τ_t²`` and ``Σ θ₀²`` (float64) of one block."""
-    return block.tau.to(torch.float64).square().sum(dim=1).numpy(), np.array([float(block.base.to(torch.float64).square().sum())])
+    return np.array([squared_distance(tau) for tau in block.tau]), np.array([squared_distance(block.base)])
 
 
 def check_related(executor: Executor, spec: InputSpec, plan: Plan) -> None:

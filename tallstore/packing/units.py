@@ -32,11 +32,11 @@ from ..checkpoint.opening import open_file
 from ..dtypes import DType
 from ..errors import CheckpointError
 from ..ops import delta
-from ..ops.rebuild_error import error_sums
 from ..ops.kernel import pack_mask, rebuild_bits, shared_bits
 from ..ops.masks import merged_weights, tall_masks
 from ..ops.merges import TaskArithmetic, Ties
 from ..ops.quantize import dequantize_rows, quantize_rows
+from ..ops.sums import squared_distance
 from ..storage import layout
 from ..storage.arrays import WRITE_ALL, create_file, create_weights
 from ..storage.codecs import Codecs
@@ -169,7 +169,7 @@ def task_rebuilds(sb: SharedBlock, blk: Block) -> Iterator[tuple[torch.Tensor, f
     task at a time, so only one rebuild is held."""
     for t in range(blk.tasks.shape[0]):
         rebuilt = sb.rebuilt(t, blk.dtypes[t])
-        yield rebuilt, *error_sums(rebuilt, blk.tasks[t], blk.tau[t])
+        yield rebuilt, squared_distance(rebuilt, blk.tasks[t]), squared_distance(blk.tau[t])
 
 
 def rebuild_sums(block: Block, rule: TaskArithmetic | Ties, params: dict[str, Any], lams: tuple[float, ...],
@@ -223,7 +223,7 @@ class MaskedBlock:
             tau_sq=tau_sq,
             nonzero=bool(sb.xor.any()) or spec.shared.quantized,
             gram=(blk.tau @ blk.tau.T).to(torch.float64).numpy(),
-            base_sq=float(blk.base.to(torch.float64).square().sum()),
+            base_sq=squared_distance(blk.base),
             code_segment=sb.code_segment,
             mask_segments=sb.mask_segments,
         )
@@ -363,7 +363,7 @@ class ExactTensor:
                 base = got.base.read(self.key, a, b).reshape(-1)
                 bits = bits ^ dtypes.to_storage(base.to(info.dtype.torch))
                 if info.dtype.is_float:
-                    tau_sq += float((x.reshape(-1).to(torch.float64) - base.to(torch.float64)).square().sum())
+                    tau_sq += squared_distance(x, base)
                 if arr is None and not bits.any():
                     same.append((a, b))
                     continue
@@ -389,9 +389,8 @@ class ExactTensor:
             segments.append(encode_segment(block, u))
             digests.append(block_digest(rebuilt))
             crcs.append(block_crc(rebuilt))
-            x64 = x.to(torch.float64)
-            tau_sq += float((x64 - base.to(torch.float64)).square().sum())
-            sq_err += float((rebuilt.to(torch.float64) - x64).square().sum())
+            tau_sq += squared_distance(x, base)
+            sq_err += squared_distance(rebuilt, x)
         return ExactResult(t, self.key, layout.SOURCE_DELTA, digests, crcs, 0, tau_sq, sq_err, segments)
 
     def absorb(self, result: ExactResult, state: PackState) -> None:

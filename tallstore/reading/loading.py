@@ -234,12 +234,13 @@ class Loader:
         n = (b - a) * info.row_numel
         with BUFFERS.take(n * info.dtype.itemsize) as buf:
             raw = np.frombuffer(buf, info.dtype.storage)
+            rows = dtypes.from_storage(raw, info.dtype, (n,))
             if base_arr is None:
                 assert isinstance(self.base, ExternalBase)
-                self.base.read_into(w.entry, a, b, dtypes.from_storage(raw, info.dtype, (n,)))
+                self.base.read_into(w.entry, a, b, rows)
             else:
                 self.batch.read_range(base_arr, a * info.row_numel, raw)
-            yield dtypes.from_storage(raw, info.dtype, (n,))
+            yield rows
 
     def _plan_quantized(self, w: Wanted, e: TensorEntry, ranges: list[tuple[int, int]]) -> list[tuple[int, Callable[[], None]]]:
         """Plan a masked tensor of the quantized form: its code segments and this task's mask

@@ -34,6 +34,7 @@ from .. import dtypes
 from ..checkpoint import open_checkpoint
 from ..dtypes import TensorInfo
 from ..errors import ArchiveError, TallstoreError
+from ..ops.sums import squared_distance
 from ..storage import layout
 from ..storage.chunks import BUFFERS, MAX_DOCUMENT, MissingObject, allocating
 from ..storage.codecs import ArrayFormat
@@ -424,7 +425,7 @@ def _compare(
             want = ck.read(key)
             masked = row.source in (layout.SOURCE_MASKED, layout.SOURCE_DELTA)  # the approximate rows
             if masked:
-                tau_sq += float((want.to(torch.float64) - base.read(record.entry_key(key)).to(torch.float64)).square().sum())
+                tau_sq += squared_distance(want, base.read(record.entry_key(key)))
             try:
                 got = _rebuild(source, base, t, key, row.info)
             except TallstoreError as e:
