@@ -35,9 +35,13 @@ protocol: TextIO = sys.stdout
 
 
 def pause(point: str) -> None:
-    """Announce ``point`` and wait to be signalled."""
+    """Announce ``point`` and wait to be signalled, in short sleeps: a signal that lands between
+    the announcement and the start of a sleep would not interrupt that sleep, and Python runs its
+    handler only once the interpreter gets control back (one long sleep would then last an hour)."""
     print(f"AT {point}", file=protocol, flush=True)
-    time.sleep(3600)
+    deadline = time.monotonic() + 3600
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def after(fn: Callable[..., Any], point: str, nth: int = 0) -> Callable[..., Any]:
