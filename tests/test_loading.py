@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from zarr.codecs import Crc32cCodec, GzipCodec
 import tallstore
 from tallstore import Codecs, CorruptArchiveError, PlanError, TallstoreError
 from tallstore.storage import layout as fmt
-from tallstore.storage.chunks import BufferPool
+from tallstore.storage.chunks import BufferPool, Objects
 from tallstore.storage.codecs import ArrayFormat, Chain
 
 
@@ -187,6 +188,26 @@ def test_a_corrupt_chunk_is_reported_with_its_tensor(collection: Callable[..., C
     with pytest.raises(CorruptArchiveError, match=r"'layer.0.mlp.weight' of task 'task0'.*crc32c"):
         view.state_dict()
     assert torch.equal(view["embed.weight"], arc["task0"]["embed.weight"])
+
+
+def test_a_stream_chunk_shared_by_many_segments_is_read_once_per_load(
+    collection: Callable[..., Collection], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    base, tasks = collection(n_tasks=2)
+    arc = tallstore.pack(tmp_path / "q.tall", base, tasks, shared_bits=4, block_elems=64)
+    want = arc["task1"].state_dict()
+    reads: list[str] = []
+    real = Objects.open_local
+
+    def counted(self: Objects, key: str, limit: int, what: str = "chunk") -> Any:
+        reads.append(key)
+        return real(self, key, limit, what)
+
+    monkeypatch.setattr(Objects, "open_local", counted)
+    got = tallstore.open(tmp_path / "q.tall", base=base)["task1"].state_dict()
+    assert_same(got, want)
+    streams = [k for k in reads if k.startswith(("shared/codes/", "masks/"))]
+    assert streams and len(streams) == len(set(streams))
 
 
 @pytest.mark.parametrize("preset", ["fast", "compact"])

@@ -131,6 +131,24 @@ def test_reading_one_tensor_fetches_only_its_own_chunks(wide_archive: WideArchiv
     assert fetched and all(k.startswith((f"tensors/{node}/merged/c/", "masks/2/c/")) for k in fetched)
 
 
+def test_quantized_archive_reads_from_s3_as_it_does_locally(
+    tmp_path: Path, wide_collection: tuple[Path, dict[str, Path]], s3_server: Any, s3_bucket: str,
+) -> None:
+    """Code and mask segments lie back to back in shared stream chunks: a chunk that several
+    blocks' segments share is fetched once and serves each of them."""
+    base, tasks = wide_collection
+    local = tallstore.pack(tmp_path / "q.tall", base, tasks, shared_bits=4, block_elems=1 << 15)
+    assert len(list((tmp_path / "q.tall/shared/codes/c").iterdir())) == 1  # embed.weight alone has 16 blocks
+    url = f"{s3_bucket}/q.tall"
+    _fs(s3_server).put(str(tmp_path / "q.tall"), url.removeprefix("s3://"), recursive=True)
+    remote = tallstore.open(url, base=base, storage_options=s3_server.storage_options)
+    for name in tasks:
+        got, want = remote[name].state_dict(), local[name].state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    got, want = remote.merge("consensus", k=2).state_dict(), local.merge("consensus", k=2).state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_inputs_and_base_at_urls_pack_and_extract(
     tmp_path: Path, collection: Callable[..., Any], s3_server: Any, s3_bucket: str, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -26,6 +26,7 @@ import stat
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -241,12 +242,22 @@ class Objects:
             raise CorruptArchiveError(f"metadata document {key} is not valid JSON") from None
 
 
+@dataclass
+class _Held:
+    """A chunk decoded for several planned reads (or why it could not be)."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    data: np.ndarray | None = None
+    error: Exception | None = None
+
+
 class Batch:
     """The chunks one read needs: planned, fetched in one round (remote), then decoded on demand.
 
     Local chunks are read by the decoding thread itself; remote ones are fetched beforehand by
     :meth:`fetch`. A chunk that fails to read or decode raises where it is used, so the caller
-    can name the tensor it was reading.
+    can name the tensor it was reading. A chunk that several planned ranges touch (coded
+    segments packed back to back) is decoded once and held until the last of them is read.
     """
 
     def __init__(self, objects: Objects) -> None:
@@ -255,6 +266,9 @@ class Batch:
         self._keys: list[str] = []
         self._limits: list[int] = []
         self._data: list[Any] = []
+        self._uses: dict[int, int] = {}
+        self._held: dict[int, _Held] = {}
+        self._lock = threading.Lock()
 
     def add(self, array: ArrayFormat, index: int) -> None:
         """Plan to read chunk ``index`` of ``array``."""
@@ -272,26 +286,61 @@ class Batch:
             self._data = self.objects.fetch(self._keys, self._limits)
 
     def add_range(self, array: ArrayFormat, lo: int, hi: int) -> None:
-        """Plan to read elements ``[lo, hi)`` of ``array`` (every chunk they touch)."""
+        """Plan to read elements ``[lo, hi)`` of ``array`` (every chunk they touch), once."""
         for c in range(lo // array.chunk, (hi - 1) // array.chunk + 1) if hi > lo else ():
             self.add(array, c)
+            slot = self._planned[array.path, c]
+            self._uses[slot] = self._uses.get(slot, 0) + 1
 
     def read_range(self, array: ArrayFormat, lo: int, out: np.ndarray) -> None:
         """Fill ``out`` (flat, ``array``'s storage dtype) with elements ``[lo, lo + out.size)``.
 
-        A chunk that ``out`` covers from its start is decoded straight into ``out``; any other
-        is decoded into a pooled buffer and its part copied.
+        A chunk that no other planned range needs and that ``out`` covers from its start is
+        decoded straight into ``out``; any other is decoded once (see :class:`Batch`) and its part
+        copied.
         """
         hi = lo + out.size
         for c in range(lo // array.chunk, (hi - 1) // array.chunk + 1) if hi > lo else ():
             a, b = max(lo, c * array.chunk), min(hi, (c + 1) * array.chunk)
-            if a == c * array.chunk:
+            slot = self._planned.get((array.path, c))
+            with self._lock:
+                held = slot is not None and (self._uses.get(slot, 0) > 1 or slot in self._held)
+            if held:
+                assert slot is not None
+                with self._held_chunk(array, c, slot) as full:
+                    out[a - lo : b - lo] = full[a - c * array.chunk : b - c * array.chunk]
+            elif a == c * array.chunk:
                 self.decode(array, c, out[a - lo : b - lo])
-                continue
-            with BUFFERS.take(array.chunk_nbytes) as buf:
-                full = np.frombuffer(buf, array.storage)
-                self.decode(array, c, full[: b - c * array.chunk])
-                out[a - lo : b - lo] = full[a - c * array.chunk : b - c * array.chunk]
+            else:
+                with BUFFERS.take(array.chunk_nbytes) as buf:
+                    full = np.frombuffer(buf, array.storage)
+                    self.decode(array, c, full[: b - c * array.chunk])
+                    out[a - lo : b - lo] = full[a - c * array.chunk : b - c * array.chunk]
+
+    @contextmanager
+    def _held_chunk(self, array: ArrayFormat, index: int, slot: int) -> Iterator[np.ndarray]:
+        """Chunk ``index`` decoded whole, by the first of its planned reads; dropped after the last."""
+        with self._lock:
+            held = self._held.setdefault(slot, _Held())
+        with held.lock:
+            if held.data is None and held.error is None:
+                try:
+                    with allocating(f"a chunk of {array.chunk_nbytes} bytes"):
+                        full = np.empty(array.chunk, array.storage)
+                    self.decode(array, index, full)
+                    held.data = full
+                except Exception as e:
+                    held.error = e
+        try:
+            if held.error is not None:
+                raise held.error
+            assert held.data is not None
+            yield held.data
+        finally:
+            with self._lock:
+                self._uses[slot] -= 1
+                if self._uses[slot] <= 0:
+                    self._held.pop(slot, None)
 
     def decode(self, array: ArrayFormat, index: int, out: np.ndarray) -> None:
         """Decode chunk ``index`` of ``array`` into ``out``: its first ``out.nbytes`` bytes."""
