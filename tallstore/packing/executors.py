@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, Generic, Protocol, TypeVar
 
+from ..heap import release_free_memory
+
 T = TypeVar("T")
 
 
@@ -43,8 +45,12 @@ class PerProcess(Generic[T]):
 
 
 def run_unit(unit: Unit) -> Any:
-    """``unit.run()``, as a plain function an engine can submit."""
-    return unit.run()
+    """``unit.run()``, as a plain function an engine can submit; the heap's free pages go back to
+    the system after each unit (see :mod:`tallstore.heap`), so peak memory stays flat in model size."""
+    try:
+        return unit.run()
+    finally:
+        release_free_memory()
 
 
 class Executor(Protocol):
