@@ -24,7 +24,9 @@ profile's end in ``_<profile>`` (``tallstore_compact``...). ``profiles`` in the 
 each profile's codec settings and key suffix; ``by_profile`` in a row its archive sizes and ratios.
 The quantized shared form (``tallstore.pack(..., shared_bits=4)``, issue #14) is one more profile,
 ``q4`` (default codecs, keys ending in ``_q4``): the task is rebuilt from the entropy-coded 4-bit
-codes and its mask coded against them.
+codes and its mask coded against them. ``balanced`` (``tallstore.pack(..., fidelity="balanced")``,
+the preset the README recommends for keeping fine-tunes) stores every task as its own delta code:
+the load decodes the task's delta segments and adds them to the base.
 
 Warm: one untimed call each, then ``repeats`` rounds in which every method of every profile runs
 once (side by side, so load on the machine hits all alike); the best time of each. Cold:
@@ -59,6 +61,7 @@ from .common import (
     Profile,
     codec_profiles,
     evict,
+    fidelity_profiles,
     files_under,
     main_dtype,
     quantized_profiles,
@@ -71,6 +74,7 @@ from .common import (
 
 NAME = "load"
 QUANTIZED_BITS = (4,)
+FIDELITY_PRESETS = ("balanced",)
 PHASES = ("warm", "cold", "cold_base_cached")
 BASELINES = ("safetensors", "safetensors_lazy", "zipnn")
 VARIANTS = ("tallstore", "tallstore_opened", "tallstore_embedded", "tallstore_state_dict")  # per codec profile
@@ -262,7 +266,7 @@ def collections(cfg: Config) -> list[Collection]:
 def run(cfg: Config) -> dict[str, Any]:
     """Measure every collection; JSON-ready results."""
     repeats, cold_repeats = (3, 1) if cfg.quick else (7, 3)
-    profiles = codec_profiles() + quantized_profiles(QUANTIZED_BITS)
+    profiles = codec_profiles() + quantized_profiles(QUANTIZED_BITS) + fidelity_profiles(FIDELITY_PRESETS)
     rows = []
     for coll in collections(cfg):
         rows.append(measure(cfg.work, coll, profiles, repeats, cold_repeats))

@@ -152,13 +152,15 @@ def archive(work: Path, coll: Collection, embed_base: bool = False, name: str = 
 @dataclass(frozen=True)
 class Profile:
     """A weight codec profile of ``tallstore.storage.codecs.PRESETS``, as the benchmarks pack it, or
-    (``shared_bits`` set) the quantized shared form ``tallstore.pack(..., shared_bits=k)`` with the
-    library's default codecs."""
+    (``shared_bits`` set) the quantized shared form ``tallstore.pack(..., shared_bits=k)``, or
+    (``fidelity`` set) every task in a ``--fidelity`` preset's delta code, with the library's
+    default codecs."""
 
-    name: str  # the preset's name ("fast", "compact"), or "q4" for a quantized form
+    name: str  # the preset's name ("fast", "compact"), "q4" for a quantized form, "balanced" for a fidelity preset
     codecs: Any  # its ``tallstore.storage.codecs.Codecs``
     default: bool  # equal to the library's default ``Codecs()``, lossless shared form: packed with no options
     shared_bits: int | None = None  # the quantized shared form at this many bits (None: the lossless ``xor`` form)
+    fidelity: str | None = None  # a ``--fidelity`` preset other than ``tall`` (None: TALL masks)
 
     @property
     def suffix(self) -> str:
@@ -176,13 +178,16 @@ class Profile:
             return archive(work, coll, embed_base=embed_base)
         if self.quantized:
             return archive(work, coll, embed_base=embed_base, name=self.name, shared_bits=self.shared_bits)
+        if self.fidelity is not None:
+            return archive(work, coll, embed_base=embed_base, name=self.name, fidelity=self.fidelity)
         return archive(work, coll, embed_base=embed_base, name=self.name, codecs=self.codecs)
 
     def record(self) -> dict[str, Any]:
         """JSON-ready: the codec settings, whether they are the default, the result keys' suffix, the
-        shared form (``xor``, or ``quantized`` with its bits)."""
+        form (``xor``, ``quantized`` with its bits, or ``delta`` with its fidelity preset)."""
+        form = "quantized" if self.quantized else "delta" if self.fidelity else "xor"
         return {**dataclasses.asdict(self.codecs), "default": self.default, "suffix": self.suffix,
-                "form": "quantized" if self.quantized else "xor", "shared_bits": self.shared_bits}
+                "form": form, "shared_bits": self.shared_bits, "fidelity": self.fidelity}
 
 
 def codec_profiles() -> list[Profile]:
@@ -201,6 +206,13 @@ def quantized_profiles(bits: Iterable[int] = (4,)) -> list[Profile]:
     from tallstore.storage.codecs import Codecs
 
     return [Profile(f"q{b}", Codecs(), False, b) for b in bits]
+
+
+def fidelity_profiles(presets: Iterable[str] = ("balanced",)) -> list[Profile]:
+    """Every task in the delta code of each ``--fidelity`` preset (default codecs), named after it."""
+    from tallstore.storage.codecs import Codecs
+
+    return [Profile(f, Codecs(), False, fidelity=f) for f in presets]
 
 
 def dtype_name(dtype: torch.dtype) -> str:

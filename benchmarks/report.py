@@ -66,7 +66,8 @@ def profiles(d: dict[str, Any]) -> list[Profile]:
     got = d["profiles"]
 
     def label(n: str, c: dict[str, Any]) -> str:
-        form = f"shared {c['shared_bits']}-bit, " if c.get("shared_bits") else ""
+        form = (f"shared {c['shared_bits']}-bit, " if c.get("shared_bits")
+                else f"--fidelity {c['fidelity']}, " if c.get("fidelity") else "")
         return f"{n} ({form}{c['weight_cname']} {c['weight_level']}{', default' if c['default'] else ''})"
     return [Profile(n, label(n, c), c["suffix"], c.get("shared_bits"))
             for n, c in sorted(got.items(), key=lambda kv: (not kv[1]["default"], bool(kv[1].get("shared_bits"))))]

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import bench_load, bench_pack, bench_size, report  # noqa: E402
-from benchmarks.common import Collection, codec_profiles, entropy_bits, param_count  # noqa: E402
+from benchmarks.common import Collection, codec_profiles, entropy_bits, fidelity_profiles, param_count  # noqa: E402
 
 
 def tiny_collection(folder: Path, n_tasks: int = 3) -> Collection:
@@ -39,14 +39,18 @@ def test_measure_and_report(tmp_path: Path) -> None:
     assert 0 < size["fraction_of_raw"]["tallstore_external"] < size["fraction_of_raw"]["tallstore_embedded"] < 1
     assert all(0 < r["density"] < 1 and r["mask_bits_per_param"] > 0 for r in size["per_task"])
     assert set(size["by_profile"]) == {p.name for p in profiles}
-    load = bench_load.measure(tmp_path, coll, profiles, repeats=1, cold_repeats=1)
-    assert set(load["warm"]) == set(load["cold"]) >= {"safetensors", "zipnn", "tallstore", "tallstore_state_dict"}
-    assert all(load["by_profile"][p.name]["ratio_warm"] > 0 for p in profiles)
+    loads = profiles + fidelity_profiles(("balanced",))
+    load = bench_load.measure(tmp_path, coll, loads, repeats=1, cold_repeats=1)
+    assert set(load["warm"]) == set(load["cold"]) >= {"safetensors", "zipnn", "tallstore", "tallstore_state_dict",
+                                                      "tallstore_balanced"}
+    assert all(load["by_profile"][p.name]["ratio_warm"] > 0 for p in loads)
     assert load["mask_bytes_task"] < load["mask_bytes_all"]
-    meta = {"profiles": {p.name: p.record() for p in profiles}}
-    text = report.size_section({"lam": size["lam"], "rows": [size], **meta}, tmp_path, tmp_path)
-    text += report.load_section({"repeats": 1, "cold_repeats": 1, "rows": [load], **meta}, tmp_path, tmp_path)
+    text = report.size_section({"lam": size["lam"], "rows": [size], "profiles": {p.name: p.record() for p in profiles}},
+                               tmp_path, tmp_path)
+    text += report.load_section({"repeats": 1, "cold_repeats": 1, "rows": [load],
+                                 "profiles": {p.name: p.record() for p in loads}}, tmp_path, tmp_path)
     assert "tiny float32" in text and (tmp_path / "size.png").exists() and (tmp_path / "load.png").exists()
+    assert "balanced (--fidelity balanced, " in text
 
 
 def test_tensors_in_views_a_safetensors_image(tmp_path: Path) -> None:

@@ -80,6 +80,20 @@ def test_the_rebuild_error_is_within_half_a_step_about_kappa_over_root_12_and_un
 # --- the segment bytes ----------------------------------------------------------------------------
 
 
+def test_the_rebuild_is_the_spec_formula_in_float32_bit_for_bit_in_place_or_not() -> None:
+    base, tau, u, block = _block(kappa=6.0)
+    live = ~block.decay
+    want = torch.empty_like(base)
+    want[block.decay] = base[block.decay] + base[block.decay] * torch.tensor(block.decay_scale, dtype=torch.float32)
+    want[live] = base[live] + (block.codes.to(torch.float32) - u[live]) * block.steps[:, None]
+    assert block.decay.any() and (block.steps == 0).any() and block.decay_scale != 0
+    got = delta.rebuild_block(block, base, u)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    into = torch.full_like(base, math.nan)
+    assert delta.rebuild_block(block, base.to(torch.bfloat16).to(torch.float32), u, out=into) is into
+    assert torch.equal(into, delta.rebuild_block(block, base.to(torch.bfloat16), u))
+
+
 def test_a_segment_decodes_to_exactly_the_block_it_was_encoded_from() -> None:
     _, _, u, block = _block()
     data = np.frombuffer(encode_segment(block, u), np.uint8)

@@ -109,7 +109,17 @@ def dither_context(u: torch.Tensor) -> np.ndarray:
     """The entropy-coding stream of each code, ``⌊(u + 1/2)·8⌋`` (uint8, 0..7, flat): given ``u`` a
     code is far more predictable (at coarse steps ``c ≠ 0`` mostly where ``|u|`` is near 1/2).
     Exact in float32: ``u + 1/2`` is a multiple of 2⁻¹⁶ below 1."""
-    return ((u.reshape(-1) + 0.5) * CONTEXTS).floor_().numpy().astype(np.uint8)
+    flat = u.to(torch.float32).contiguous().reshape(-1).numpy()
+    out = np.empty(flat.size, np.uint8)
+    _context_kernel(flat, out)
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _context_kernel(u, out):  # pragma: no cover - compiled
+    half, n = np.float32(0.5), np.float32(CONTEXTS)
+    for i in range(u.size):
+        out[i] = np.uint8(np.floor((u[i] + half) * n))
 
 
 def dithered_codes(x: torch.Tensor, steps: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -138,12 +148,28 @@ def encode_block(tau: torch.Tensor, base: torch.Tensor, kappa: float, u: torch.T
     return DeltaBlock(decay, scale, steps, dithered_codes(live, steps, u[~decay]))
 
 
-def rebuild_block(block: DeltaBlock, base: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """``θ̂ = θ₀ + τ̂`` (float32, the block's 2-D shape): ``c·θ₀_r`` on decay rows, ``s_r·(c − u)``
-    on the others. The caller casts to the task's dtype."""
-    b = base.to(torch.float32)
-    tau = torch.empty_like(b)
-    tau[block.decay] = b[block.decay] * torch.tensor(block.decay_scale, dtype=torch.float32)
-    live = ~block.decay
-    tau[live] = (block.codes.to(torch.float32) - u[live]) * block.steps[:, None]
-    return b + tau
+def rebuild_block(block: DeltaBlock, base: torch.Tensor, u: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``θ̂ = θ₀ + τ̂`` (float32, the block's 2-D shape): ``θ₀_r + c·θ₀_r`` on decay rows,
+    ``θ₀ + s_r·(c − u)`` on the others, in one float32 pass (into ``out`` if given: float32, the
+    block's shape, contiguous). The caller casts to the task's dtype."""
+    b = base.to(torch.float32).contiguous()
+    res = torch.empty_like(b) if out is None else out
+    _rebuild_kernel(block.decay.numpy(), np.float32(block.decay_scale), block.steps.numpy(),
+                    block.codes.numpy(), b.numpy(), u.contiguous().numpy(), res.numpy())
+    return res
+
+
+@njit(cache=True, nogil=True)
+def _rebuild_kernel(decay, scale, steps, codes, base, u, out):  # pragma: no cover - compiled
+    """:func:`rebuild_block`: each element rounded as ``base + (base·scale)`` or ``base + ((c − u)·s)``."""
+    k = 0
+    for r in range(base.shape[0]):
+        if decay[r]:
+            for j in range(base.shape[1]):
+                b = base[r, j]
+                out[r, j] = b + b * scale
+        else:
+            s = steps[k]
+            for j in range(base.shape[1]):
+                out[r, j] = base[r, j] + (np.float32(codes[k, j]) - u[r, j]) * s
+            k += 1

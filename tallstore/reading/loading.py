@@ -317,8 +317,11 @@ class Loader:
             u = delta.dither(stream, a * row, (b - a) * row).reshape(b - a, row)
             block = decode_segment(raw, seg[2], u, f"the delta code of block {i} of {w.row.key!r}")
             with self._base_rows(w, e, a, b, base_arr) as base:
-                rebuilt = delta.rebuild_block(block, base.reshape(b - a, row), u).to(w.row.dtype.torch)
-            out[:] = dtypes.to_storage(rebuilt.reshape(-1))
+                rows = base.reshape(b - a, row)
+                if w.row.dtype.torch == torch.float32:  # rebuilt in place
+                    delta.rebuild_block(block, rows, u, out=dtypes.from_storage(out, w.row.dtype, (b - a, row)))
+                else:
+                    out[:] = dtypes.to_storage(delta.rebuild_block(block, rows, u).to(w.row.dtype.torch).reshape(-1))
             visit(out)
 
         return self._checked(w, i, body)

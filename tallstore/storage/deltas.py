@@ -19,6 +19,7 @@ from __future__ import annotations
 import crc32c
 import numpy as np
 import torch
+from numba import njit
 
 from ..errors import CorruptArchiveError
 from ..ops.delta import CONTEXTS, DeltaBlock, dither_context
@@ -50,6 +51,28 @@ def _by_context(u: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return order, bounds
 
 
+@njit(cache=True, nogil=True)
+def _context_bounds(ctx, contexts):  # pragma: no cover - compiled
+    """Where each context's group starts in the grouped order (``contexts + 1`` offsets)."""
+    bounds = np.zeros(contexts + 1, np.int64)
+    for i in range(ctx.size):
+        bounds[ctx[i] + 1] += 1
+    for c in range(contexts):
+        bounds[c + 1] += bounds[c]
+    return bounds
+
+
+@njit(cache=True, nogil=True)
+def _ungroup(grouped, bounds, ctx, out):  # pragma: no cover - compiled
+    """Inverse of grouping by context (:func:`_by_context`): position ``i`` takes the next code of
+    its context's group, in one pass."""
+    cursor = bounds[:-1].copy()
+    for i in range(ctx.size):
+        c = ctx[i]
+        out[i] = grouped[cursor[c]]
+        cursor[c] += 1
+
+
 def decode_segment(data: np.ndarray, crc: int, u: torch.Tensor, what: str) -> DeltaBlock:
     """The :class:`DeltaBlock` of a segment whose block has ``u.shape`` (rows, row length)."""
     if crc32c.crc32c(data) != crc:
@@ -66,8 +89,9 @@ def decode_segment(data: np.ndarray, crc: int, u: torch.Tensor, what: str) -> De
     at += 2 * n
     if not (np.isfinite(steps).all() and (steps >= 0).all()):
         raise CorruptArchiveError(f"{what} holds a negative or non-finite step")
-    order, bounds = _by_context(u[~decay])
-    grouped = np.zeros(order.size, np.uint8)
+    ctx = dither_context(u[~decay] if bool(decay.any()) else u)
+    bounds = _context_bounds(ctx, CONTEXTS)
+    grouped = np.zeros(ctx.size, np.uint8)
     for i in range(CONTEXTS):
         if data.size < at + 4:
             raise CorruptArchiveError(f"{what} ends before its code stream {i}")
@@ -83,7 +107,7 @@ def decode_segment(data: np.ndarray, crc: int, u: torch.Tensor, what: str) -> De
                 raise CorruptArchiveError(f"{what} cannot be decoded ({e})") from None
         at += length
     codes = np.empty_like(grouped)
-    codes[order] = grouped
+    _ungroup(grouped, bounds, ctx, codes)
     if at != data.size:
         raise CorruptArchiveError(f"{what} has bytes past its last code stream")
     return DeltaBlock(decay, scale, torch.from_numpy(steps), torch.from_numpy(codes.view(np.int8)).reshape(n, u.shape[1]))
