@@ -147,8 +147,8 @@ def mark(ok: bool | None) -> str:
 
 def summary_rows(res: Results) -> list[list[str]]:
     """The headline claims: what was measured, against which target or reference, met or not."""
-    makers = {"fidelity": summary_fidelity, "rate": summary_rate, "size": summary_size, "load": summary_load,
-              "pack": summary_pack}
+    makers = {"fidelity": summary_fidelity, "rate": summary_rate, "rate_wide": summary_rate, "size": summary_size,
+              "load": summary_load, "pack": summary_pack}
     return [row for name, fn in makers.items() if name in res for row in fn(res[name]["results"])]
 
 

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tallstore.storage.entropy import (
+    _grid,
     decode_bits,
     decode_mask,
     decode_symbols,
@@ -337,3 +338,10 @@ def test_encoders_are_deterministic_and_pinned() -> None:
 # sha256 prefixes of the seeded streams above: a change here is a change of the byte format or
 # of a writer's choices, and needs a format note.
 PINNED_DIGESTS = ["47233bb45f54aa8c", "42cdf069cda0f9b1", "0788dda760bfa1b6"]
+
+
+def test_a_grid_models_byte_cost_depends_on_the_byte_only_through_its_popcount() -> None:
+    """What lets the writer price a group's bytes by 9 popcount classes instead of 256 bytes."""
+    g = _grid()
+    popcount = np.array([b.bit_count() for b in range(256)])
+    assert np.array_equal(g.byte_cost, g.popcount_cost[:, popcount])

@@ -373,6 +373,7 @@ class _Grid(NamedTuple):
     lut: np.ndarray  # (65, 65536) uint8: slot → byte, for the decoder
     byte_cost: np.ndarray  # (65, 256) code length of each byte, 1/4096 bit
     bit_cost: np.ndarray  # (2, 65): code length of a 1 and of a 0, 1/4096 bit
+    popcount_cost: np.ndarray  # (65, 9): byte_cost of the bytes with k ones (the same for each of them)
 
 
 @functools.cache
@@ -392,8 +393,9 @@ def _grid() -> _Grid:
     zero = np.full(_MODELS, _INF, np.int64)
     one[1:] = 16 * _Q12 - _ilog2_q12(p[1:])
     zero[:-1] = 16 * _Q12 - _ilog2_q12(65536 - p[:-1])
-    grid = _Grid(freq, cum, 1.0 / freq, lut, _MASK_SCALE_BITS * _Q12 - _ilog2_q12(freq),
-                 np.stack([one, zero]))
+    byte_cost = _MASK_SCALE_BITS * _Q12 - _ilog2_q12(freq)
+    popcount_cost = byte_cost[:, [(1 << k) - 1 for k in range(9)]]
+    grid = _Grid(freq, cum, 1.0 / freq, lut, byte_cost, np.stack([one, zero]), popcount_cost)
     for a in grid:
         a.flags.writeable = False
     return grid
@@ -657,9 +659,10 @@ def _layout(
 
 def _choose_models(hist: np.ndarray, counts: np.ndarray, ones: np.ndarray) -> np.ndarray:
     """Model index per group: 0 or 64 for a constant group, else the cheapest grid model."""
-    # Every partial sum is an integer below 2^53, so the float64 product is exact whatever the
-    # BLAS summation order: the choice is the same on every machine.
-    cost = hist.astype(np.float64) @ _grid().byte_cost[1:-1].T.astype(np.float64)
+    # A model's byte cost depends on the byte only through its popcount (_bernoulli_freqs), so a
+    # group's costs are integer products over the 9 popcount classes: exact, and no BLAS thread
+    # pool is woken (whose idle workers spin on a core for a while after every call).
+    cost = (hist @ _POPCOUNT_CLASS) @ _grid().popcount_cost[1:-1].T
     j = 1 + np.argmin(cost, axis=1)
     j = np.where(ones == 0, 0, j)
     return np.where(ones == counts, _MODELS - 1, j)
@@ -702,6 +705,7 @@ def _encode_bits(bits: np.ndarray, ctx: np.ndarray, lanes: np.ndarray) -> bytes:
 
 
 _POPCOUNT = np.array([b.bit_count() for b in range(256)], np.int64)
+_POPCOUNT_CLASS = (_POPCOUNT[:, None] == np.arange(9)).astype(np.int64)  # byte → one-hot popcount
 
 
 def _model_stream(
