@@ -28,3 +28,4 @@ def test_free_pages_between_live_blocks_are_returned_to_the_system() -> None:
     after = _rss_anon_mib()
     assert before - after >= 40, (before, after)
     assert all(b[0] == 1 for b in live)
+    assert not release_free_memory(min_interval=60.0)  # a pack trims at most once per interval

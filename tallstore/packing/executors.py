@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, Generic, Protocol, TypeVar
 
-from ..heap import release_free_memory
+from ..heap import TRIM_INTERVAL, release_free_memory
 
 T = TypeVar("T")
 
@@ -46,11 +46,12 @@ class PerProcess(Generic[T]):
 
 def run_unit(unit: Unit) -> Any:
     """``unit.run()``, as a plain function an engine can submit; the heap's free pages go back to
-    the system after each unit (see :mod:`tallstore.heap`), so peak memory stays flat in model size."""
+    the system every ``TRIM_INTERVAL`` seconds of units (see :mod:`tallstore.heap`), so peak
+    memory stays flat in model size."""
     try:
         return unit.run()
     finally:
-        release_free_memory()
+        release_free_memory(TRIM_INTERVAL)
 
 
 class Executor(Protocol):
