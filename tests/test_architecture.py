@@ -16,7 +16,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "tallstore"
 LAYERS = {
-    "errors": 0, "dtypes": 0, "locations": 0, "version": 0, "publishing": 0, "text": 0,
+    "errors": 0, "dtypes": 0, "locations": 0, "version": 0, "publishing": 0, "text": 0, "heap": 0,
     "ops": 1, "checkpoint": 2, "storage": 3, "packing": 4, "reading": 4, "api": 5, "__init__": 6, "cli": 6,
 }
 SIDE_BY_SIDE = {frozenset({"packing", "reading"})}
