@@ -4,9 +4,10 @@
 equal significance (sign/exponent bytes compress well) before the compressor. Two presets:
 ``fast`` (the default, LZ4HC) decodes faster than ``compact`` (zstd), which makes archives a
 little smaller; loading a task is bound by that decode (``benchmarks/`` measures both). Masks are
-packed bits: ``fast`` codes them with zstd level 6 (60+ MB/s a core, so a pack is not bound by
-them), ``compact`` with level 16 (btultra: within a few percent of the mask entropy where a mask
-is sparse, at 2–16 MB/s; on real masks 2% smaller than level 3, ``benchmarks/bench_masks.py``).
+packed bits: ``fast`` codes them with zstd level 3 (130+ MB/s a core, so a pack is not bound by
+them; levels 4–12 are slower and no smaller: 1.064 × H at density 0.15 for level 3, 1.074 for
+levels 6–12), ``compact`` with level 16 (btopt: 1.02 × H at density 0.15, at 2–16 MB/s; on real
+masks 2% smaller than level 3, ``benchmarks/bench_masks.py``).
 
 **Decode.** Every array an archive reader touches is decoded here, from its ``zarr.json``: a
 flat (1-D) array with a regular chunk grid, any chain of the Zarr v3 spec codecs ``bytes``,
@@ -50,7 +51,7 @@ class Codecs:
     weight_cname: str = "lz4hc"
     weight_level: int = 5
     weight_shuffle: str = "shuffle"
-    mask_level: int = 6
+    mask_level: int = 3
     file_level: int = 12
 
     def weights(self, itemsize: int) -> list[BytesBytesCodec]:
