@@ -196,7 +196,7 @@ def run(cfg: Config) -> dict[str, Any]:
         each = "; ".join(f"{p.name}: embedded {x['tallstore_embedded' + p.suffix]:.2f}× smaller, external "
                          f"{x['tallstore_external' + p.suffix]:.2f}×" for p in profiles)
         print(f"  {r['collection']}: {each}; ZipNN {x['zipnn']:.2f}×, zstd {x['zstd']:.2f}×; masks ≤ "
-              f"{r['masks_vs_entropy_max']:.3f}× H(p){'' if r['masks_identical'] else ' (masks DIFFER between profiles)'}",
+              f"{r['masks_vs_entropy_max']:.3f}× H(p){'' if r['masks_identical'] else ' (mask bytes differ between profiles: zstd level)'}",
               flush=True)
     return {"lam": LAM, "profiles": {p.name: p.record() for p in profiles}, "default_profile": profiles[0].name,
             "rows": rows}

@@ -569,7 +569,8 @@ def size_section(s: dict[str, Any], out: Path, doc: Path) -> str:
                 "every codec profile (checked).")
     else:
         bad = [r["collection"] for r in s["rows"] if not r.get("masks_identical")]
-        same = f" **Mask bytes differ between profiles** for {', '.join(bad)} (masks should always use zstd)."
+        same = (f" Mask bytes differ between profiles for {', '.join(bad)}: each profile codes the same masks with "
+                "zstd at its own level (`fast` 3, `compact` 16); the figures below are the default profile's.")
     return f"""Each column is how many times smaller than the raw safetensors files of the T tasks (higher is
 better), all measured in one run on the same files; λ = {s['lam']}, TA merge. zstd and ZipNN compress each
 checkpoint file whole (ZipNN is lossless; tallstore rebuilds the TALL approximation θ₀ + m_t ⊙ τ_MTL).
