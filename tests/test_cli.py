@@ -267,3 +267,22 @@ def test_console_script_reports_a_user_mistake_in_one_line(collection: Callable[
     r = console("pack", tmp_path / "z.tall", "--base", base, "--task", f"a={tasks['task0']}")
     assert r.returncode == 2
     assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("command", ["pack", "extract", "merge", "verify", "info", "stats"])
+def test_help_text_wraps_to_the_terminal_width_not_to_the_source_lines(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    import inspect
+
+    import tallstore.cli.app as app_module
+
+    monkeypatch.setenv("COLUMNS", "2000")
+    code, out, _ = cli(command, "--help")
+    assert code == 0
+    doc = inspect.cleandoc(next(
+        i.callback.__doc__ for i in app_module.app.registered_commands if i.callback.__name__ == command))
+    prose = [" ".join(p.split()) for p in doc.split("\n\n")]
+    lines = [" ".join(line.strip(" │").split()) for line in out.splitlines()]
+    for paragraph in prose:
+        assert paragraph in lines, paragraph

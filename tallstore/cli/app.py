@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
 import warnings
@@ -89,6 +90,15 @@ def _register_commands() -> None:
     for m in pkgutil.iter_modules(package.__path__):
         if m.name not in ("app", "entry", "options", "progress"):
             importlib.import_module(f"{package.__name__}.{m.name}")
+    for info in app.registered_commands:
+        if info.help is None and info.callback is not None and info.callback.__doc__:
+            info.help = reflow(info.callback.__doc__)
+
+
+def reflow(doc: str) -> str:
+    """A docstring as ``--help`` shows it: paragraphs kept, the line breaks inside each joined, so
+    the terminal wraps the text to its width (typer keeps every source line break)."""
+    return "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(doc).split("\n\n"))
 
 
 def _one_line(e: BaseException) -> int:
