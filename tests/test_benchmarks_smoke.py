@@ -69,3 +69,16 @@ def test_helpers() -> None:
     f = bench_pack.fit([1e9, 2e9, 3e9], [3.0, 5.0, 7.0])
     assert f["a_seconds"] == pytest.approx(1.0) and f["b_seconds_per_gb"] == pytest.approx(2.0)
     assert f["r2"] == pytest.approx(1.0)
+
+
+def test_summary_sets_each_tallstore_method_at_t8_beside_t20() -> None:
+    def collection(n_tasks: int, bits: float, acc: float) -> dict[str, object]:
+        method = {"bits_per_param_task": bits, "mean_normalized_test": acc}
+        return {"tasks": [f"t{i}" for i in range(n_tasks)],
+                "methods": {"tallstore_int4": method, "tallstore_balanced": method, "int3": method}}
+
+    rows = report.summary_amortization({"collections": [collection(8, 1.18, 0.981)]},
+                                       {"collections": [collection(20, 0.61, 0.985)]})
+    assert [r[0].split(",")[0] for r in rows] == ["tallstore (TALL+TA", "tallstore --fidelity balanced (delta κ=3)"]
+    assert rows[0][1] == "1.180 → 0.610 bit; 98.10% → 98.50%" and "T=8 → T=20" in rows[0][0]
+    assert "fewer bits" in rows[0][2] and "no amortization" in rows[1][2]
