@@ -46,11 +46,11 @@ def in_order_sum(x: torch.Tensor) -> torch.Tensor:
 
 
 def first_of_equal(tau: torch.Tensor) -> list[int]:
-    """Spec §6.1: bit-identical task vectors (a frozen backbone several tasks share) enter the
-    merge once — the first of each group, in task order."""
+    """Spec §6.1: task vectors equal in value (a frozen backbone several tasks share; ``-0``
+    equals ``0``) enter the merge once — the first of each group, in task order."""
     keep: list[int] = []
     for t in range(tau.shape[0]):
-        if not any(bool((tau[u].view(torch.int32) == tau[t].view(torch.int32)).all()) for u in keep):
+        if not any(bool((tau[u] == tau[t]).all()) for u in keep):
             keep.append(t)
     return keep
 

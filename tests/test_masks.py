@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from safetensors.torch import save_file
@@ -100,6 +100,7 @@ def stacks(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, list[float]]:
 
 @settings(max_examples=150, deadline=None)
 @given(stacks())
+@example((np.array([0.0, 0.25], np.float32), np.array([[-0.0, 0.0], [0.0, 0.0]], np.float32), [0.0, 1.0]))
 def test_masks_match_the_reference_formula(case: tuple[np.ndarray, np.ndarray, list[float]]) -> None:
     base, tasks, lams = case
     tau = task_vectors(torch.from_numpy(base), torch.from_numpy(tasks))
