@@ -5,7 +5,7 @@ pure function to the ``(T, n)`` task-vector stack of every block and sums the re
 caller owns the I/O), then ``apply``s them to one block at a time. Parameters are JSON values
 recorded in the archive, so a reader recomputes any block with ``apply`` alone.
 
-Tasks whose block is bit-identical (a backbone several tasks left frozen, say) enter a merge
+Tasks whose block is equal in value (a backbone several tasks left frozen, say) enter a merge
 once: otherwise the merge counts the same change twice and every one of them rebuilds as
 θ₀ + 2τ instead of exactly.
 """
