@@ -153,8 +153,8 @@ def summary_rows(res: Results) -> list[list[str]]:
     for name, fn in makers.items():
         if name in res:
             rows += fn(res[name]["results"])
-        if name == "rate_wide" and "rate" in res and "rate_wide" in res:
-            rows += summary_amortization(res["rate"]["results"], res["rate_wide"]["results"])
+            if name == "rate_wide" and "rate" in res:
+                rows += summary_amortization(res["rate"]["results"], res["rate_wide"]["results"])
     return rows
 
 
