@@ -1,7 +1,7 @@
 """The package's layering, read from its import statements: no cycles, no upward imports.
 
 Layers, lowest first: the foundation (``errors``, ``dtypes``, ``locations``, ``version``,
-``publishing``, ``text``), ``ops`` (pure tensor math), ``checkpoint`` (input I/O), ``storage`` (the format
+``publishing``, ``text``, ``heap``, ``collector``), ``ops`` (pure tensor math), ``checkpoint`` (input I/O), ``storage`` (the format
 model and chunk codecs), then ``packing`` and ``reading`` side by side (neither imports the other), the
 ``api``, and on top the package root and the ``cli``. Every import of a package module is at
 module level, where this test sees it: none inside a function or an ``if TYPE_CHECKING`` block.
@@ -17,6 +17,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "tallstore"
 LAYERS = {
     "errors": 0, "dtypes": 0, "locations": 0, "version": 0, "publishing": 0, "text": 0, "heap": 0,
+    "collector": 0,
     "ops": 1, "checkpoint": 2, "storage": 3, "packing": 4, "reading": 4, "api": 5, "__init__": 6, "cli": 6,
 }
 SIDE_BY_SIDE = {frozenset({"packing", "reading"})}

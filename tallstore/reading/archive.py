@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .. import collector
 from ..checkpoint.interface import WeightLayout
 from ..checkpoint.writer import save
 from ..dtypes import TensorInfo
@@ -175,6 +176,7 @@ class TaskView(Mapping[str, torch.Tensor]):
         """Every tensor of the task, in the original key order, dtypes and shapes."""
         return self._load(list(self._rows))
 
+    @collector.paused()
     def load_into(
         self, target: Mapping[str, torch.Tensor] | torch.nn.Module, *, strict: bool = True, dtype: torch.dtype | None = None,
     ) -> tuple[list[str], list[str]]:
@@ -185,7 +187,7 @@ class TaskView(Mapping[str, torch.Tensor]):
         ``strict`` either is an error. Tensors are overwritten in place; contiguous CPU tensors of
         the stored dtype receive the decoded bits with no intermediate copy. ``dtype`` casts
         (targets must then have that dtype); a module's meta-device tensors are replaced by the
-        rebuilt ones.
+        rebuilt ones. Python's cyclic collector is paused meanwhile (``tallstore.collector``).
         """
         module = target if isinstance(target, torch.nn.Module) else None
         tensors = dict(module.state_dict(keep_vars=True) if module is not None else target)

@@ -19,7 +19,7 @@ import crc32c
 import numpy as np
 import torch
 
-from .. import dtypes
+from .. import collector, dtypes
 from ..errors import CorruptArchiveError, TallstoreError
 from ..ops import delta
 from ..ops.kernel import TILE, rebuild_bits, shared_bits
@@ -81,7 +81,12 @@ class Loader:
         self._mask_errors: dict[int, Exception] = {}
 
     def run(self, wanted: Sequence[Wanted]) -> None:
-        """Rebuild every tensor of ``wanted`` into its ``out``, checking every block's CRC-32C."""
+        """Rebuild every tensor of ``wanted`` into its ``out``, checking every block's CRC-32C (with
+        the cyclic collector paused: see ``tallstore.collector``)."""
+        with collector.paused():
+            self._run(wanted)
+
+    def _run(self, wanted: Sequence[Wanted]) -> None:
         jobs: list[tuple[int, Callable[[], None]]] = []
         mask_ranges: list[tuple[int, int]] = []
         for w in wanted:
