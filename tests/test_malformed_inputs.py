@@ -26,6 +26,7 @@ import tallstore
 from craft import craft
 from tallstore.checkpoint import open_checkpoint
 from tallstore.errors import ArchiveError, BaseMismatchError, PlanError, TallstoreError
+from tallstore.packing.inputs import check_finite
 
 
 
@@ -474,3 +475,18 @@ def test_existing_outputs_are_never_overwritten_without_force(archive: tuple[Pat
     assert run_cli("extract", archive[0], "t0", "-o", out)[0] == 0
     assert run_cli("extract", archive[0], "t0", "-o", out, "--force")[0] == 0
     assert same_bits(load_file(out), read_all(archive[0])["t0"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_the_finiteness_check_finds_one_bad_value_in_every_float_dtype(dtype: torch.dtype, value: float) -> None:
+    t = torch.randn(64, 33).to(dtype)
+    check_finite(t, "w", "the base")
+    check_finite(torch.empty(0, 3, dtype=dtype), "w", "the base")
+    for i in (0, 1000, t.numel() - 1):
+        bad = t.clone()
+        bad.view(-1)[i] = value
+        with pytest.raises(PlanError, match="'w' of the base contains NaN or Inf"):
+            check_finite(bad, "w", "the base")
+        with pytest.raises(PlanError):  # a strided view: every bad position is in an even column
+            check_finite(bad[:, ::2], "w", "the base")
