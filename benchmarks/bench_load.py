@@ -36,7 +36,9 @@ cached (``cold_base_cached``, issue #14 target ≤ ×1.0 of safetensors): the sa
 external base file is not evicted but read through (into the page cache, untimed) before each call:
 the checkpoint, the ZipNN file and the archive come from disk, the base from memory (the embedded
 variant's base is inside its archive and is read from disk). Before timing, each profile's
-``load_into`` is checked to give exactly the tensors of ``state_dict()``.
+``load_into`` is checked to give exactly the tensors of ``state_dict()``. After the loads, in the
+same run, ``floor`` (``benchmarks.load_floor``) times the unavoidable stages of one load from the
+default profile's archive on their own: the least a load can take on this machine's cores.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from safetensors.torch import load_file
 
 import tallstore
 
+from . import load_floor
 from .common import (
     PACK_SECONDS,
     Collection,
@@ -78,6 +81,7 @@ FIDELITY_PRESETS = ("balanced",)
 PHASES = ("warm", "cold", "cold_base_cached")
 BASELINES = ("safetensors", "safetensors_lazy", "zipnn")
 VARIANTS = ("tallstore", "tallstore_opened", "tallstore_embedded", "tallstore_state_dict")  # per codec profile
+DTYPE_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 SF_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
@@ -204,6 +208,7 @@ def measure(work: Path, coll: Collection, profiles: list[Profile], repeats: int,
     for ext, _ in archives.values():
         check_load_into(coll, task, ext, target)
     times = time_side_by_side(loaders(coll, task, znn, target, archives), repeats, cold_repeats, coll.base)
+    floor = load_floor.measure(archives[profiles[0]][0], coll.base, task, DTYPE_SIZES[coll.dtype], repeats)
     by_profile = {}
     for p, (ext, emb) in archives.items():
         by_profile[p.name] = {
@@ -227,6 +232,7 @@ def measure(work: Path, coll: Collection, profiles: list[Profile], repeats: int,
         "mask_bytes_task": tree_bytes(ext / "masks" / "0"),
         "mask_bytes_all": tree_bytes(ext / "masks"),
         **times,
+        "floor": floor,
         "by_profile": by_profile,
         # the default profile's figures also at the top level (bench_core reads them)
         **{k: by_profile[default.name][k] for k in ("archive_bytes", "archive_files", "pack_seconds")},

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import bench_load, bench_pack, bench_size, report  # noqa: E402
+from benchmarks import bench_load, bench_pack, bench_size, load_floor, report  # noqa: E402
 from benchmarks.common import Collection, codec_profiles, entropy_bits, fidelity_profiles, param_count  # noqa: E402
 
 
@@ -45,12 +45,20 @@ def test_measure_and_report(tmp_path: Path) -> None:
                                                       "tallstore_balanced"}
     assert all(load["by_profile"][p.name]["ratio_warm"] > 0 for p in loads)
     assert load["mask_bytes_task"] < load["mask_bytes_all"]
+    floor = load["floor"]
+    assert set(floor["seconds"]) == set(load_floor.STAGES) and all(v > 0 for v in floor["seconds"].values())
+    assert floor["floor_seconds"] == pytest.approx(floor["sum_seconds"] / floor["cores"])
+    assert 0 < floor["stored_bytes"] <= load["by_profile"][profiles[0].name]["archive_bytes"]
+    read = load_floor.objects_read(tmp_path / "archives" / "tiny-ext.tall", coll.base, "t0")
+    assert any(k.startswith("masks/0/") for k in read) and all(k.startswith(("tensors/", "masks/0/")) for k in read)
+    assert any(row[0].startswith("Floor of a one-task load") for row in report.summary_load(
+        {"rows": [load], "profiles": {p.name: p.record() for p in loads}}))
     text = report.size_section({"lam": size["lam"], "rows": [size], "profiles": {p.name: p.record() for p in profiles}},
                                tmp_path, tmp_path)
     text += report.load_section({"repeats": 1, "cold_repeats": 1, "rows": [load],
                                  "profiles": {p.name: p.record() for p in loads}}, tmp_path, tmp_path)
     assert "tiny float32" in text and (tmp_path / "size.png").exists() and (tmp_path / "load.png").exists()
-    assert "balanced (--fidelity balanced, " in text
+    assert "balanced (--fidelity balanced, " in text and "**Floor of a load**" in text
 
 
 def test_tensors_in_views_a_safetensors_image(tmp_path: Path) -> None:
