@@ -737,8 +737,8 @@ def _decode_bits(reader: _Reader, ctx: np.ndarray, lanes: np.ndarray) -> np.ndar
     if mode == _BITS_MODE_ZERO:
         reader.end()
         return np.zeros(n, np.bool_)
-    coded = ctx != 0
     if mode == _BITS_MODE_RAW:
+        coded = ctx != 0
         m = int(n - lanes[:, 0].sum())
         raw = reader.take((m + 7) // 8)
         reader.end()
@@ -814,12 +814,16 @@ def _level_of(thresholds: tuple[int, ...]) -> np.ndarray:
     return np.where(mag == 0, 0, level).astype(np.uint8)
 
 
+@functools.lru_cache(maxsize=64)  # at most 64 × 64 KiB; a model's blocks share a handful of geometries
 def _context_table(thresholds: tuple[int, ...], classes: int) -> np.ndarray:
-    """``table[r, byte]``: context of a code byte in a class-``r`` segment."""
+    """``table[r, byte]``: context of a code byte in a class-``r`` segment (read-only: cached,
+    since a small block would otherwise spend a fifth of its decode time building it)."""
     level = _level_of(thresholds).astype(np.int64)
     nlev = len(thresholds) + 1
     r = np.arange(classes, dtype=np.int64)[:, None]
-    return np.where(level == 0, 0, level + nlev * r).astype(np.uint8)
+    table = np.where(level == 0, 0, level + nlev * r).astype(np.uint8)
+    table.flags.writeable = False
+    return table
 
 
 def mask_contexts(
