@@ -27,6 +27,8 @@ from craft import craft
 from tallstore.checkpoint import open_checkpoint
 from tallstore.errors import ArchiveError, BaseMismatchError, PlanError, TallstoreError
 from tallstore.packing.inputs import check_finite
+from tallstore.storage import chunks
+from tallstore.storage.manifest import MAX_TASKS
 
 
 
@@ -490,3 +492,27 @@ def test_the_finiteness_check_finds_one_bad_value_in_every_float_dtype(dtype: to
             check_finite(bad, "w", "the base")
         with pytest.raises(PlanError):  # a strided view: every bad position is in an even column
             check_finite(bad[:, ::2], "w", "the base")
+
+
+@pytest.mark.parametrize("what", ["its manifest copy", "its root zarr.json"])
+def test_a_pack_whose_metadata_readers_would_refuse_fails_and_publishes_nothing(
+    inputs: tuple[Path, dict[str, Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, what: str,
+) -> None:
+    base, tasks = inputs
+    small = tallstore.pack(tmp_path / "probe", base, tasks, block_elems=TINY_BLOCK)
+    copy = (tmp_path / "probe" / "meta" / "manifest" / "c" / "0").stat().st_size - 4
+    root = (tmp_path / "probe" / "zarr.json").stat().st_size
+    assert copy < root
+    small.close()
+    limit = copy - 1 if what == "its manifest copy" else root - 1  # the reader's 64 MiB, scaled to this archive
+    monkeypatch.setattr(chunks, "MAX_DOCUMENT", limit)
+    with pytest.raises(PlanError, match=f"metadata would take .*MiB \\({what}\\), more than readers accept"):
+        tallstore.pack(tmp_path / "arc", base, tasks, block_elems=TINY_BLOCK)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["probe"]
+
+
+def test_more_tasks_than_readers_accept_are_refused_before_any_work(tmp_path: Path) -> None:
+    names = [f"t{i}" for i in range(MAX_TASKS + 1)]
+    with pytest.raises(PlanError, match=f"{MAX_TASKS + 1} tasks given: an archive holds at most {MAX_TASKS}"):
+        tallstore.pack(tmp_path / "arc", tmp_path / "missing-base.safetensors", dict.fromkeys(names, tmp_path / "x"))
+    assert not any(tmp_path.iterdir())

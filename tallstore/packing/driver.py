@@ -29,9 +29,9 @@ from .. import publishing
 from ..checkpoint import Checkpoint
 from ..checkpoint.folder_files import FolderListing
 from ..checkpoint.tasks import original_key
-from ..errors import OutputExistsError, PackWarning
+from ..errors import OutputExistsError, PackWarning, PlanError
 from ..locations import is_url, local_path
-from ..storage import layout
+from ..storage import chunks, layout
 from ..storage.arrays import WRITE_ALL, create_masks, create_weights
 from ..storage.digests import combine, fingerprint, probe
 from ..storage.geometry import auto_block_elems, chunk_elems
@@ -334,6 +334,7 @@ def _finish(root: zarr.Group, spec: PackSpec, choice: fidelity.Choice, manifest:
     doc = manifest.to_json()
     doc["digest"] = archive_digest(doc, records)
     copy = canonical({"manifest": doc, "tasks": records})
+    _check_document(len(copy), "its manifest copy")
     arr = root.create_array(layout.MANIFEST_COPY, shape=(len(copy),), dtype=np.uint8, chunks=(len(copy),),
                             compressors=[Crc32cCodec()], fill_value=0, config=WRITE_ALL)
     arr[:] = np.frombuffer(copy, np.uint8)
@@ -341,6 +342,17 @@ def _finish(root: zarr.Group, spec: PackSpec, choice: fidelity.Choice, manifest:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         zarr.consolidate_metadata(root.store)
+    _check_document(sync(root.store.getsize("zarr.json")), "its root zarr.json")
+
+
+def _check_document(nbytes: int, what: str) -> None:
+    """Refuse to publish metadata that readers refuse (spec §4.3: a document of at most
+    ``chunks.MAX_DOCUMENT`` bytes), rather than an archive that opens damaged or not at all."""
+    if nbytes > chunks.MAX_DOCUMENT:
+        raise PlanError(
+            f"the archive's metadata would take {nbytes / 2**20:.1f} MiB ({what}), more than readers accept "
+            f"({chunks.MAX_DOCUMENT / 2**20:.0f} MiB): pack the tasks into several archives"
+        )
 
 
 def _record(t: int, spec: PackSpec, choice: fidelity.Choice, manifest: Manifest, s: PackState, c: Collection) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from ..dtypes import DType, TensorInfo
 from ..errors import PlanError
 from ..storage import layout
 from ..storage.geometry import block_ranges
+from ..storage.manifest import MAX_TASKS
 from ..storage.names import encode
 
 TASK_NAME = re.compile(r"^\w[\w.+\-@:]*(/\w[\w.+\-@:]*)*$")
@@ -63,6 +64,8 @@ def check_task_names(names: list[str]) -> None:
     fine (a name is never a path: tasks are stored by index)."""
     if not names:
         raise PlanError("no tasks given: pass at least one --task NAME=PATH")
+    if len(names) > MAX_TASKS:
+        raise PlanError(f"{len(names)} tasks given: an archive holds at most {MAX_TASKS} (readers refuse more)")
     seen: set[str] = set()
     for n in names:
         if not isinstance(n, str) or len(n) > MAX_NAME or not TASK_NAME.fullmatch(n):
