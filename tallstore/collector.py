@@ -2,10 +2,10 @@
 
 A load keeps a few thousand small objects (per-block jobs, tensor views) alive until it ends;
 young-generation passes promote them, and once enough have been promoted the collector walks
-every object of the process (a model's worth of torch and transformers objects: 10⁵–10⁶ of them),
-which measured as a quarter of a warm load's time. None of the load's objects form cycles that
-outlive it, so reference counting frees them all; the collector is resumed (if it was enabled)
-when the last concurrent load ends.
+every object of the process (torch, transformers and the rest: 10⁵–10⁶ of them); measured on a
+25M-parameter model, a 176 ms pass once every ~10 loads of ~150 ms. None of the load's objects
+form cycles that outlive it, so reference counting frees them all; the collector is resumed (if
+it was enabled) when the last concurrent load ends.
 """
 
 from __future__ import annotations

@@ -834,6 +834,7 @@ def mask_contexts(
     key = _code_bytes(q)
     cls = np.ascontiguousarray(classes, dtype=np.uint8)
     nclass = int(cls.max()) + 1 if cls.size else 1
+    thresholds = tuple(int(t) for t in thresholds)
     _check_geometry(key.size, segment, cls.size, thresholds, nclass)
     return _contexts_kernel(key, segment, cls, _context_table(thresholds, nclass))[0]
 
