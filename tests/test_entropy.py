@@ -195,6 +195,7 @@ def test_mask_contexts_follow_the_definition() -> None:
         a = abs(int(q[i]))
         level = 0 if a == 0 else 1 + sum(a >= t for t in thresholds)
         assert ctx[i] == (0 if a == 0 else level + nlev * int(classes[i // 112]))
+    assert np.array_equal(mask_contexts(q, 112, classes, list(np.array(thresholds))), ctx)  # any sequence of ints
 
 
 def test_default_thresholds_give_one_level_per_code_up_to_eight() -> None:
