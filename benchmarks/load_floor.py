@@ -26,6 +26,7 @@ from numcodecs import blosc, zstd
 import tallstore
 from tallstore.ops.kernel import rebuild_bits
 from tallstore.storage.chunks import Objects
+from tallstore.storage.codecs import zstd_content_size
 
 STAGES = ("read", "decompress", "checksums", "base", "rebuild")
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -58,9 +59,11 @@ def _best(fn: Callable[[], None], rounds: int, before: Callable[[], None] | None
     return best
 
 
-def _decoded_size(body: memoryview) -> int:
-    if bytes(body[:4]) == _ZSTD_MAGIC:
-        return len(zstd.decompress(body))
+def _decoded_size(body: memoryview, is_zstd: bool) -> int:
+    """The decoded length a stored chunk's zstd frame header or Blosc header announces."""
+    if is_zstd:
+        size = zstd_content_size(body)
+        return len(zstd.decompress(body)) if size is None else size
     return int.from_bytes(body[4:8], "little")
 
 
@@ -82,11 +85,12 @@ def measure(archive: Path, base: Path, task: str, itemsize: int, rounds: int = 5
                 os.close(fd)
 
     read()
-    decoded = [bytearray(_decoded_size(b)) for b in bodies]
+    is_zstd = [bytes(b[:4]) == _ZSTD_MAGIC for b in bodies]
+    decoded = [bytearray(_decoded_size(b, z)) for b, z in zip(bodies, is_zstd, strict=True)]
 
     def decompress() -> None:
-        for body, out in zip(bodies, decoded, strict=True):
-            if bytes(body[:4]) == _ZSTD_MAGIC:
+        for body, out, z in zip(bodies, decoded, is_zstd, strict=True):
+            if z:
                 zstd.decompress(body, out)
             else:
                 blosc.decompress(body, out)
