@@ -114,6 +114,24 @@ def test_a_segment_with_a_wrong_crc_or_crafted_lengths_is_a_corrupt_archive_erro
             decode_segment(np.frombuffer(bad, np.uint8), crc32c.crc32c(bad), u, "seg")
 
 
+def test_every_truncation_and_byte_change_of_a_segment_with_its_crc_fixed_fails_cleanly_or_decodes_its_shape() -> None:
+    _, _, u, block = _block(kappa=8.0)
+    good = encode_segment(block, u)
+    variants = [good[:k] for k in range(len(good))]
+    variants += [good[:i] + bytes([good[i] ^ x]) + good[i + 1:] for i in range(len(good)) for x in (0x01, 0x80, 0xFF)]
+    decoded = 0
+    for bad in variants:  # each with a valid CRC: only the compiled stream checks stand
+        data = np.frombuffer(bad, np.uint8)
+        try:
+            got = decode_segment(data, crc32c.crc32c(data), u, "seg")
+        except CorruptArchiveError as e:
+            assert str(e).startswith("seg ") and "\n" not in str(e)
+            continue
+        decoded += 1
+        assert got.codes.shape == (48 - int(got.decay.sum()), 96) and got.steps.numel() == got.codes.shape[0]
+    assert decoded < len(variants) // 2
+
+
 # --- packs --------------------------------------------------------------------------------------
 
 

@@ -23,7 +23,7 @@ from numba import njit
 
 from ..errors import CorruptArchiveError
 from ..ops.delta import CONTEXTS, DeltaBlock, dither_context
-from .entropy import decode_symbols, encode_symbols
+from .entropy import encode_symbols, stream_error, symbols_into
 
 
 def encode_segment(block: DeltaBlock, u: torch.Tensor) -> bytes:
@@ -73,6 +73,34 @@ def _ungroup(grouped, bounds, ctx, out):  # pragma: no cover - compiled
         cursor[c] += 1
 
 
+_ENDS_EARLY, _WRONG_LENGTH, _UNDECODABLE = 1, 2, 100
+
+
+@njit(cache=True, nogil=True)
+def _decode_codes(data, at, ctx, codes):  # pragma: no cover - compiled
+    """The ``CONTEXTS`` length-prefixed code streams from ``data[at:]``, put back in position
+    order into ``codes`` (``ctx``: each position's stream): (status, the stream it stopped at,
+    the offset past the last stream)."""
+    bounds = _context_bounds(ctx, CONTEXTS)
+    grouped = np.empty(ctx.size, np.uint8)
+    for i in range(CONTEXTS):
+        if data.size < at + 4:
+            return _ENDS_EARLY, i, at
+        length = (np.int64(data[at]) | (np.int64(data[at + 1]) << 8) | (np.int64(data[at + 2]) << 16)
+                  | (np.int64(data[at + 3]) << 24))
+        at += 4
+        lo, hi = bounds[i], bounds[i + 1]
+        if length > data.size - at or (length == 0) != (hi == lo):
+            return _WRONG_LENGTH, i, at
+        if length:
+            status = symbols_into(data[at : at + length], grouped[lo:hi])
+            if status:
+                return _UNDECODABLE + status, i, at
+        at += length
+    _ungroup(grouped, bounds, ctx, codes)
+    return 0, CONTEXTS, at
+
+
 def decode_segment(data: np.ndarray, crc: int, u: torch.Tensor, what: str) -> DeltaBlock:
     """The :class:`DeltaBlock` of a segment whose block has ``u.shape`` (rows, row length)."""
     if crc32c.crc32c(data) != crc:
@@ -90,24 +118,14 @@ def decode_segment(data: np.ndarray, crc: int, u: torch.Tensor, what: str) -> De
     if not (np.isfinite(steps).all() and (steps >= 0).all()):
         raise CorruptArchiveError(f"{what} holds a negative or non-finite step")
     ctx = dither_context(u[~decay] if bool(decay.any()) else u)
-    bounds = _context_bounds(ctx, CONTEXTS)
-    grouped = np.zeros(ctx.size, np.uint8)
-    for i in range(CONTEXTS):
-        if data.size < at + 4:
-            raise CorruptArchiveError(f"{what} ends before its code stream {i}")
-        length = int(data[at : at + 4].view("<u4")[0])
-        at += 4
-        count = int(bounds[i + 1] - bounds[i])
-        if length > data.size - at or (length == 0) != (count == 0):
-            raise CorruptArchiveError(f"{what} has a code stream {i} of the wrong length")
-        if length:
-            try:
-                grouped[bounds[i] : bounds[i + 1]] = decode_symbols(data[at : at + length], count)
-            except ValueError as e:
-                raise CorruptArchiveError(f"{what} cannot be decoded ({e})") from None
-        at += length
-    codes = np.empty_like(grouped)
-    _ungroup(grouped, bounds, ctx, codes)
+    codes = np.empty(ctx.size, np.uint8)
+    status, stream, at = _decode_codes(data, at, ctx, codes)
+    if status == _ENDS_EARLY:
+        raise CorruptArchiveError(f"{what} ends before its code stream {stream}")
+    if status == _WRONG_LENGTH:
+        raise CorruptArchiveError(f"{what} has a code stream {stream} of the wrong length")
+    if status:
+        raise CorruptArchiveError(f"{what} cannot be decoded ({stream_error(status - _UNDECODABLE)})")
     if at != data.size:
         raise CorruptArchiveError(f"{what} has bytes past its last code stream")
     return DeltaBlock(decay, scale, torch.from_numpy(steps), torch.from_numpy(codes.view(np.int8)).reshape(n, u.shape[1]))

@@ -37,6 +37,8 @@ __all__ = [
     "encode_mask",
     "encode_symbols",
     "mask_contexts",
+    "stream_error",
+    "symbols_into",
 ]
 
 _RANS_L = 1 << 31  # rANS state interval [L, 2^63), renormalised 32 bits at a time
@@ -473,35 +475,62 @@ def _pack_states(states: np.ndarray) -> bytes:
     return states.astype("<u8").tobytes()
 
 
-def _read_states(reader: _Reader) -> np.ndarray:
-    raw = reader.take(8 * _STATES).copy().view("<u8").astype(np.uint64)
-    if np.any(raw < _RANS_L) or np.any(raw >= np.uint64(1 << 63)):
-        raise reader.fail("rANS state out of range")
-    return raw.astype(np.int64)
-
-
-def _read_words(reader: _Reader) -> np.ndarray:
-    rest = reader.rest()
-    if rest.size % 4:
-        raise reader.fail("payload is not whole 32-bit words")
-    return rest.copy().view("<u4").astype(np.uint32, copy=False)
-
-
 def _decode_rans(
     reader: _Reader, tid: np.ndarray, freq: np.ndarray, cum: np.ndarray, lut: np.ndarray,
     scale_bits: int, out: np.ndarray
 ) -> None:
-    """Read states and words from ``reader`` and decode ``out.size`` symbols into ``out``, or
-    raise ValueError."""
-    states = _read_states(reader)
-    words = _read_words(reader)
-    if words.size > out.size + 1:  # an encoder emits at most one word per symbol
-        raise reader.fail("more payload than symbols")
-    status = _rans_decode(words, states, tid, freq, cum, lut, scale_bits, out)
-    if status == -1:
-        raise reader.fail("truncated payload")
-    if status != 0:
-        raise reader.fail("rANS check failed")
+    """Read states and words (the rest of ``reader``) and decode ``out.size`` symbols into
+    ``out``, or raise ValueError."""
+    status, states, words = _payload(reader.rest(), 0, out.size)
+    if status == 0:
+        status = _rans_status(_rans_decode(words, states, tid, freq, cum, lut, scale_bits, out))
+    if status:
+        raise reader.fail(_STREAM_ERRORS[status])
+
+
+_STREAM_ERRORS = {
+    1: "truncated header", 2: "trailing bytes", 3: "truncated", 4: "unknown mode",
+    5: "scale_bits out of range", 6: "symbol beyond 255", 7: "varint too long",
+    8: "frequency out of range", 9: "frequencies do not sum to 2^scale_bits", 10: "rANS state out of range",
+    11: "payload is not whole 32-bit words", 12: "more payload than symbols", 13: "truncated payload",
+    14: "rANS check failed",
+}
+
+
+@njit(cache=True, nogil=True)
+def _rans_status(code):  # pragma: no cover - compiled
+    """:func:`_rans_decode`'s result as a key of ``_STREAM_ERRORS`` (0 = ok)."""
+    return 0 if code == 0 else (13 if code == -1 else 14)
+
+
+@njit(cache=True, nogil=True)
+def _payload(buf, pos, n):  # pragma: no cover - compiled
+    """The 4 rANS states and the 32-bit words of ``buf[pos:]`` for ``n`` symbols: (status, states,
+    words), status 0 or a key of ``_STREAM_ERRORS``."""
+    st = np.empty(_STATES, np.int64)
+    size = buf.size
+    if size - pos < 8 * _STATES:
+        return 3, st, np.empty(0, np.uint32)
+    for j in range(_STATES):
+        x = np.uint64(0)
+        for b in range(8):
+            x |= np.uint64(buf[pos + 8 * j + b]) << np.uint64(8 * b)
+        if x < np.uint64(_RANS_L) or x >= np.uint64(1 << 63):
+            return 10, st, np.empty(0, np.uint32)
+        st[j] = np.int64(x)
+    pos += 8 * _STATES
+    rest = size - pos
+    if rest % 4:
+        return 11, st, np.empty(0, np.uint32)
+    m = rest // 4
+    if m > n + 1:  # an encoder emits at most one word per symbol
+        return 12, st, np.empty(0, np.uint32)
+    words = np.empty(m, np.uint32)
+    for k in range(m):
+        a = pos + 4 * k
+        words[k] = (np.uint32(buf[a]) | (np.uint32(buf[a + 1]) << np.uint32(8))
+                    | (np.uint32(buf[a + 2]) << np.uint32(16)) | (np.uint32(buf[a + 3]) << np.uint32(24)))
+    return 0, st, words
 
 
 # ----------------------------------------------------------------------------------------------
@@ -585,39 +614,95 @@ def decode_symbols(data: bytes | bytearray | memoryview | np.ndarray, n: int) ->
 
 
 def _read_symbols(reader: _Reader, n: int) -> np.ndarray:
-    mode = reader.u8()
+    """The ``n`` symbols of the stream that is the rest of ``reader`` (one compiled pass)."""
+    out = np.empty(n, np.uint8)
+    status = symbols_into(reader.rest(), out)
+    if status:
+        raise reader.fail(_STREAM_ERRORS[status])
+    return out
+
+
+def stream_error(status: int) -> str:
+    """What a nonzero status of :func:`symbols_into` means, as :func:`decode_symbols` says it."""
+    return f"corrupt symbol stream: {_STREAM_ERRORS[status]}"
+
+
+@njit(cache=True, nogil=True)
+def symbols_into(buf, out):  # pragma: no cover - compiled
+    """Decode the symbol stream ``buf`` (all of it) into ``out``: 0, or a nonzero status that
+    :func:`stream_error` explains. Compiled whole, header included, and callable from compiled
+    code: a delta segment holds eight small streams, whose headers cost more to parse in Python
+    than their symbols to decode."""
+    size, n = buf.size, out.size
+    if size < 1:
+        return 1
+    mode = buf[0]
     if mode == _SYM_MODE_CONST:
-        value = reader.u8()
-        reader.end()
-        return np.full(n, value, np.uint8)
+        if size < 2:
+            return 1
+        if size > 2:
+            return 2
+        out[:] = buf[1]
+        return 0
     if mode == _SYM_MODE_RAW:
-        out = reader.take(n).copy()
-        reader.end()
-        return out
+        if size - 1 < n:
+            return 3
+        if size - 1 > n:
+            return 2
+        out[:] = buf[1 : 1 + n]
+        return 0
     if mode != _SYM_MODE_RANS:
-        raise reader.fail(f"unknown mode {mode}")
-    scale_bits = reader.u8()
+        return 4
+    if size < 3:
+        return 1
+    scale_bits = np.int64(buf[1])
     if not 1 <= scale_bits <= 16:
-        raise reader.fail(f"scale_bits {scale_bits} out of range")
-    nsym = reader.u8() + 2
-    if nsym > 256:
-        raise reader.fail("more than 256 symbols")
-    total = 1 << scale_bits
-    freq = np.zeros(256, np.int64)
+        return 5
+    nsym = np.int64(buf[2]) + 2
+    total = np.int64(1) << scale_bits
+    freq = np.zeros((1, 256), np.int64)
+    pos = 3
     sym = -1
     for _ in range(nsym):
-        sym += reader.u8() + 1
+        if pos >= size:
+            return 1
+        sym += np.int64(buf[pos]) + 1
+        pos += 1
         if sym > 255:
-            raise reader.fail("symbol beyond 255")
-        freq[sym] = reader.varint(total - 1) + 1
-    if int(freq.sum()) != total:
-        raise reader.fail("frequencies do not sum to 2^scale_bits")
-    cum = np.zeros(256, np.int64)
-    cum[1:] = np.cumsum(freq[:-1])
-    lut = np.repeat(np.arange(256, dtype=np.uint8), freq)[None]
-    out = np.empty(n, np.uint8)
-    _decode_rans(reader, np.empty(0, np.uint8), freq[None], cum[None], lut, scale_bits, out)
-    return out
+            return 6
+        value = np.int64(0)
+        shift = 0
+        while True:
+            if shift >= 64:
+                return 7
+            if pos >= size:
+                return 1
+            byte = np.int64(buf[pos])
+            pos += 1
+            if byte & 0x7F:
+                if shift >= 17:  # above 2^16 > total - 1 whatever follows
+                    return 8
+                value |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                break
+            shift += 7
+        if value > total - 1:
+            return 8
+        freq[0, sym] = value + 1
+    if freq.sum() != total:
+        return 9
+    status, st, words = _payload(buf, pos, n)
+    if status:
+        return status
+    cum = np.zeros((1, 256), np.int64)
+    lut = np.empty((1, total), np.uint8)
+    c = 0
+    for k in range(256):
+        cum[0, k] = c
+        for j in range(freq[0, k]):
+            lut[0, c + j] = k
+        c += freq[0, k]
+    return _rans_status(_rans_decode(words, st, np.empty(0, np.uint8), freq, cum, lut, scale_bits, out))
 
 
 def _symbol_bytes(symbols: np.ndarray) -> np.ndarray:
