@@ -23,7 +23,7 @@ from numba import njit
 
 from ..errors import CorruptArchiveError
 from ..ops.delta import CONTEXTS, DeltaBlock, dither_context
-from .entropy import encode_symbols, stream_error, symbols_into
+from .entropy import encode_symbols, stream_error, symbols_into, u32_at
 
 
 def encode_segment(block: DeltaBlock, u: torch.Tensor) -> bytes:
@@ -86,8 +86,7 @@ def _decode_codes(data, at, ctx, codes):  # pragma: no cover - compiled
     for i in range(CONTEXTS):
         if data.size < at + 4:
             return _ENDS_EARLY, i, at
-        length = (np.int64(data[at]) | (np.int64(data[at + 1]) << 8) | (np.int64(data[at + 2]) << 16)
-                  | (np.int64(data[at + 3]) << 24))
+        length = np.int64(u32_at(data, at))
         at += 4
         lo, hi = bounds[i], bounds[i + 1]
         if length > data.size - at or (length == 0) != (hi == lo):

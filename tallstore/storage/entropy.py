@@ -39,6 +39,7 @@ __all__ = [
     "mask_contexts",
     "stream_error",
     "symbols_into",
+    "u32_at",
 ]
 
 _RANS_L = 1 << 31  # rANS state interval [L, 2^63), renormalised 32 bits at a time
@@ -503,6 +504,13 @@ def _rans_status(code):  # pragma: no cover - compiled
     return 0 if code == 0 else (13 if code == -1 else 14)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def u32_at(buf, a):  # pragma: no cover - compiled
+    """The little-endian ``u32`` at ``buf[a : a + 4]`` (bounds checked by the caller)."""
+    return (np.uint32(buf[a]) | (np.uint32(buf[a + 1]) << np.uint32(8))
+            | (np.uint32(buf[a + 2]) << np.uint32(16)) | (np.uint32(buf[a + 3]) << np.uint32(24)))
+
+
 @njit(cache=True, nogil=True)
 def _payload(buf, pos, n):  # pragma: no cover - compiled
     """The 4 rANS states and the 32-bit words of ``buf[pos:]`` for ``n`` symbols: (status, states,
@@ -528,8 +536,7 @@ def _payload(buf, pos, n):  # pragma: no cover - compiled
     words = np.empty(m, np.uint32)
     for k in range(m):
         a = pos + 4 * k
-        words[k] = (np.uint32(buf[a]) | (np.uint32(buf[a + 1]) << np.uint32(8))
-                    | (np.uint32(buf[a + 2]) << np.uint32(16)) | (np.uint32(buf[a + 3]) << np.uint32(24)))
+        words[k] = u32_at(buf, a)
     return 0, st, words
 
 
